@@ -1,0 +1,3 @@
+from tdapp.cli import main
+
+main()

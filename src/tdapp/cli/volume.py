@@ -1,0 +1,151 @@
+"""``tdapp volume …``: create, add to, show, extract and verify encrypted volumes."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tdapp.cli._progress import byte_progress
+from tdapp.errors import UsageError
+from tdapp.volume import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, RegionMap, Volume, VolumeKey, VolumeTag
+
+
+class _HexParam(click.ParamType):
+    def __init__(self, kind: type[VolumeKey] | type[VolumeTag]) -> None:
+        self.kind = kind
+        self.name = "HEX"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> VolumeKey | VolumeTag:
+        if isinstance(value, self.kind):
+            return value
+        try:
+            return self.kind.from_hex(str(value))
+        except UsageError as error:
+            self.fail(error.message, param, ctx)
+
+
+KEY = _HexParam(VolumeKey)
+TAG = _HexParam(VolumeTag)
+
+_key_option = click.option(
+    "--key", "key", type=KEY, envvar="VOLUME_KEY", required=True, show_envvar=True,
+    help="Volume key, 64 hex characters.")
+_tag_option = click.option(
+    "--tag", "tag", type=TAG, envvar="VOLUME_TAG", required=True, show_envvar=True,
+    help="Expected volume tag, 32 hex characters (the tag of the latest version).")
+_envar_option = click.option(
+    "--envar-output", is_flag=True,
+    help="Print exactly 'export VOLUME_KEY=…' and 'export VOLUME_TAG=…'.")
+_volume_dir = click.argument("volume_dir", type=click.Path(path_type=Path, file_okay=False))
+
+
+def _print_key_and_tag(key: VolumeKey, tag: VolumeTag, envar_output: bool) -> None:
+    if envar_output:
+        click.echo(f"export VOLUME_KEY={key.hex()}")
+        click.echo(f"export VOLUME_TAG={tag.hex()}")
+    else:
+        click.echo(f"key: {key.hex()}")
+        click.echo(f"tag: {tag.hex()}")
+
+
+@click.group()
+def volume() -> None:
+    """Encrypted volumes: a folder of sealed files opened with a key and a tag."""
+
+
+@volume.command()
+@_volume_dir
+@click.option("--from", "source", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Fill the new volume from this folder.")
+@click.option("--region", "regions", multiple=True, metavar="PATH=KIND",
+              help="Protection of a path prefix: encrypted, authenticated or not-protected "
+                   "(longest prefix wins; default / = encrypted). Repeatable.")
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True,
+              help="Bytes of plaintext per sealed chunk.")
+@_envar_option
+def create(volume_dir: Path, source: Path | None, regions: tuple[str, ...], chunk_size: int,
+           envar_output: bool) -> None:
+    """Create a new volume in VOLUME_DIR (missing or empty) with a fresh random key."""
+    region_map = RegionMap.parse_options(regions)
+    key = VolumeKey.generate()
+    with byte_progress("encrypting", None) as progress:
+        created = Volume.create(volume_dir, key, source=source, regions=region_map,
+                                chunk_size=chunk_size, progress=progress)
+    _print_key_and_tag(key, created.tag, envar_output)
+
+
+@volume.command()
+@_volume_dir
+@click.argument("src_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@_key_option
+@_tag_option
+@_envar_option
+def add(volume_dir: Path, src_dir: Path, key: VolumeKey, tag: VolumeTag,
+        envar_output: bool) -> None:
+    """Add or replace the files of SRC_DIR in the volume; prints the new tag."""
+    opened = Volume.open(volume_dir, key, tag)
+    with byte_progress("encrypting", None) as progress:
+        new_tag = opened.add(src_dir, progress=progress)
+    _print_key_and_tag(key, new_tag, envar_output)
+
+
+@volume.command()
+@_volume_dir
+@_key_option
+@_tag_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def show(volume_dir: Path, key: VolumeKey, tag: VolumeTag, as_json: bool) -> None:
+    """List the volume's regions and files (checks the FSPF, not file contents)."""
+    opened = Volume.open(volume_dir, key, tag)
+    files = opened.files()
+    if as_json:
+        click.echo(json.dumps({
+            "format": FORMAT_VERSION,
+            "tag": opened.tag.hex(),
+            "chunk_size": opened.chunk_size,
+            "regions": {("/" + prefix): kind.value for prefix, kind in opened.regions},
+            "files": [{"path": f.path, "region": f.region.value, "size": f.size,
+                       "mode": f"{f.mode:04o}"} for f in files],
+        }, ensure_ascii=False))
+        return
+    click.echo(f"volume      {volume_dir}")
+    click.echo(f"format      {FORMAT_VERSION}, chunk size {opened.chunk_size} bytes")
+    click.echo(f"tag         {opened.tag.hex()}")
+    click.echo("regions     " + ", ".join(f"/{prefix} {kind.value}"
+                                          for prefix, kind in opened.regions))
+    click.echo(f"files       {len(files)}, {sum(f.size for f in files)} bytes")
+    for info in files:
+        permissions = stat.filemode(stat.S_IFREG | info.mode)
+        click.echo(f"  {info.region.value:<14} {permissions} {info.size:>12}  {info.path}")
+
+
+@volume.command()
+@_volume_dir
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@_key_option
+@_tag_option
+def extract(volume_dir: Path, out_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
+    """Verify and decrypt the volume into OUT_DIR; nothing is written unless all verifies."""
+    opened = Volume.open(volume_dir, key, tag)
+    total = sum(info.size for info in opened.files())
+    with byte_progress("decrypting", total) as progress:
+        report = opened.extract(out_dir, progress=progress)
+    click.echo(f"extracted {report.files} files ({report.bytes} bytes) into {out_dir}", err=True)
+
+
+@volume.command()
+@_volume_dir
+@_key_option
+@_tag_option
+def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
+    """Check every byte of the volume against its key and expected tag."""
+    opened = Volume.open(volume_dir, key, tag)
+    total = sum(info.size for info in opened.files())
+    with byte_progress("verifying", total) as progress:
+        report = opened.verify(progress=progress)
+    click.echo(f"ok: {report.files} files, {report.bytes} bytes verified, tag {opened.tag.hex()}")

@@ -1,0 +1,136 @@
+"""Chunked AEAD for one file's content (the hazardous layer under the volume API).
+
+Each file version has its own random key and object id, so the per-chunk nonce
+(the chunk index) never repeats under a key. Every chunk's associated data
+binds the region, the object id, the chunk index and whether it is the last
+chunk, so chunks cannot be reordered, swapped between files, dropped or
+appended. This module must never hand out plaintext of a chunk that failed
+authentication, and never hold more than one chunk of a file in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tdapp.errors import InputError, IntegrityError
+from tdapp.volume.fspf import TAG_SIZE, FileEntry
+from tdapp.volume.regions import RegionKind
+
+_AAD_PREFIX = b"tdapp/v1 chunk\x00"
+_AAD_TAIL = struct.Struct(">16sQB")
+_REGION_BYTE = {RegionKind.ENCRYPTED: b"E", RegionKind.AUTHENTICATED: b"A"}
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Number of chunks for ``size`` bytes; an empty file still has one (empty) chunk."""
+    return max(1, -(-size // chunk_size))
+
+
+def stored_size(size: int, chunk_size: int) -> int:
+    return size + TAG_SIZE * chunk_count(size, chunk_size)
+
+
+class FileSealer:
+    """Seals and opens the chunks of one file version."""
+
+    __slots__ = ("_aead", "_aad_head", "_authenticated_only", "_object_id", "chunk_size",
+                 "chunks", "path")
+
+    def __init__(self, path: str, entry: FileEntry, chunk_size: int) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self.chunks = chunk_count(entry.size, chunk_size)
+        self._aead = AESGCM(entry.file_key)
+        self._object_id = entry.object_id
+        self._aad_head = _AAD_PREFIX + _REGION_BYTE[entry.region]
+        self._authenticated_only = entry.region is RegionKind.AUTHENTICATED
+
+    def _aad(self, index: int) -> bytes:
+        return self._aad_head + _AAD_TAIL.pack(
+            self._object_id, index, 1 if index == self.chunks - 1 else 0
+        )
+
+    @staticmethod
+    def _nonce(index: int) -> bytes:
+        return index.to_bytes(12, "big")
+
+    def seal(self, index: int, payload: bytes | memoryview) -> bytes:
+        if self._authenticated_only:
+            mac = self._aead.encrypt(self._nonce(index), b"", self._aad(index) + payload)
+            return bytes(payload) + mac
+        return self._aead.encrypt(self._nonce(index), payload, self._aad(index))
+
+    def open(self, index: int, stored: bytes | memoryview) -> bytes:
+        try:
+            if self._authenticated_only:
+                payload = bytes(stored[:-TAG_SIZE])
+                self._aead.decrypt(
+                    self._nonce(index), stored[-TAG_SIZE:], self._aad(index) + payload
+                )
+                return payload
+            return self._aead.decrypt(self._nonce(index), stored, self._aad(index))
+        except InvalidTag:
+            raise IntegrityError(
+                f"chunk {index} of {self.path} failed authentication"
+            ) from None
+
+
+def seal_stream(source: BinaryIO, target: BinaryIO, sealer: FileSealer, size: int,
+                progress: Callable[[int], None]) -> None:
+    """Read exactly ``size`` bytes from ``source`` and write them sealed to ``target``."""
+    buffer = bytearray(sealer.chunk_size)
+    view = memoryview(buffer)
+    remaining = size
+    for index in range(sealer.chunks):
+        want = min(sealer.chunk_size, remaining)
+        _read_exact(source, view[:want], sealer.path)
+        _write_all(target, sealer.seal(index, view[:want]))
+        remaining -= want
+        progress(want)
+    if source.read(1):
+        raise InputError(f"{sealer.path} grew while it was being read; try again")
+
+
+def open_stream(source: BinaryIO, sealer: FileSealer, size: int) -> Iterator[bytes]:
+    """Yield the authenticated plaintext chunks of a stored object, in order."""
+    buffer = bytearray(sealer.chunk_size + TAG_SIZE)
+    view = memoryview(buffer)
+    remaining = size
+    for index in range(sealer.chunks):
+        want = min(sealer.chunk_size, remaining)
+        _read_exact(source, view[: want + TAG_SIZE], sealer.path, stored=True)
+        yield sealer.open(index, view[: want + TAG_SIZE])
+        remaining -= want
+    if source.read(1):
+        raise IntegrityError(f"{sealer.path} was extended (stored data longer than recorded)")
+
+
+def _read_exact(source: BinaryIO, view: memoryview, path: str, *, stored: bool = False) -> None:
+    filled = 0
+    while filled < len(view):
+        got = source.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not got:
+            if stored:
+                raise IntegrityError(f"{path} was truncated (stored data shorter than recorded)")
+            raise InputError(f"{path} shrank while it was being read; try again")
+        filled += got
+
+
+def _write_all(target: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[target.write(view):]
+
+
+def new_object_id() -> bytes:
+    return os.urandom(16)
+
+
+def new_file_key() -> bytes:
+    return AESGCM.generate_key(bit_length=256)

@@ -1,0 +1,216 @@
+"""The file system protection file (FSPF): a volume's sealed table of contents.
+
+This module owns the FSPF byte format (docs/volume-format.md) and the one
+invariant that matters most: a :class:`Manifest` only comes out of
+:func:`open_fspf` after the key was confirmed, the stored tag equalled the
+expected tag, and the AEAD authenticated every byte. It must never return
+partly checked content or put key material in an error message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tdapp.errors import InputError, IntegrityError, WrongKeyError
+from tdapp.volume.keys import VolumeKey, VolumeTag
+from tdapp.volume.paths import check_stored_path
+from tdapp.volume.regions import RegionKind, RegionMap
+
+MAGIC = b"TDAPPVOL"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">8sHH16s32s")
+HEADER_SIZE = _HEADER.size  # 60
+TAG_SIZE = 16
+MAX_FSPF_SIZE = 256 * 1024 * 1024
+OBJECT_ID_SIZE = 16
+FILE_KEY_SIZE = 32
+MIN_CHUNK_SIZE = 16
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 64 * 1024
+
+_INFO_KEY_CHECK = b"tdapp/v1 key-check"
+_INFO_FSPF = b"tdapp/v1 fspf"
+_ZERO_NONCE = bytes(12)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One protected file: where its sealed content lives and how to open it."""
+
+    region: RegionKind
+    size: int
+    mode: int
+    mtime_ns: int
+    object_id: bytes
+    file_key: bytes = field(repr=False)
+
+    @property
+    def object_name(self) -> str:
+        return self.object_id.hex()
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    mode: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The authenticated content of an FSPF."""
+
+    chunk_size: int
+    generation: int
+    regions: RegionMap
+    files: Mapping[str, FileEntry]
+    dirs: Mapping[str, DirEntry]
+
+    def to_bytes(self) -> bytes:
+        document = {
+            "chunk_size": self.chunk_size,
+            "generation": self.generation,
+            "regions": [[prefix, kind.value] for prefix, kind in self.regions.as_list()],
+            "files": {
+                path: {
+                    "region": entry.region.value,
+                    "size": entry.size,
+                    "mode": entry.mode,
+                    "mtime_ns": entry.mtime_ns,
+                    "object": entry.object_id.hex(),
+                    "key": entry.file_key.hex(),
+                }
+                for path, entry in sorted(self.files.items())
+            },
+            "dirs": {
+                path: {"mode": entry.mode, "mtime_ns": entry.mtime_ns}
+                for path, entry in sorted(self.dirs.items())
+            },
+        }
+        return json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        try:
+            document = json.loads(data.decode("utf-8"))
+            return _manifest_from_document(document)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"volume.fspf content is not a valid manifest: {exc}") from None
+
+
+def _int_field(record: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    value = record[name]
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} {value!r} out of range")
+    return value
+
+
+def _hex_field(record: Mapping[str, Any], name: str, size: int) -> bytes:
+    value = record[name]
+    raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    if len(raw) != size:
+        raise ValueError(f"{name} must be {2 * size} hex characters")
+    return raw
+
+
+def _manifest_from_document(document: Any) -> Manifest:
+    if not isinstance(document, dict):
+        raise TypeError("manifest is not an object")
+    chunk_size = _int_field(document, "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+    generation = _int_field(document, "generation", 0, 2**63 - 1)
+    regions = RegionMap.build(
+        (str(prefix), RegionKind(kind)) for prefix, kind in document["regions"]
+    )
+    files: dict[str, FileEntry] = {}
+    for path, record in document["files"].items():
+        region = RegionKind(record["region"])
+        if not region.protected:
+            raise ValueError(f"{path!r} is listed but lies in a not-protected region")
+        files[check_stored_path(path)] = FileEntry(
+            region=region,
+            size=_int_field(record, "size", 0, 2**63 - 1),
+            mode=_int_field(record, "mode", 0, 0o7777),
+            mtime_ns=_int_field(record, "mtime_ns", -(2**63), 2**63 - 1),
+            object_id=_hex_field(record, "object", OBJECT_ID_SIZE),
+            file_key=_hex_field(record, "key", FILE_KEY_SIZE),
+        )
+    dirs = {
+        check_stored_path(path): DirEntry(
+            mode=_int_field(record, "mode", 0, 0o7777),
+            mtime_ns=_int_field(record, "mtime_ns", -(2**63), 2**63 - 1),
+        )
+        for path, record in document["dirs"].items()
+    }
+    return Manifest(chunk_size, generation, regions, files, dirs)
+
+
+def key_check(key: VolumeKey) -> bytes:
+    """A 16-byte commitment to the key, so a wrong key is told apart from tampering."""
+    return _hkdf(key, salt=None, info=_INFO_KEY_CHECK, length=16)
+
+
+def _hkdf(key: VolumeKey, *, salt: bytes | None, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key.raw)
+
+
+def seal_fspf(manifest: Manifest, key: VolumeKey) -> tuple[bytes, VolumeTag]:
+    """Serialize and seal a manifest; returns the FSPF bytes and the volume's new tag.
+
+    Every seal draws a fresh salt, so the derived AEAD key is used exactly once
+    and the all-zero nonce can never repeat under it.
+    """
+    salt = os.urandom(32)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, key_check(key), salt)
+    aead = AESGCM(_hkdf(key, salt=salt, info=_INFO_FSPF, length=32))
+    sealed = aead.encrypt(_ZERO_NONCE, manifest.to_bytes(), header)
+    return header + sealed, VolumeTag(sealed[-TAG_SIZE:])
+
+
+def read_tag(data: bytes) -> VolumeTag:
+    """The tag stored in FSPF bytes, without checking anything else."""
+    _parse_header(data)
+    return VolumeTag(data[-TAG_SIZE:])
+
+
+def _parse_header(data: bytes) -> tuple[bytes, bytes, bytes]:
+    if len(data) < HEADER_SIZE + TAG_SIZE or not data.startswith(MAGIC):
+        raise InputError("volume.fspf is not a tdapp volume file")
+    magic, version, reserved, stored_check, salt = _HEADER.unpack_from(data)
+    if version != FORMAT_VERSION or reserved != 0:
+        raise InputError(
+            f"volume.fspf has format version {version}.{reserved}; "
+            f"this tdapp reads version {FORMAT_VERSION}"
+        )
+    return data[:HEADER_SIZE], stored_check, salt
+
+
+def open_fspf(data: bytes, key: VolumeKey, expected_tag: VolumeTag) -> Manifest:
+    """Check and decrypt FSPF bytes; the only way to obtain a trusted Manifest."""
+    header, stored_check, salt = _parse_header(data)
+    if not hmac.compare_digest(stored_check, key_check(key)):
+        raise WrongKeyError("wrong key: this key does not open the volume")
+    stored_tag = VolumeTag(data[-TAG_SIZE:])
+    if stored_tag != expected_tag:
+        raise IntegrityError(
+            f"tag mismatch (rollback or tampering): the volume has tag {stored_tag.hex()}, "
+            f"expected {expected_tag.hex()}"
+        )
+    aead = AESGCM(_hkdf(key, salt=salt, info=_INFO_FSPF, length=32))
+    try:
+        plaintext = aead.decrypt(_ZERO_NONCE, data[HEADER_SIZE:], header)
+    except InvalidTag:
+        raise IntegrityError("volume.fspf failed authentication (tampering)") from None
+    return Manifest.from_bytes(plaintext)
+

@@ -1,0 +1,151 @@
+"""Plain file trees on the host side of a volume: reading a source, placing an extraction.
+
+Reading refuses anything that is not a regular file or a folder (symlinks,
+devices, sockets), so a volume never captures something outside its source.
+Placing builds the whole extraction in a private staging folder inside the
+target and moves it into place only after every file was verified; it never
+follows a symlink that already sits in the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tdapp.errors import InputError
+from tdapp.volume.paths import normalize_relative
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """A regular file or folder found under a source root."""
+
+    relative: str
+    absolute: Path
+    is_dir: bool
+    size: int
+    mode: int
+    mtime_ns: int
+
+
+def scan_source(root: Path) -> list[SourceEntry]:
+    """Every folder and regular file under ``root`` (root excluded), sorted by path."""
+    if not root.is_dir():
+        raise InputError(f"source {root} is not a folder")
+    entries: list[SourceEntry] = []
+    for current, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+        base = Path(current)
+        for name in sorted(dirnames + filenames):
+            absolute = base / name
+            relative = _relative_name(absolute.relative_to(root))
+            info = absolute.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                raise InputError(f"{absolute} is a symbolic link; volumes hold only files and folders")
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                raise InputError(f"{absolute} is not a regular file or folder")
+            entries.append(SourceEntry(
+                relative=relative,
+                absolute=absolute,
+                is_dir=stat.S_ISDIR(info.st_mode),
+                size=info.st_size,
+                mode=stat.S_IMODE(info.st_mode),
+                mtime_ns=info.st_mtime_ns,
+            ))
+    entries.sort(key=lambda entry: entry.relative)
+    return entries
+
+
+def _relative_name(path: Path) -> str:
+    text = path.as_posix()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"file name {text!r} is not valid UTF-8") from None
+    return normalize_relative(text)
+
+
+def _raise_walk_error(error: OSError) -> None:
+    raise InputError(f"cannot read {error.filename}: {error.strerror}")
+
+
+def open_source(entry: SourceEntry) -> int:
+    """Open a source file without following a symlink swapped in since the scan."""
+    try:
+        return os.open(entry.absolute, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputError(f"cannot read {entry.absolute}: {exc.strerror}") from None
+
+
+class Staging:
+    """A private folder inside the target where an extraction is assembled."""
+
+    def __init__(self, target: Path) -> None:
+        if target.exists() and not target.is_dir():
+            raise InputError(f"output {target} exists and is not a folder")
+        target.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self.root = target / f".tdapp-extract-{os.urandom(6).hex()}"
+        self.root.mkdir(mode=0o700)
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def make_dirs(self, relative: str) -> None:
+        self.path(relative).mkdir(parents=True, exist_ok=True)
+
+    def create_file(self, relative: str) -> int:
+        destination = self.path(relative)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(
+            destination,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def publish(self) -> None:
+        """Move everything staged into the target; checks every conflict before moving."""
+        conflicts = list(_conflicts(self.root, self.target))
+        if conflicts:
+            raise InputError(f"cannot extract into {self.target}: {conflicts[0]}")
+        _merge(self.root, self.target)
+        self.root.rmdir()
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _conflicts(source: Path, target: Path) -> Iterator[str]:
+    for entry in os.scandir(source):
+        destination = target / entry.name
+        if not os.path.lexists(destination):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if _is_real_dir(destination):
+                yield from _conflicts(Path(entry.path), destination)
+            else:
+                yield f"{destination} is in the way of a folder"
+        elif _is_real_dir(destination):
+            yield f"{destination} is a folder in the way of a file"
+
+
+def _merge(source: Path, target: Path) -> None:
+    for entry in os.scandir(source):
+        destination = target / entry.name
+        if entry.is_dir(follow_symlinks=False) and _is_real_dir(destination):
+            _merge(Path(entry.path), destination)
+            with contextlib.suppress(OSError):
+                Path(entry.path).rmdir()
+        else:
+            os.replace(entry.path, destination)
