@@ -14,7 +14,7 @@ from tdapp.errors import UsageError
 from tdapp.volume import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, RegionMap, Volume, VolumeKey, VolumeTag
 
 
-class _HexParam(click.ParamType):
+class _HexParam(click.ParamType):  # type: ignore[type-arg]
     def __init__(self, kind: type[VolumeKey] | type[VolumeTag]) -> None:
         self.kind = kind
         self.name = "HEX"

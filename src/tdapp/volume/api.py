@@ -39,7 +39,7 @@ from tdapp.volume.fspf import (
     seal_fspf,
 )
 from tdapp.volume.keys import VolumeKey, VolumeTag
-from tdapp.volume.layout import VolumeFolder
+from tdapp.volume.layout import VolumeFolder, open_regular_file
 from tdapp.volume.regions import RegionKind, RegionMap
 from tdapp.volume.tree import SourceEntry, Staging, open_source, scan_source
 
@@ -189,13 +189,14 @@ class Volume:
 
     def _open_chunks(self, path: str, entry: FileEntry) -> Iterator[bytes]:
         sealer = FileSealer(path, entry, self.chunk_size)
-        object_path = self._folder.object_path(entry.object_name)
         try:
-            handle = object_path.open("rb", buffering=0)
+            fd = open_regular_file(self._folder.object_path(entry.object_name))
         except FileNotFoundError:
             raise IntegrityError(f"{path} is missing from the volume (stored object deleted)") \
                 from None
-        with handle:
+        except IntegrityError as error:
+            raise IntegrityError(f"stored object of {path}: {error}") from None
+        with os.fdopen(fd, "rb", buffering=0) as handle:
             actual = os.fstat(handle.fileno()).st_size
             expected = stored_size(entry.size, self.chunk_size)
             if actual != expected:
@@ -222,7 +223,8 @@ class Volume:
                 "(a file was added)"
             )
         for entry in self._plain_entries():
-            if self._manifest.regions.kind_of(entry.relative).protected:
+            # Folders under plain/ may be parents of a nested not-protected region.
+            if not entry.is_dir and self._manifest.regions.kind_of(entry.relative).protected:
                 raise IntegrityError(
                     f"plain/{entry.relative} lies in a protected region and is not in the volume"
                 )
@@ -260,6 +262,8 @@ class Volume:
         regions = self._manifest.regions
         files = dict(self._manifest.files)
         dirs = dict(self._manifest.dirs)
+        entries = list(entries)
+        self._check_tree_shape(entries)
         obsolete = self._folder.stored_objects() - {e.object_name for e in files.values()}
         written: set[str] = set()
         try:
@@ -283,6 +287,24 @@ class Volume:
         self._folder.commit_fspf(data)
         self._manifest, self._tag = manifest, tag
         self._folder.remove_objects(obsolete)
+
+    def _check_tree_shape(self, entries: list[SourceEntry]) -> None:
+        """Refuse an addition that would make one path both a file and a folder."""
+        files = set(self._manifest.files)
+        files.update(e.relative for e in self._plain_entries() if not e.is_dir)
+        folders = set(self._manifest.dirs)
+        for entry in entries:
+            (folders if entry.is_dir else files).add(entry.relative)
+        for path in sorted(files | folders):
+            parent = path.rpartition("/")[0]
+            while parent:
+                folders.add(parent)
+                parent = parent.rpartition("/")[0]
+        clash = sorted(files & folders)
+        if clash:
+            raise InputError(
+                f"cannot add: {clash[0]} would be both a file and a folder in the volume"
+            )
 
     def _seal_file(self, source: SourceEntry, kind: RegionKind, written: set[str],
                    progress: Progress) -> FileEntry:

@@ -39,8 +39,15 @@ def stored_size(size: int, chunk_size: int) -> int:
 class FileSealer:
     """Seals and opens the chunks of one file version."""
 
-    __slots__ = ("_aead", "_aad_head", "_authenticated_only", "_object_id", "chunk_size",
-                 "chunks", "path")
+    __slots__ = (
+        "_aad_head",
+        "_aead",
+        "_authenticated_only",
+        "_object_id",
+        "chunk_size",
+        "chunks",
+        "path",
+    )
 
     def __init__(self, path: str, entry: FileEntry, chunk_size: int) -> None:
         self.path = path

@@ -187,7 +187,7 @@ def read_tag(data: bytes) -> VolumeTag:
 def _parse_header(data: bytes) -> tuple[bytes, bytes, bytes]:
     if len(data) < HEADER_SIZE + TAG_SIZE or not data.startswith(MAGIC):
         raise InputError("volume.fspf is not a tdapp volume file")
-    magic, version, reserved, stored_check, salt = _HEADER.unpack_from(data)
+    _magic, version, reserved, stored_check, salt = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION or reserved != 0:
         raise InputError(
             f"volume.fspf has format version {version}.{reserved}; "

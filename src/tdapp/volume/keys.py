@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from tdapp.errors import UsageError
 
@@ -22,7 +22,7 @@ class _Secretish:
         self._raw = bytes(raw)
 
     @classmethod
-    def from_hex(cls, text: str) -> _Secretish:
+    def from_hex(cls, text: str) -> Self:
         cleaned = text.strip().lower()
         if len(cleaned) != 2 * cls.length:
             raise UsageError(
@@ -62,12 +62,6 @@ class VolumeKey(_Secretish):
     def generate(cls) -> VolumeKey:
         return cls(os.urandom(cls.length))
 
-    @classmethod
-    def from_hex(cls, text: str) -> VolumeKey:
-        key = super().from_hex(text)
-        assert isinstance(key, VolumeKey)
-        return key
-
     def __repr__(self) -> str:
         return "VolumeKey(<hidden>)"
 
@@ -78,12 +72,6 @@ class VolumeTag(_Secretish):
     length = 16
     label = "volume tag"
     __slots__ = ()
-
-    @classmethod
-    def from_hex(cls, text: str) -> VolumeTag:
-        tag = super().from_hex(text)
-        assert isinstance(tag, VolumeTag)
-        return tag
 
     def __repr__(self) -> str:
         return f"VolumeTag({self.hex()})"

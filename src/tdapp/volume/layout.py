@@ -16,10 +16,11 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from tdapp.errors import ConflictError, InputError
+from tdapp.errors import ConflictError, InputError, IntegrityError
 from tdapp.volume.fspf import MAX_FSPF_SIZE
 
 FSPF_NAME = "volume.fspf"
@@ -63,12 +64,13 @@ class VolumeFolder:
 
     def read_fspf(self) -> bytes:
         if not self.root.is_dir():
-            raise InputError(f"{self.root} is not a folder")
+            raise InputError(f"volume folder {self.root} does not exist")
         try:
-            with self.fspf.open("rb") as handle:
-                data = handle.read(MAX_FSPF_SIZE + 1)
+            fd = open_regular_file(self.fspf)
         except FileNotFoundError:
             raise InputError(f"{self.root} is not a tdapp volume (no {FSPF_NAME})") from None
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(MAX_FSPF_SIZE + 1)
         if len(data) > MAX_FSPF_SIZE:
             raise InputError(f"{self.fspf} is larger than {MAX_FSPF_SIZE} bytes")
         return data
@@ -112,6 +114,25 @@ class VolumeFolder:
             if entry.name.endswith(_TEMP_SUFFIX):
                 with contextlib.suppress(FileNotFoundError):
                     Path(entry.path).unlink()
+
+
+def open_regular_file(path: Path) -> int:
+    """Open a stored file for reading, refusing links, FIFOs and devices without blocking.
+
+    Raises FileNotFoundError when it is missing, IntegrityError when it is not a
+    regular file (someone put something else in its place).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise IntegrityError(f"{path.name} in the volume is a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{path.name} in the volume is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def write_atomically(target: Path, data: bytes, mode: int = 0o644) -> None:

@@ -58,7 +58,9 @@ class RegionMap:
         for option in options:
             path, sep, kind = option.rpartition("=")
             if not sep or not path:
-                raise UsageError(f"region {option!r} must look like PATH=KIND, e.g. /logs=not-protected")
+                raise UsageError(
+                    f"region {option!r} must look like PATH=KIND, e.g. /logs=not-protected"
+                )
             pairs.append((path, RegionKind.parse(kind)))
         return cls.build(pairs)
 

@@ -45,7 +45,9 @@ def scan_source(root: Path) -> list[SourceEntry]:
             relative = _relative_name(absolute.relative_to(root))
             info = absolute.lstat()
             if stat.S_ISLNK(info.st_mode):
-                raise InputError(f"{absolute} is a symbolic link; volumes hold only files and folders")
+                raise InputError(
+                    f"{absolute} is a symbolic link; volumes hold only files and folders"
+                )
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
                 raise InputError(f"{absolute} is not a regular file or folder")
             entries.append(SourceEntry(
@@ -87,6 +89,7 @@ class Staging:
     def __init__(self, target: Path) -> None:
         if target.exists() and not target.is_dir():
             raise InputError(f"output {target} exists and is not a folder")
+        self._created = [parent for parent in (target, *target.parents) if not parent.exists()]
         target.mkdir(parents=True, exist_ok=True)
         self.target = target
         self.root = target / f".tdapp-extract-{os.urandom(6).hex()}"
@@ -108,7 +111,11 @@ class Staging:
         )
 
     def discard(self) -> None:
+        """Remove the staging folder and any folder made for it: the target is as before."""
         shutil.rmtree(self.root, ignore_errors=True)
+        for folder in self._created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def publish(self) -> None:
         """Move everything staged into the target; checks every conflict before moving."""

@@ -1,0 +1,60 @@
+# tdapp — two commands set everything up on a fresh Debian machine:
+#   make demo   installs into .venv and runs the demo end to end
+#   make test   installs what the tests need (system packages too) and runs the whole suite
+
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.installed
+SYSTEM_PKGS := bubblewrap fuse3
+BENCH_PKGS  := gocryptfs age fuse3
+
+.PHONY: all install sysdeps bench-deps demo test test-fast test-slow lint bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests or benchmarks use; installed only when missing.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+sysdeps:
+	$(call apt_install,$(SYSTEM_PKGS))
+
+bench-deps:
+	$(call apt_install,$(BENCH_PKGS))
+
+demo: install
+	@bash scripts/demo.sh
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy --strict src
+
+test: install sysdeps lint
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install sysdeps
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install bench-deps
+	$(BIN)/python benchmarks/volume_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-work
