@@ -21,11 +21,10 @@ from pathlib import Path
 from tdapp.errors import ConflictError, InputError, IntegrityError, UsageError
 from tdapp.volume.chunks import (
     FileSealer,
-    new_file_key,
-    new_object_id,
+    new_object_id_and_key,
     open_stream,
     seal_stream,
-    stored_size,
+    write_all,
 )
 from tdapp.volume.fspf import (
     DEFAULT_CHUNK_SIZE,
@@ -196,15 +195,10 @@ class Volume:
                 from None
         except IntegrityError as error:
             raise IntegrityError(f"stored object of {path}: {error}") from None
-        with os.fdopen(fd, "rb", buffering=0) as handle:
-            actual = os.fstat(handle.fileno()).st_size
-            expected = stored_size(entry.size, self.chunk_size)
-            if actual != expected:
-                change = "truncated" if actual < expected else "extended"
-                raise IntegrityError(
-                    f"{path} was {change} (stored {actual} bytes, expected {expected})"
-                )
-            yield from open_stream(handle, sealer, entry.size)
+        try:
+            yield from open_stream(fd, sealer, entry.size)
+        finally:
+            os.close(fd)
 
     def _plain_entries(self) -> list[SourceEntry]:
         if not self._folder.plain.is_dir():
@@ -231,24 +225,27 @@ class Volume:
 
     def _extract_into(self, staging: Staging, progress: Progress) -> int:
         total = 0
-        for path in sorted(self._manifest.dirs):
-            staging.make_dirs(path)
+        plain = self._plain_entries()
+        staging.make_folders([
+            *self._manifest.dirs,
+            *(path.rpartition("/")[0] for path in self._manifest.files),
+            *(e.relative if e.is_dir else e.relative.rpartition("/")[0] for e in plain),
+        ])
         for path, entry in sorted(self._manifest.files.items()):
             fd = staging.create_file(path)
-            with os.fdopen(fd, "wb", buffering=0) as output:
+            try:
                 for plaintext in self._open_chunks(path, entry):
-                    output.write(plaintext)
+                    write_all(fd, plaintext)
                     total += len(plaintext)
                     progress(len(plaintext))
-                os.fchmod(output.fileno(), entry.mode)
-            os.utime(staging.path(path), ns=(entry.mtime_ns, entry.mtime_ns))
-        for plain in self._plain_entries():
-            if plain.is_dir:
-                staging.make_dirs(plain.relative)
-            else:
-                destination = staging.path(plain.relative)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(plain.absolute, destination, follow_symlinks=False)
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            finally:
+                os.close(fd)
+        for source in plain:
+            if not source.is_dir:
+                shutil.copy2(source.absolute, staging.path(source.relative),
+                             follow_symlinks=False)
         return total
 
     def _apply_dir_metadata(self, target: Path) -> None:
@@ -308,17 +305,21 @@ class Volume:
 
     def _seal_file(self, source: SourceEntry, kind: RegionKind, written: set[str],
                    progress: Progress) -> FileEntry:
+        object_id, file_key = new_object_id_and_key()
         entry = FileEntry(region=kind, size=source.size, mode=source.mode,
-                          mtime_ns=source.mtime_ns, object_id=new_object_id(),
-                          file_key=new_file_key())
+                          mtime_ns=source.mtime_ns, object_id=object_id, file_key=file_key)
         sealer = FileSealer(source.relative, entry, self.chunk_size)
-        fd = open_source(source)
-        with os.fdopen(fd, "rb", buffering=0) as reader:
+        source_fd = open_source(source)
+        try:
             written.add(entry.object_name)
             object_fd = os.open(self._folder.object_path(entry.object_name),
                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            with os.fdopen(object_fd, "wb", buffering=0) as writer:
-                seal_stream(reader, writer, sealer, source.size, progress)
+            try:
+                seal_stream(source_fd, object_fd, sealer, source.size, progress)
+            finally:
+                os.close(object_fd)
+        finally:
+            os.close(source_fd)
         return entry
 
     def _write_plain(self, source: SourceEntry) -> None:

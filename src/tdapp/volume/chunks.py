@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -88,56 +87,68 @@ class FileSealer:
             ) from None
 
 
-def seal_stream(source: BinaryIO, target: BinaryIO, sealer: FileSealer, size: int,
+def seal_stream(source: int, target: int, sealer: FileSealer, size: int,
                 progress: Callable[[int], None]) -> None:
-    """Read exactly ``size`` bytes from ``source`` and write them sealed to ``target``."""
-    buffer = bytearray(sealer.chunk_size)
+    """Read exactly ``size`` bytes from fd ``source`` and write them sealed to fd ``target``."""
+    # One spare byte lets the read of the last chunk also detect a file that grew.
+    buffer = bytearray(sealer.chunk_size + 1)
     view = memoryview(buffer)
     remaining = size
+    last = sealer.chunks - 1
     for index in range(sealer.chunks):
         want = min(sealer.chunk_size, remaining)
-        _read_exact(source, view[:want], sealer.path)
-        _write_all(target, sealer.seal(index, view[:want]))
+        got = _read_into(source, view[: want + 1] if index == last else view[:want])
+        if got < want:
+            raise InputError(f"{sealer.path} shrank while it was being read; try again")
+        if got > want:
+            raise InputError(f"{sealer.path} grew while it was being read; try again")
+        write_all(target, sealer.seal(index, view[:want]))
         remaining -= want
         progress(want)
-    if source.read(1):
-        raise InputError(f"{sealer.path} grew while it was being read; try again")
 
 
-def open_stream(source: BinaryIO, sealer: FileSealer, size: int) -> Iterator[bytes]:
-    """Yield the authenticated plaintext chunks of a stored object, in order."""
+def open_stream(source: int, sealer: FileSealer, size: int) -> Iterator[bytes]:
+    """Yield the authenticated plaintext chunks of the stored object open as fd ``source``.
+
+    The object's length is checked first, so truncation and extension are named
+    as such before any chunk is read.
+    """
+    actual = os.fstat(source).st_size
+    expected = stored_size(size, sealer.chunk_size)
+    if actual != expected:
+        change = "truncated" if actual < expected else "extended"
+        raise IntegrityError(
+            f"{sealer.path} was {change} (stored {actual} bytes, expected {expected})"
+        )
     buffer = bytearray(sealer.chunk_size + TAG_SIZE)
     view = memoryview(buffer)
     remaining = size
     for index in range(sealer.chunks):
-        want = min(sealer.chunk_size, remaining)
-        _read_exact(source, view[: want + TAG_SIZE], sealer.path, stored=True)
-        yield sealer.open(index, view[: want + TAG_SIZE])
-        remaining -= want
-    if source.read(1):
-        raise IntegrityError(f"{sealer.path} was extended (stored data longer than recorded)")
+        want = min(sealer.chunk_size, remaining) + TAG_SIZE
+        if _read_into(source, view[:want]) < want:
+            raise IntegrityError(f"{sealer.path} was truncated while it was being read")
+        yield sealer.open(index, view[:want])
+        remaining -= want - TAG_SIZE
 
 
-def _read_exact(source: BinaryIO, view: memoryview, path: str, *, stored: bool = False) -> None:
+def _read_into(source: int, view: memoryview) -> int:
+    """Fill ``view`` from ``source`` until it is full or the file ends; return bytes read."""
     filled = 0
     while filled < len(view):
-        got = source.readinto(view[filled:])  # type: ignore[attr-defined]
+        got = os.readv(source, [view[filled:]])
         if not got:
-            if stored:
-                raise IntegrityError(f"{path} was truncated (stored data shorter than recorded)")
-            raise InputError(f"{path} shrank while it was being read; try again")
+            break
         filled += got
+    return filled
 
 
-def _write_all(target: BinaryIO, data: bytes) -> None:
+def write_all(target: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[target.write(view):]
+        view = view[os.write(target, view):]
 
 
-def new_object_id() -> bytes:
-    return os.urandom(16)
-
-
-def new_file_key() -> bytes:
-    return AESGCM.generate_key(bit_length=256)
+def new_object_id_and_key() -> tuple[bytes, bytes]:
+    """A fresh random object id (16 bytes) and file key (32 bytes), from one getrandom."""
+    material = os.urandom(48)
+    return material[:16], material[16:]

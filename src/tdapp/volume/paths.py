@@ -22,6 +22,12 @@ def normalize_relative(path: str, *, allow_root: bool = False) -> str:
     return "/".join(parts)
 
 
+def check_name(name: str, directory: str) -> str:
+    """Validate one file name read from the host's file system."""
+    _check_component(name, f"{directory}/{name}", InputError)
+    return name
+
+
 def check_stored_path(path: str) -> str:
     """Validate a path read from a volume's FSPF: it must already be canonical."""
     if not path or path.startswith("/") or path.endswith("/"):

@@ -13,12 +13,12 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tdapp.errors import InputError
-from tdapp.volume.paths import normalize_relative
+from tdapp.volume.paths import check_name
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class SourceEntry:
     """A regular file or folder found under a source root."""
 
     relative: str
-    absolute: Path
+    absolute: str
     is_dir: bool
     size: int
     mode: int
@@ -38,41 +38,32 @@ def scan_source(root: Path) -> list[SourceEntry]:
     if not root.is_dir():
         raise InputError(f"source {root} is not a folder")
     entries: list[SourceEntry] = []
-    for current, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
-        base = Path(current)
-        for name in sorted(dirnames + filenames):
-            absolute = base / name
-            relative = _relative_name(absolute.relative_to(root))
-            info = absolute.lstat()
-            if stat.S_ISLNK(info.st_mode):
-                raise InputError(
-                    f"{absolute} is a symbolic link; volumes hold only files and folders"
-                )
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                raise InputError(f"{absolute} is not a regular file or folder")
-            entries.append(SourceEntry(
-                relative=relative,
-                absolute=absolute,
-                is_dir=stat.S_ISDIR(info.st_mode),
-                size=info.st_size,
-                mode=stat.S_IMODE(info.st_mode),
-                mtime_ns=info.st_mtime_ns,
-            ))
+    _scan_folder(str(root), "", entries)
     entries.sort(key=lambda entry: entry.relative)
     return entries
 
 
-def _relative_name(path: Path) -> str:
-    text = path.as_posix()
+def _scan_folder(directory: str, prefix: str, entries: list[SourceEntry]) -> None:
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError(f"file name {text!r} is not valid UTF-8") from None
-    return normalize_relative(text)
-
-
-def _raise_walk_error(error: OSError) -> None:
-    raise InputError(f"cannot read {error.filename}: {error.strerror}")
+        with os.scandir(directory) as iterator:
+            children = list(iterator)
+    except OSError as error:
+        raise InputError(f"cannot read {directory}: {error.strerror}") from None
+    for child in children:
+        relative = prefix + check_name(child.name, directory)
+        info = child.stat(follow_symlinks=False)
+        kind = stat.S_IFMT(info.st_mode)
+        if kind == stat.S_IFLNK:
+            raise InputError(
+                f"{child.path} is a symbolic link; volumes hold only files and folders"
+            )
+        if kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise InputError(f"{child.path} is not a regular file or folder")
+        is_dir = kind == stat.S_IFDIR
+        entries.append(SourceEntry(relative, child.path, is_dir, info.st_size,
+                                   stat.S_IMODE(info.st_mode), info.st_mtime_ns))
+        if is_dir:
+            _scan_folder(child.path, relative + "/", entries)
 
 
 def open_source(entry: SourceEntry) -> int:
@@ -94,18 +85,25 @@ class Staging:
         self.target = target
         self.root = target / f".tdapp-extract-{os.urandom(6).hex()}"
         self.root.mkdir(mode=0o700)
+        self._prefix = f"{self.root}/"
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def make_dirs(self, relative: str) -> None:
-        self.path(relative).mkdir(parents=True, exist_ok=True)
+    def make_folders(self, folders: Iterable[str]) -> None:
+        """Make these folders and every parent they need, each exactly once."""
+        needed: set[str] = set()
+        for folder in folders:
+            while folder and folder not in needed:
+                needed.add(folder)
+                folder = folder.rpartition("/")[0]
+        for folder in sorted(needed):  # a parent sorts before its children
+            os.mkdir(self._prefix + folder)
 
     def create_file(self, relative: str) -> int:
-        destination = self.path(relative)
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        """Create a new file; its folder must already have been made."""
         return os.open(
-            destination,
+            self._prefix + relative,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
         )
