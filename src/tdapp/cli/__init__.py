@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import click
 
 from tdapp import __version__
+from tdapp.cli.cas import cas, self_group
+from tdapp.cli.session import session
 from tdapp.cli.volume import volume
 from tdapp.errors import ExitCode, TdappError
 
@@ -31,6 +33,9 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(volume)
+cli.add_command(cas)
+cli.add_command(session)
+cli.add_command(self_group)
 
 
 def _fail(message: str, code: int) -> int:

@@ -1,0 +1,97 @@
+"""The CAS's published OpenAPI 3.0 document (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tdapp import __version__
+
+_ERROR = {"type": "object", "required": ["error"],
+          "properties": {"error": {"type": "string"}}}
+_HASHED = {"type": "object", "required": ["name", "hash"],
+           "properties": {"name": {"type": "string"},
+                          "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
+_YAML_BODY = {"required": True, "content": {"application/x-yaml": {"schema": {"type": "string"}}}}
+_EVENTS = {"type": "object", "required": ["events"],
+           "properties": {"events": {"type": "array", "items": {"type": "object"}}}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    reasons = {400: "invalid request, with the reason", 401: "a client certificate is required",
+               403: "refused by the access policy", 404: "no such session or volume",
+               409: "stale predecessor or name taken", 413: "request body too large",
+               503: "database unavailable"}
+    return {str(status): _json(_ERROR, reasons[status]) for status in statuses}
+
+
+def openapi_document() -> dict[str, Any]:
+    read_responses = {"200": _json({"type": "object",
+                                    "required": ["name", "session", "hash", "creator"],
+                                    "properties": {"name": {"type": "string"},
+                                                   "session": {"type": "string"},
+                                                   "hash": {"type": "string"},
+                                                   "creator": {"type": "string"}}},
+                                   "the normalized session and its hash"),
+                      **_errors(400, 403, 404, 503)}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "tdapp CAS", "version": __version__,
+                 "description": "Sessions, identities, volume tags and the audit log. Clients "
+                                "authenticate with TLS client certificates issued by "
+                                "POST /v1/identities."},
+        "paths": {
+            "/session": {"post": {
+                "summary": "Create a session, or update it when it names a predecessor "
+                           "(SCONE-compatible)",
+                "requestBody": _YAML_BODY,
+                "responses": {"201": _json(_HASHED, "created"), "200": _json(_HASHED, "updated"),
+                              **_errors(400, 401, 403, 404, 409, 413, 503)}}},
+            "/v1/sessions": {"post": {
+                "summary": "Create a session", "requestBody": _YAML_BODY,
+                "responses": {"201": _json(_HASHED, "created"),
+                              **_errors(400, 401, 409, 413, 503)}}},
+            "/v1/sessions/{name}": {
+                "get": {"summary": "Read a session (readers only)", "parameters": [_NAME],
+                        "responses": read_responses},
+                "put": {"summary": "Update a session; the document names the current hash as "
+                                   "predecessor", "parameters": [_NAME],
+                        "requestBody": _YAML_BODY,
+                        "responses": {"200": _json(_HASHED, "updated"),
+                                      **_errors(400, 401, 403, 404, 409, 413, 503)}}},
+            "/session/{name}": {"get": {"summary": "Read a session (SCONE path)",
+                                        "parameters": [_NAME], "responses": read_responses}},
+            "/v1/sessions/{name}/volumes/{volume}": {"get": {
+                "summary": "The current tag of a session's volume (readers only)",
+                "parameters": [_NAME, {"name": "volume", "in": "path", "required": True,
+                                       "schema": {"type": "string"}}],
+                "responses": {"200": _json({"type": "object",
+                                            "required": ["session", "volume", "tag"],
+                                            "properties": {
+                                                "session": {"type": "string"},
+                                                "volume": {"type": "string"},
+                                                "tag": {"type": "string", "nullable": True}}},
+                                           "the current tag"),
+                              **_errors(400, 403, 404, 503)}}},
+            "/v1/sessions/{name}/audit": {"get": {
+                "summary": "The audit log of a session (readers only)", "parameters": [_NAME],
+                "responses": {"200": _json(_EVENTS, "events, oldest first"),
+                              **_errors(400, 403, 404, 503)}}},
+            "/v1/identities": {"post": {
+                "summary": "Certify a client key: send a PEM CSR, get a client certificate",
+                "requestBody": {"required": True, "content": {
+                    "application/x-pem-file": {"schema": {"type": "string"}}}},
+                "responses": {"201": _json({"type": "object",
+                                            "required": ["identity", "certificate"],
+                                            "properties": {"identity": {"type": "string"},
+                                                           "certificate": {"type": "string"}}},
+                                           "the certificate"),
+                              **_errors(400, 413)}}},
+            "/v1/health": {"get": {"summary": "Liveness and the CAS certificate fingerprint",
+                                   "responses": {"200": _json({"type": "object"}, "up")}}},
+        },
+    }

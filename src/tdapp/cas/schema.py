@@ -1,0 +1,48 @@
+"""The CAS database tables (SQLAlchemy Core). Changes go through an Alembic migration."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+sessions = Table(
+    "sessions", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("hash", String(64), nullable=False),
+    Column("creator", String(64), nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("sealed_document", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+volume_tags = Table(
+    "volume_tags", metadata,
+    Column("session", String(128), primary_key=True),
+    Column("volume", String(128), primary_key=True),
+    Column("tag", String(32), nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("session", String(128), nullable=True, index=True),
+    Column("event", String(64), nullable=False),
+    Column("actor", String(64), nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+)

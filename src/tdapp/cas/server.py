@@ -1,0 +1,184 @@
+"""The CAS's HTTPS API (aiohttp): routing, client identities, status codes.
+
+It turns requests into calls on the authorities and their errors into JSON
+answers with a reason; it decides nothing itself. The client's identity is
+the key hash of the TLS client certificate it presented (certificates are
+issued by this CAS's client CA, see ``POST /v1/identities``). No request may
+produce a 500: an unexpected failure is logged and answered as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from cryptography import x509
+
+from tdapp.cas.materials import CasMaterials
+from tdapp.cas.openapi import openapi_document
+from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
+from tdapp.errors import (
+    ConflictError,
+    InputError,
+    RefusedError,
+    TdappError,
+    UnavailableError,
+    UsageError,
+)
+from tdapp.policy import Identity
+from tdapp.tls import certificate_key_hash, issue_client_certificate, pem
+
+MAX_BODY = 1024 * 1024
+log = logging.getLogger("tdapp.cas")
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_AUTHORITY = web.AppKey("authority", SessionAuthority)
+_MATERIALS = web.AppKey("materials", CasMaterials)
+
+
+def _status_of(error: TdappError) -> int:
+    for kind, status in ((AuthenticationRequired, 401), (NotFoundError, 404),
+                         (RefusedError, 403), (ConflictError, 409), (UnavailableError, 503),
+                         (InputError, 400), (UsageError, 400)):
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TdappError as error:
+        return _error(_status_of(error), error.message)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body larger than {MAX_BODY} bytes")
+    except web.HTTPException as error:
+        if error.status >= 400 and error.content_type != "application/json":
+            return _error(error.status, error.reason)
+        raise
+    except Exception:
+        log.exception("unexpected failure on %s %s", request.method, request.path)
+        return _error(500, "internal error; see the CAS log")
+
+
+def client_identity(request: web.Request) -> Identity | None:
+    """The key hash of the verified client certificate, or None when none was presented."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return certificate_key_hash(x509.load_der_x509_certificate(der))
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """Run blocking store work off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(function, *args))
+
+
+async def _text_body(request: web.Request) -> str:
+    body = await request.read()
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("the request body is not UTF-8 text") from None
+
+
+# -- handlers -------------------------------------------------------------------------
+
+
+async def submit_session(request: web.Request) -> web.Response:
+    text = await _text_body(request)
+    name, digest, created = await _in_thread(
+        request.app[_AUTHORITY].submit, text, client_identity(request))
+    return web.json_response({"name": name, "hash": digest}, status=201 if created else 200)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    text = await _text_body(request)
+    name, digest = await _in_thread(
+        request.app[_AUTHORITY].create, text, client_identity(request))
+    return web.json_response({"name": name, "hash": digest}, status=201)
+
+
+async def update_session(request: web.Request) -> web.Response:
+    text = await _text_body(request)
+    name = request.match_info["name"]
+    digest = await _in_thread(
+        request.app[_AUTHORITY].update, name, text, client_identity(request))
+    return web.json_response({"name": name, "hash": digest})
+
+
+async def read_session(request: web.Request) -> web.Response:
+    found = await _in_thread(
+        request.app[_AUTHORITY].read, request.match_info["name"], client_identity(request))
+    return web.json_response({"name": found.session.name, "session": found.session.to_yaml(),
+                              "hash": found.hash, "creator": found.creator})
+
+
+async def read_volume(request: web.Request) -> web.Response:
+    name, volume = request.match_info["name"], request.match_info["volume"]
+    tag = await _in_thread(
+        request.app[_AUTHORITY].volume_tag, name, volume, client_identity(request))
+    return web.json_response({"session": name, "volume": volume, "tag": tag})
+
+
+async def read_audit(request: web.Request) -> web.Response:
+    events = await _in_thread(
+        request.app[_AUTHORITY].audit, request.match_info["name"], client_identity(request))
+    return web.json_response({"events": [event.as_json() for event in events]})
+
+
+async def certify_identity(request: web.Request) -> web.Response:
+    """Issue a client certificate for the key in a CSR (proof of possession checked)."""
+    body = await request.read()
+    try:
+        csr = x509.load_pem_x509_csr(body)
+    except ValueError:
+        raise InputError("the body must be a PEM certificate signing request") from None
+    materials = request.app[_MATERIALS]
+    certificate = issue_client_certificate(csr, materials.client_ca_key, materials.client_ca)
+    return web.json_response(
+        {"identity": certificate_key_hash(certificate), "certificate": pem(certificate).decode()},
+        status=201)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=json.dumps(openapi_document()), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "fingerprint": request.app[_MATERIALS].fingerprint})
+
+
+def create_app(authority: SessionAuthority, materials: CasMaterials) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app[_AUTHORITY] = authority
+    app[_MATERIALS] = materials
+    # Session names may hold "/" (namespaces), so the more specific routes come first.
+    app.router.add_post("/session", submit_session)
+    app.router.add_post("/v1/sessions", create_session)
+    app.router.add_get("/v1/sessions/{name:.+}/volumes/{volume}", read_volume)
+    app.router.add_get("/v1/sessions/{name:.+}/audit", read_audit)
+    app.router.add_get("/v1/sessions/{name:.+}", read_session)
+    app.router.add_put("/v1/sessions/{name:.+}", update_session)
+    app.router.add_get("/session/{name:.+}", read_session)
+    app.router.add_post("/v1/identities", certify_identity)
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/v1/openapi.json", openapi)
+    return app

@@ -1,0 +1,169 @@
+"""The CAS's trust decisions about sessions: who may create, read and change what.
+
+One class, :class:`SessionAuthority`, owns the invariant that only a parsed,
+validated session whose change its caller is entitled to make ever reaches the
+store, and that a reader only ever sees a session its access policy allows.
+Every decision, accepted or refused, goes to the audit log with its reason.
+It never stores a session unsealed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NoReturn
+
+from tdapp.cas.sealing import MasterKey
+from tdapp.cas.store import AuditEvent, Store, StoredSession
+from tdapp.errors import ConflictError, InputError, RefusedError, TdappError
+from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
+
+
+class NotFoundError(InputError):
+    """The named session or volume does not exist (HTTP 404)."""
+
+
+class AuthenticationRequired(RefusedError):
+    """The request needs a client certificate (HTTP 401)."""
+
+
+@dataclass(frozen=True)
+class ReadSession:
+    session: Session
+    hash: str
+    creator: Identity
+
+
+class SessionAuthority:
+    def __init__(self, store: Store, master_key: MasterKey) -> None:
+        self._store = store
+        self._master_key = master_key
+
+    # -- changes ------------------------------------------------------------------
+
+    def submit(self, text: str, who: Identity | None) -> tuple[str, str, bool]:
+        """SCONE's ``POST /session``: create, or update when a predecessor is named.
+
+        Returns (name, hash, created).
+        """
+        session = self._parse(text, who, "session.submit")
+        if session.predecessor is None:
+            return session.name, self._create(session, who), True
+        return session.name, self._update(session, who), False
+
+    def create(self, text: str, who: Identity | None) -> tuple[str, str]:
+        session = self._parse(text, who, "session.create")
+        if session.predecessor is not None:
+            self._refuse(session.name, "session.create", who, InputError(
+                "a new session must not name a predecessor; to change a session use update"))
+        return session.name, self._create(session, who)
+
+    def update(self, name: str, text: str, who: Identity | None) -> str:
+        session = self._parse(text, who, "session.update")
+        if session.name != name:
+            self._refuse(name, "session.update", who, InputError(
+                f"the document is named {session.name!r}, not {name!r}"))
+        if session.predecessor is None:
+            self._refuse(name, "session.update", who, InputError(
+                "an update must name the current session hash as predecessor"))
+        return self._update(session, who)
+
+    def _create(self, session: Session, who: Identity | None) -> str:
+        creator = self._require_identity(session.name, "session.create", who)
+        digest = session_hash(session, creator)
+        record = StoredSession(session.name, digest, creator, 1, self._seal(session))
+        try:
+            self._store.insert_session(record, _initial_tags(session),
+                                       ("session.create", creator, f"created with hash {digest}"))
+        except ConflictError as error:
+            self._refuse(session.name, "session.create", who, error)
+        return digest
+
+    def _update(self, session: Session, who: Identity | None) -> str:
+        actor = self._require_identity(session.name, "session.update", who)
+        current = self._store.get_session(session.name)
+        if current is None:
+            self._refuse(session.name, "session.update", who,
+                         NotFoundError(f"no session named {session.name!r} to update"))
+        stored = self._unseal(current)
+        if not stored.access_policy.allows("update", actor, current.creator):
+            self._refuse(session.name, "session.update", who, RefusedError(
+                f"identity {actor} may not update session {session.name!r} (access_policy.update)"))
+        if session.predecessor != current.hash:
+            self._refuse(session.name, "session.update", who, ConflictError(
+                f"stale predecessor {session.predecessor}: session {session.name!r} is now at "
+                f"{current.hash}; read it again and reapply your change"))
+        digest = session_hash(session, current.creator)
+        record = StoredSession(session.name, digest, current.creator, current.revision + 1,
+                               self._seal(session))
+        if not self._store.replace_session(
+                record, current.hash, _initial_tags(session),
+                ("session.update", actor, f"updated {current.hash} -> {digest}")):
+            self._refuse(session.name, "session.update", who, ConflictError(
+                f"session {session.name!r} changed concurrently; its predecessor "
+                f"{current.hash} is no longer current"))
+        return digest
+
+    # -- reads ----------------------------------------------------------------------
+
+    def read(self, name: str, who: Identity | None) -> ReadSession:
+        # Every read is attributed to an identity, even under `ANY`: ANY means any
+        # identity, and an anonymous request could otherwise not be audited.
+        self._require_identity(name, "session.read", who)
+        current = self._store.get_session(name)
+        if current is None:
+            raise NotFoundError(f"no session named {name!r}")
+        session = self._unseal(current)
+        if not session.access_policy.allows("read", who, current.creator):
+            self._refuse(name, "session.read", who, RefusedError(
+                f"{_describe(who)} may not read session {name!r} (access_policy.read)"))
+        return ReadSession(session, current.hash, current.creator)
+
+    def volume_tag(self, name: str, volume: str, who: Identity | None) -> str | None:
+        self.read(name, who)
+        known, tag = self._store.volume_tag(name, volume)
+        if not known:
+            raise NotFoundError(f"session {name!r} has no volume {volume!r}")
+        return tag
+
+    def audit(self, name: str, who: Identity | None) -> list[AuditEvent]:
+        self.read(name, who)
+        return self._store.audit_events(name)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _parse(self, text: str, who: Identity | None, event: str) -> Session:
+        try:
+            return parse_session(text, source="session")
+        except SessionError as error:
+            self._store.record(None, event, who, "refused", error.message)
+            raise
+
+    def _require_identity(self, name: str, event: str, who: Identity | None) -> Identity:
+        if who is None:
+            self._refuse(name, event, who, AuthenticationRequired(
+                "a client certificate is required (run: tdapp cas attest HOST:PORT)"))
+        return who
+
+    def _refuse(self, name: str | None, event: str, who: Identity | None,
+                error: TdappError) -> NoReturn:
+        self._store.record(name, event, who, "refused", error.message)
+        raise error
+
+    def _seal(self, session: Session) -> bytes:
+        return self._master_key.seal(session.to_yaml().encode("utf-8"), _context(session.name))
+
+    def _unseal(self, stored: StoredSession) -> Session:
+        text = self._master_key.unseal(stored.sealed_document, _context(stored.name))
+        return parse_session(text.decode("utf-8"), source=f"stored session {stored.name}")
+
+
+def _context(name: str) -> bytes:
+    return b"tdapp/v1 session\x00" + name.encode("utf-8")
+
+
+def _initial_tags(session: Session) -> dict[str, str | None]:
+    return {volume.name: volume.fspf_tag for volume in session.volumes}
+
+
+def _describe(who: Identity | None) -> str:
+    return "an anonymous client" if who is None else f"identity {who}"

@@ -1,0 +1,228 @@
+"""Where the CAS keeps sessions, volume tags and its audit log.
+
+SQLite under the CAS's state folder by default, PostgreSQL for a
+``postgresql://`` URL; the schema is created and upgraded by Alembic on start.
+Every change is one transaction, and every update is a compare-and-swap on the
+value it replaces, so concurrent writers (threads or CAS replicas) can never
+lose an update. This module stores what it is given: it makes no trust
+decision and never sees a plaintext secret (documents arrive sealed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
+from sqlalchemy.exc import IntegrityError as SqlIntegrityError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from tdapp.cas.schema import audit_log, sessions, volume_tags
+from tdapp.errors import ConflictError, UnavailableError, UsageError
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    name: str
+    hash: str
+    creator: str
+    revision: int
+    sealed_document: bytes
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    at: float
+    session: str | None
+    event: str
+    actor: str | None
+    outcome: str
+    reason: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "at": self.at, "session": self.session, "event": self.event,
+                "actor": self.actor, "outcome": self.outcome, "reason": self.reason}
+
+
+def database_url(value: str | None, state_dir: Path) -> str:
+    """Turn ``--db`` into an SQLAlchemy URL; the default is SQLite in the state folder."""
+    if not value:
+        return f"sqlite:///{state_dir / 'cas.db'}"
+    if value.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    if value.startswith(("sqlite:///", "postgresql+psycopg://")):
+        return value
+    raise UsageError(f"--db {value!r}: expected a postgresql:// or sqlite:/// URL")
+
+
+class Store:
+    """Transactions over the CAS tables."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._sqlite = url.startswith("sqlite")
+        # SQLite allows one writer at a time; serializing our own writers avoids
+        # "database is locked" instead of retrying it.
+        self._write_lock = threading.Lock() if self._sqlite else None
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if self._sqlite:
+            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            options.update(pool_size=16, max_overflow=16, pool_timeout=10)
+        self.engine: Engine = create_engine(url, **options)
+        if self._sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def migrate(self) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with self._write() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with _translated(), self.engine.begin() as connection:
+                yield connection
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with _translated(), self.engine.connect() as connection:
+            yield connection
+
+    # -- sessions ---------------------------------------------------------------
+
+    def get_session(self, name: str) -> StoredSession | None:
+        with self._read() as connection:
+            row = connection.execute(select(sessions).where(sessions.c.name == name)).first()
+        if row is None:
+            return None
+        return StoredSession(row.name, row.hash, row.creator, row.revision,
+                             bytes(row.sealed_document))
+
+    def insert_session(self, record: StoredSession, tags: Mapping[str, str | None],
+                       audit: tuple[str, str | None, str]) -> None:
+        """Create a session; ConflictError if the name is taken."""
+        now = time.time()
+        try:
+            with self._write() as connection:
+                connection.execute(insert(sessions).values(
+                    name=record.name, hash=record.hash, creator=record.creator,
+                    revision=record.revision, sealed_document=record.sealed_document,
+                    created_at=now, updated_at=now))
+                _put_tags(connection, record.name, tags, now)
+                _append_audit(connection, now, record.name, *audit, "accepted")
+        except SqlIntegrityError:
+            raise ConflictError(f"a session named {record.name!r} already exists") from None
+
+    def replace_session(self, record: StoredSession, expected_hash: str,
+                        tags: Mapping[str, str | None],
+                        audit: tuple[str, str | None, str]) -> bool:
+        """Swap in a new revision if the stored hash is still ``expected_hash``."""
+        now = time.time()
+        with self._write() as connection:
+            result = connection.execute(
+                update(sessions)
+                .where(sessions.c.name == record.name, sessions.c.hash == expected_hash)
+                .values(hash=record.hash, revision=record.revision,
+                        sealed_document=record.sealed_document, updated_at=now))
+            if result.rowcount != 1:
+                return False
+            connection.execute(volume_tags.delete().where(volume_tags.c.session == record.name))
+            _put_tags(connection, record.name, tags, now)
+            _append_audit(connection, now, record.name, *audit, "accepted")
+        return True
+
+    # -- volume tags ------------------------------------------------------------
+
+    def volume_tag(self, session: str, volume: str) -> tuple[bool, str | None]:
+        """(known, tag): whether the volume has a row, and its current tag."""
+        with self._read() as connection:
+            row = connection.execute(select(volume_tags.c.tag).where(
+                volume_tags.c.session == session, volume_tags.c.volume == volume)).first()
+        return (False, None) if row is None else (True, row.tag)
+
+    def swap_volume_tag(self, session: str, volume: str, old: str | None, new: str,
+                        audit: tuple[str, str | None, str]) -> bool:
+        """Compare-and-swap one volume's tag; False if ``old`` is no longer current."""
+        now = time.time()
+        with self._write() as connection:
+            current = volume_tags.c.tag.is_(None) if old is None else volume_tags.c.tag == old
+            result = connection.execute(
+                update(volume_tags)
+                .where(volume_tags.c.session == session, volume_tags.c.volume == volume, current)
+                .values(tag=new, updated_at=now))
+            if result.rowcount != 1:
+                return False
+            _append_audit(connection, now, session, *audit, "accepted")
+        return True
+
+    # -- audit ------------------------------------------------------------------
+
+    def record(self, session: str | None, event_name: str, actor: str | None, outcome: str,
+               reason: str) -> None:
+        with self._write() as connection:
+            _append_audit(connection, time.time(), session, event_name, actor, reason, outcome)
+
+    def audit_events(self, session: str | None, limit: int = 1000) -> list[AuditEvent]:
+        query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+        if session is not None:
+            query = query.where(audit_log.c.session == session)
+        with self._read() as connection:
+            rows = connection.execute(query).all()
+        return [AuditEvent(r.id, r.at, r.session, r.event, r.actor, r.outcome, r.reason)
+                for r in reversed(rows)]
+
+
+def _put_tags(connection: Connection, session: str, tags: Mapping[str, str | None],
+              now: float) -> None:
+    for volume, tag in tags.items():
+        connection.execute(insert(volume_tags).values(
+            session=session, volume=volume, tag=tag, updated_at=now))
+
+
+def _append_audit(connection: Connection, at: float, session: str | None, event_name: str,
+                  actor: str | None, reason: str, outcome: str) -> None:
+    connection.execute(insert(audit_log).values(
+        at=at, session=session, event=event_name, actor=actor, outcome=outcome, reason=reason))
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Turn a lost database connection into a clean 'unavailable' error."""
+    try:
+        yield
+    except OperationalError as error:
+        raise UnavailableError(f"the CAS database is unavailable: {error.orig}") from None
+    except SqlIntegrityError:
+        raise
+    except SQLAlchemyError as error:
+        raise UnavailableError(f"the CAS database failed: {type(error).__name__}") from None

@@ -1,0 +1,88 @@
+"""``tdapp cas …`` (run and pin a CAS) and ``tdapp self show`` (the local identity)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tdapp.client.cas_client import CasClient
+from tdapp.client.identity import ClientIdentity
+from tdapp.client.pins import DEFAULT_CAS, Address, PinStore, fetch_presented_certificate
+from tdapp.errors import RefusedError
+from tdapp.tls import fingerprint
+
+
+@click.group()
+def cas() -> None:
+    """The configuration and attestation service (CAS)."""
+
+
+@cas.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--db", default=None, metavar="URL",
+              help="postgresql://… or sqlite:///… (default: SQLite in the state folder).")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Keys, certificate and SQLite database (default: $TDAPP_HOME/cas).")
+@click.option("--master-key-file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="The master key sealing secrets (default: STATE_DIR/master.key).")
+@click.option("--debug", is_flag=True,
+              help="Debug CAS: sessions without a security section are treated as 'sim'.")
+def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: bool,
+          master_key_file: Path | None) -> None:
+    """Run the CAS over HTTPS (its key and certificate are made on first start and kept)."""
+    # Imported here: the server stack (aiohttp, SQLAlchemy, Alembic) would slow every command.
+    from tdapp.cas.serve import default_state_dir
+    from tdapp.cas.serve import serve as run
+
+    run(host=host, port=port, db=db, state_dir=state_dir or default_state_dir(), debug=debug,
+        master_key_file=master_key_file)
+
+
+@cas.command()
+@click.argument("address", default=DEFAULT_CAS, metavar="HOST:PORT")
+@click.option("--accept", "accepted", metavar="FINGERPRINT",
+              help="Pin the CAS only if its certificate has this SHA-256 fingerprint.")
+def attest(address: str, accepted: str | None) -> None:
+    """Show the CAS's certificate fingerprint and pin it for this user."""
+    where = Address.parse(address)
+    presented = fetch_presented_certificate(where)
+    actual = fingerprint(presented)
+    pins = PinStore()
+    pinned = pins.get(where)
+    click.echo(f"CAS {where} presents certificate {actual}", err=True)
+    if pinned is not None and fingerprint(pinned) != actual and accepted != actual:
+        raise RefusedError(
+            f"the CAS at {where} presents {actual}, but {fingerprint(pinned)} is pinned; "
+            f"if the change is expected, run: tdapp cas attest {where} --accept {actual}")
+    if pinned is None or fingerprint(pinned) != actual:
+        wanted = (accepted or "").replace(":", "").lower()
+        if not wanted and sys.stdin.isatty():
+            if not click.confirm(f"Pin {actual} for {where}?", err=True):
+                raise RefusedError(f"the CAS at {where} was not pinned")
+            wanted = actual
+        if wanted != actual:
+            raise RefusedError(
+                f"the CAS at {where} presents {actual}, not {wanted or 'an accepted fingerprint'};"
+                f" compare it with the one the CAS printed at start and pass --accept {actual}")
+        pins.pin(where, presented)
+    CasClient.connect(where)  # certifies this user's identity at that CAS
+    click.echo(actual)
+
+
+@click.group(name="self")
+def self_group() -> None:
+    """This user's identity (a key pair; its public-key hash is the identity)."""
+
+
+@self_group.command()
+def show() -> None:
+    """Print the identity (creating it on first use) and its certificate paths."""
+    identity = ClientIdentity.load_or_create()
+    click.echo(f"identity     {identity.identity}")
+    click.echo(f"key          {identity.key_path}")
+    click.echo(f"certificate  {identity.certificate_path}")
+    for path in identity.cas_certificates():
+        click.echo(f"certified by CAS {path.stem}: {path}")

@@ -1,0 +1,97 @@
+"""``tdapp session create|update|read|hash``: sessions on a CAS."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import click
+
+from tdapp.client.cas_client import CasClient
+from tdapp.client.identity import ClientIdentity
+from tdapp.client.pins import DEFAULT_CAS, Address
+from tdapp.errors import InputError, UsageError
+from tdapp.policy import fill_template, parse_session, session_hash
+
+_cas_option = click.option("--cas", "cas_address", envvar="TDAPP_CAS", default=DEFAULT_CAS,
+                           show_default=True, metavar="HOST:PORT", help="The CAS to talk to.")
+_env_option = click.option("-e", "--env", "assignments", multiple=True, metavar="VAR=VALUE",
+                           help="Fill $VAR in the template (also taken from the environment).")
+
+
+def _variables(assignments: tuple[str, ...]) -> dict[str, str]:
+    variables = dict(os.environ)
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise UsageError(f"-e {assignment!r} must look like VAR=VALUE")
+        variables[name] = value
+    return variables
+
+
+def _document(path: Path, assignments: tuple[str, ...]) -> str:
+    try:
+        template = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read session file {path}: {error}") from None
+    text = fill_template(template, _variables(assignments))
+    parse_session(text, source=str(path))  # refuse locally, with the line, before sending
+    return text
+
+
+@click.group()
+def session() -> None:
+    """Sessions (security policies) on a CAS."""
+
+
+@session.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_env_option
+@_cas_option
+def create(file: Path, assignments: tuple[str, ...], cas_address: str) -> None:
+    """Create the session in FILE (a template: $VARS are filled); prints its hash."""
+    text = _document(file, assignments)
+    answer = CasClient.connect(Address.parse(cas_address)).request(
+        "POST", "/v1/sessions", text.encode())
+    click.echo(answer["hash"])
+
+
+@session.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_env_option
+@_cas_option
+def update(file: Path, assignments: tuple[str, ...], cas_address: str) -> None:
+    """Replace a session; FILE must name the current hash as predecessor. Prints the new hash."""
+    text = _document(file, assignments)
+    name = parse_session(text, source=str(file)).name
+    answer = CasClient.connect(Address.parse(cas_address)).request(
+        "PUT", f"/v1/sessions/{quote(name, safe='/')}", text.encode())
+    click.echo(answer["hash"])
+
+
+@session.command()
+@click.argument("name")
+@_cas_option
+def read(name: str, cas_address: str) -> None:
+    """Print a session as the CAS holds it (readers only)."""
+    answer = CasClient.connect(Address.parse(cas_address)).request(
+        "GET", f"/v1/sessions/{quote(name, safe='/')}")
+    click.echo(str(answer["session"]).rstrip("\n"))
+
+
+@session.command(name="hash")
+@click.argument("file_or_name")
+@_env_option
+@_cas_option
+def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str) -> None:
+    """Print a session's hash: of FILE as this user would create it, or of NAME on the CAS."""
+    path = Path(file_or_name)
+    if path.is_file():
+        text = _document(path, assignments)
+        creator = ClientIdentity.load_or_create().identity
+        click.echo(session_hash(parse_session(text, source=str(path)), creator))
+        return
+    answer = CasClient.connect(Address.parse(cas_address)).request(
+        "GET", f"/v1/sessions/{quote(file_or_name, safe='/')}")
+    click.echo(answer["hash"])

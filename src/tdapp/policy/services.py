@@ -1,0 +1,205 @@
+"""The ``services`` section: what runs, how it is started, and which code may be it.
+
+A service's configuration (command, environment, working directory, main
+FSPF) is released only to code that passes one of its attestation variants.
+This module owns the shape of that configuration and how a command string is
+split into arguments; it must never turn an ill-formed command into some
+other command than the one written.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+
+from tdapp.policy.base import Frozen
+from tdapp.policy.values import (
+    U16,
+    AbsolutePath,
+    FspfKey,
+    FspfTag,
+    Hash,
+    ImageName,
+    Many,
+    Measurements,
+    OtpSecret,
+    ServiceName,
+    Tags,
+    as_text,
+    describe,
+    fail,
+    quoted,
+)
+
+HOST_ENV_PREFIX = "\\@\\@"
+"""Environment keys starting with ``\\@\\@`` take their value from the host (SCONE)."""
+
+
+class Signer(Frozen):
+    """Signer-based SGX attestation: who signed the enclave, for which product."""
+
+    mrsigner: Hash
+    isvprodid: U16
+    isvsvn: U16 | None = None
+    isvsvn_min: U16 | None = None
+    isvsvn_max: U16 | None = None
+
+    @model_validator(mode="after")
+    def _svn_forms(self) -> Signer:
+        if self.isvsvn is not None and (self.isvsvn_min is not None
+                                        or self.isvsvn_max is not None):
+            fail("give isvsvn or a range (isvsvn_min, isvsvn_max), not both", "isvsvn")
+        if (self.isvsvn_min is not None and self.isvsvn_max is not None
+                and self.isvsvn_min > self.isvsvn_max):
+            fail("isvsvn_min is greater than isvsvn_max", "isvsvn_min")
+        return self
+
+
+class AttestationVariant(Frozen):
+    """One way to pass attestation: all of its factors must hold."""
+
+    mrenclave: Measurements = ()
+    signer: Signer | None = None
+
+    @model_validator(mode="after")
+    def _has_a_factor(self) -> AttestationVariant:
+        if not self.mrenclave and self.signer is None:
+            # An empty variant would admit any code at all.
+            fail("an attestation variant needs mrenclave or signer")
+        return self
+
+
+def _variants(value: object) -> object:
+    # The mapping form is one variant; the list form is alternatives.
+    return [value] if isinstance(value, dict) else value
+
+
+def _command(value: object) -> object:
+    value = as_text(value)
+    if isinstance(value, str):
+        try:
+            words = split_command(value)
+        except ValueError as error:
+            fail(str(error))
+        if not words or not words[0]:
+            fail("command names no program")
+        return value
+    if isinstance(value, list | tuple):
+        if not value or not as_text(value[0]):
+            fail("command names no program")
+        arguments = [as_text(item) for item in value]
+        for index, item in enumerate(arguments):
+            if not isinstance(item, str):
+                fail(f"expected a string, got {describe(item)}", index)
+            if "\x00" in item:
+                fail("contains a NUL character", index)
+        return tuple(arguments)
+    fail(f"expected a string or a list of strings, got {describe(value)}")
+
+
+def split_command(command: str) -> list[str]:
+    """SCONE's splitting of a command string: whitespace separates, quotes group.
+
+    Text in '…' or "…" is taken literally (quotes removed) and joins any text it
+    touches; there are no backslash escapes. ``ValueError`` for an unclosed quote
+    or a NUL character (arguments are C strings).
+    """
+    if "\x00" in command:
+        raise ValueError("contains a NUL character")
+    words: list[str] = []
+    current: list[str] = []
+    in_word = False
+    quote: str | None = None
+    for char in command:
+        if quote is not None:
+            if char == quote:
+                quote = None
+            else:
+                current.append(char)
+        elif char in "'\"":
+            quote, in_word = char, True
+        elif char.isspace():
+            if in_word:
+                words.append("".join(current))
+                current, in_word = [], False
+        else:
+            current.append(char)
+            in_word = True
+    if quote is not None:
+        raise ValueError(f"command has an unclosed {quote} quote")
+    if in_word:
+        words.append("".join(current))
+    return words
+
+
+def _env_name(name: str) -> str:
+    if not name or "=" in name or "\x00" in name:
+        fail(f"{quoted(name)} is not a valid environment variable name (empty, or has '=' or NUL)")
+    return name
+
+
+def _env_value(value: object) -> object:
+    # Numbers and booleans are written as they were typed (`SCONE_LOG: 7` is "7").
+    value = as_text(value)
+    if isinstance(value, str) and "\x00" in value:
+        fail("contains a NUL character")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvValue = Annotated[str | None, BeforeValidator(_env_value)]
+Command = Annotated[str | tuple[str, ...], BeforeValidator(_command)]
+Persistency = Literal["None"]
+
+
+class Service(Frozen):
+    """One service: a program, its configuration, and who may be it."""
+
+    name: ServiceName
+    image_name: ImageName | None = None
+    mrenclaves: Measurements = ()
+    attestation: Annotated[tuple[AttestationVariant, ...], Many,
+                           BeforeValidator(_variants)] = ()
+    tags: Tags = ()
+    command: Command | None = None
+    pwd: AbsolutePath | None = None
+    environment: Annotated[dict[EnvName, EnvValue], BeforeValidator(
+        lambda value: {} if value is None else value)] = Field(default_factory=dict)
+    fspf_path: AbsolutePath | None = None
+    fspf_key: FspfKey | None = None
+    fspf_tag: FspfTag | None = None
+    one_time_password_shared_secret: OtpSecret | None = None
+    persistency: Persistency | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Service:
+        if self.mrenclaves and self.attestation:
+            fail("give either mrenclaves or attestation, not both", "attestation")
+        fspf = {"fspf_path": self.fspf_path, "fspf_key": self.fspf_key,
+                "fspf_tag": self.fspf_tag}
+        given = [key for key, value in fspf.items() if value is not None]
+        if given and len(given) != len(fspf):
+            missing = ", ".join(key for key in fspf if key not in given)
+            fail(f"a main FSPF needs fspf_path, fspf_key and fspf_tag; {missing} missing",
+                 given[0])
+        return self
+
+    def argv(self) -> list[str]:
+        """The program and its arguments (``@@N`` host arguments not yet expanded)."""
+        if self.command is None:
+            return []
+        if isinstance(self.command, tuple):
+            return list(self.command)
+        return split_command(self.command)
+
+    def attestation_variants(self) -> tuple[AttestationVariant, ...]:
+        """The variants code may satisfy; legacy ``mrenclaves`` count as one variant."""
+        if self.mrenclaves:
+            return (AttestationVariant(mrenclave=self.mrenclaves),)
+        return self.attestation
+
+    def host_environment(self) -> tuple[str, ...]:
+        """Names of the variables the host supplies (the ``\\@\\@NAME`` keys)."""
+        return tuple(key[len(HOST_ENV_PREFIX):] for key in self.environment
+                     if key.startswith(HOST_ENV_PREFIX))
