@@ -139,3 +139,7 @@ def assert_error(result: CliResult, code: int, fragment: str) -> None:
     assert lines[0].startswith("tdapp: error: "), result.err
     assert fragment in lines[0], result.err
     assert "Traceback" not in result.err
+
+
+# -- CAS integration fixtures: real servers, users, PostgreSQL (see cas_fixtures.py) -------
+from cas_fixtures import cas_server, postgres, user  # noqa: E402, F401

@@ -17,6 +17,10 @@ _EVENTS = {"type": "object", "required": ["events"],
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _query(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": True, "schema": {"type": "string"}}
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -37,7 +41,7 @@ def openapi_document() -> dict[str, Any]:
                                                    "hash": {"type": "string"},
                                                    "creator": {"type": "string"}}},
                                    "the normalized session and its hash"),
-                      **_errors(400, 403, 404, 503)}
+                      **_errors(400, 401, 403, 404, 503)}
     return {
         "openapi": "3.0.3",
         "info": {"title": "tdapp CAS", "version": __version__,
@@ -65,10 +69,9 @@ def openapi_document() -> dict[str, Any]:
                                       **_errors(400, 401, 403, 404, 409, 413, 503)}}},
             "/session/{name}": {"get": {"summary": "Read a session (SCONE path)",
                                         "parameters": [_NAME], "responses": read_responses}},
-            "/v1/sessions/{name}/volumes/{volume}": {"get": {
+            "/v1/volume-tags": {"get": {
                 "summary": "The current tag of a session's volume (readers only)",
-                "parameters": [_NAME, {"name": "volume", "in": "path", "required": True,
-                                       "schema": {"type": "string"}}],
+                "parameters": [_query("session"), _query("volume")],
                 "responses": {"200": _json({"type": "object",
                                             "required": ["session", "volume", "tag"],
                                             "properties": {
@@ -76,11 +79,12 @@ def openapi_document() -> dict[str, Any]:
                                                 "volume": {"type": "string"},
                                                 "tag": {"type": "string", "nullable": True}}},
                                            "the current tag"),
-                              **_errors(400, 403, 404, 503)}}},
-            "/v1/sessions/{name}/audit": {"get": {
-                "summary": "The audit log of a session (readers only)", "parameters": [_NAME],
+                              **_errors(400, 401, 403, 404, 503)}}},
+            "/v1/audit": {"get": {
+                "summary": "The audit log of a session (readers only)",
+                "parameters": [_query("session")],
                 "responses": {"200": _json(_EVENTS, "events, oldest first"),
-                              **_errors(400, 403, 404, 503)}}},
+                              **_errors(400, 401, 403, 404, 503)}}},
             "/v1/identities": {"post": {
                 "summary": "Certify a client key: send a PEM CSR, get a client certificate",
                 "requestBody": {"required": True, "content": {

@@ -26,15 +26,17 @@ from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAut
 from tdapp.errors import (
     ConflictError,
     InputError,
+    IntegrityError,
     RefusedError,
     TdappError,
     UnavailableError,
     UsageError,
 )
 from tdapp.policy import Identity
+from tdapp.policy.reader import MAX_CHARS as MAX_DOCUMENT_BYTES
 from tdapp.tls import certificate_key_hash, issue_client_certificate, pem
 
-MAX_BODY = 1024 * 1024
+MAX_BODY = MAX_DOCUMENT_BYTES
 log = logging.getLogger("tdapp.cas")
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,7 +46,7 @@ _MATERIALS = web.AppKey("materials", CasMaterials)
 
 
 def _status_of(error: TdappError) -> int:
-    for kind, status in ((AuthenticationRequired, 401), (NotFoundError, 404),
+    for kind, status in ((IntegrityError, 503), (AuthenticationRequired, 401), (NotFoundError, 404),
                          (RefusedError, 403), (ConflictError, 409), (UnavailableError, 503),
                          (InputError, 400), (UsageError, 400)):
         if isinstance(error, kind):
@@ -130,8 +132,15 @@ async def read_session(request: web.Request) -> web.Response:
                               "hash": found.hash, "creator": found.creator})
 
 
+def _query(request: web.Request, key: str) -> str:
+    value = request.query.get(key)
+    if not value:
+        raise InputError(f"the query parameter {key!r} is required")
+    return value
+
+
 async def read_volume(request: web.Request) -> web.Response:
-    name, volume = request.match_info["name"], request.match_info["volume"]
+    name, volume = _query(request, "session"), _query(request, "volume")
     tag = await _in_thread(
         request.app[_AUTHORITY].volume_tag, name, volume, client_identity(request))
     return web.json_response({"session": name, "volume": volume, "tag": tag})
@@ -139,7 +148,7 @@ async def read_volume(request: web.Request) -> web.Response:
 
 async def read_audit(request: web.Request) -> web.Response:
     events = await _in_thread(
-        request.app[_AUTHORITY].audit, request.match_info["name"], client_identity(request))
+        request.app[_AUTHORITY].audit, _query(request, "session"), client_identity(request))
     return web.json_response({"events": [event.as_json() for event in events]})
 
 
@@ -169,11 +178,12 @@ def create_app(authority: SessionAuthority, materials: CasMaterials) -> web.Appl
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[_AUTHORITY] = authority
     app[_MATERIALS] = materials
-    # Session names may hold "/" (namespaces), so the more specific routes come first.
+    # Session names may hold "/" (namespaces), so a name is always the rest of the
+    # path, and what is about a session (its volumes, its audit log) takes it as a query.
     app.router.add_post("/session", submit_session)
     app.router.add_post("/v1/sessions", create_session)
-    app.router.add_get("/v1/sessions/{name:.+}/volumes/{volume}", read_volume)
-    app.router.add_get("/v1/sessions/{name:.+}/audit", read_audit)
+    app.router.add_get("/v1/volume-tags", read_volume)
+    app.router.add_get("/v1/audit", read_audit)
     app.router.add_get("/v1/sessions/{name:.+}", read_session)
     app.router.add_put("/v1/sessions/{name:.+}", update_session)
     app.router.add_get("/session/{name:.+}", read_session)

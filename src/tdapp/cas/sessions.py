@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from tdapp.cas.sealing import MasterKey
 from tdapp.cas.store import AuditEvent, Store, StoredSession
-from tdapp.errors import ConflictError, InputError, RefusedError, TdappError
+from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
 
 
@@ -69,8 +69,9 @@ class SessionAuthority:
 
     def _create(self, session: Session, who: Identity | None) -> str:
         creator = self._require_identity(session.name, "session.create", who)
+        self._check_namespace(session.name, creator)
         digest = session_hash(session, creator)
-        record = StoredSession(session.name, digest, creator, 1, self._seal(session))
+        record = StoredSession(session.name, digest, creator, 1, self._seal(session, creator))
         try:
             self._store.insert_session(record, _initial_tags(session),
                                        ("session.create", creator, f"created with hash {digest}"))
@@ -94,7 +95,7 @@ class SessionAuthority:
                 f"{current.hash}; read it again and reapply your change"))
         digest = session_hash(session, current.creator)
         record = StoredSession(session.name, digest, current.creator, current.revision + 1,
-                               self._seal(session))
+                               self._seal(session, current.creator))
         if not self._store.replace_session(
                 record, current.hash, _initial_tags(session),
                 ("session.update", actor, f"updated {current.hash} -> {digest}")):
@@ -102,6 +103,21 @@ class SessionAuthority:
                 f"session {session.name!r} changed concurrently; its predecessor "
                 f"{current.hash} is no longer current"))
         return digest
+
+    def _check_namespace(self, name: str, creator: Identity) -> None:
+        """A session inside ``ns/…`` needs the nearest existing namespace's create_sessions."""
+        parent = name
+        while "/" in parent:
+            parent = parent.rpartition("/")[0]
+            stored = self._store.get_session(parent)
+            if stored is None:
+                continue
+            if not self._unseal(stored).access_policy.allows(
+                    "create_sessions", creator, stored.creator):
+                self._refuse(name, "session.create", creator, RefusedError(
+                    f"identity {creator} may not create sessions in namespace {parent!r} "
+                    "(access_policy.create_sessions)"))
+            return
 
     # -- reads ----------------------------------------------------------------------
 
@@ -149,16 +165,26 @@ class SessionAuthority:
         self._store.record(name, event, who, "refused", error.message)
         raise error
 
-    def _seal(self, session: Session) -> bytes:
-        return self._master_key.seal(session.to_yaml().encode("utf-8"), _context(session.name))
+    def _seal(self, session: Session, creator: Identity) -> bytes:
+        return self._master_key.seal(session.to_yaml().encode("utf-8"),
+                                     _context(session.name, creator))
 
     def _unseal(self, stored: StoredSession) -> Session:
-        text = self._master_key.unseal(stored.sealed_document, _context(stored.name))
-        return parse_session(text.decode("utf-8"), source=f"stored session {stored.name}")
+        """Open a stored session; its row's name and creator must be the sealed ones.
+
+        Binding the creator means that whoever can write the database, but has
+        not the master key, cannot make themselves a session's creator.
+        """
+        text = self._master_key.unseal(stored.sealed_document,
+                                       _context(stored.name, stored.creator))
+        session = parse_session(text.decode("utf-8"), source=f"stored session {stored.name}")
+        if session_hash(session, stored.creator) != stored.hash:
+            raise IntegrityError(f"stored session {stored.name!r} does not match its hash")
+        return session
 
 
-def _context(name: str) -> bytes:
-    return b"tdapp/v1 session\x00" + name.encode("utf-8")
+def _context(name: str, creator: Identity) -> bytes:
+    return b"tdapp/v1 session\x00" + name.encode("utf-8") + b"\x00" + creator.encode("ascii")
 
 
 def _initial_tags(session: Session) -> dict[str, str | None]:

@@ -52,21 +52,25 @@ def attest(address: str, accepted: str | None) -> None:
     actual = fingerprint(presented)
     pins = PinStore()
     pinned = pins.get(where)
-    click.echo(f"CAS {where} presents certificate {actual}", err=True)
-    if pinned is not None and fingerprint(pinned) != actual and accepted != actual:
+    wanted = (accepted or "").replace(":", "").lower()
+    if wanted and wanted != actual:
+        raise RefusedError(
+            f"the CAS at {where} presents certificate {actual}, not the accepted {wanted}; "
+            "nothing was pinned")
+    if pinned is not None and fingerprint(pinned) != actual and not wanted:
         raise RefusedError(
             f"the CAS at {where} presents {actual}, but {fingerprint(pinned)} is pinned; "
             f"if the change is expected, run: tdapp cas attest {where} --accept {actual}")
     if pinned is None or fingerprint(pinned) != actual:
-        wanted = (accepted or "").replace(":", "").lower()
         if not wanted and sys.stdin.isatty():
+            click.echo(f"CAS {where} presents certificate {actual}", err=True)
             if not click.confirm(f"Pin {actual} for {where}?", err=True):
                 raise RefusedError(f"the CAS at {where} was not pinned")
             wanted = actual
-        if wanted != actual:
+        if not wanted:
             raise RefusedError(
-                f"the CAS at {where} presents {actual}, not {wanted or 'an accepted fingerprint'};"
-                f" compare it with the one the CAS printed at start and pass --accept {actual}")
+                f"the CAS at {where} presents certificate {actual}; compare it with the "
+                f"fingerprint the CAS printed at start and pass --accept {actual}")
         pins.pin(where, presented)
     CasClient.connect(where)  # certifies this user's identity at that CAS
     click.echo(actual)

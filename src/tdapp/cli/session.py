@@ -11,7 +11,7 @@ import click
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
 from tdapp.client.pins import DEFAULT_CAS, Address
-from tdapp.errors import InputError, UsageError
+from tdapp.errors import InputError, UnavailableError, UsageError
 from tdapp.policy import fill_template, parse_session, session_hash
 
 _cas_option = click.option("--cas", "cas_address", envvar="TDAPP_CAS", default=DEFAULT_CAS,
@@ -77,7 +77,10 @@ def read(name: str, cas_address: str) -> None:
     """Print a session as the CAS holds it (readers only)."""
     answer = CasClient.connect(Address.parse(cas_address)).request(
         "GET", f"/v1/sessions/{quote(name, safe='/')}")
-    click.echo(str(answer["session"]).rstrip("\n"))
+    document = answer.get("session")
+    if not isinstance(document, str):
+        raise UnavailableError(f"the CAS at {cas_address} answered without a session document")
+    click.echo(document.rstrip("\n"))
 
 
 @session.command(name="hash")

@@ -27,7 +27,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from tdapp.policy.errors import SessionError
 
-MAX_CHARS = 1_000_000
+MAX_CHARS = 1024 * 1024  # equal to the CAS's request limit, so a body it takes is parsed
 MAX_NODES = 100_000
 MAX_DEPTH = 48
 # Longer integers are refused rather than parsed: Python's int() is quadratic
