@@ -42,6 +42,36 @@ def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: b
 
 
 @cas.command()
+@click.option("--session", "session_name", default=None, help="Only this session's events.")
+@click.option("--db", default=None, metavar="URL", help="As given to 'tdapp cas serve'.")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="As given to 'tdapp cas serve' (default: $TDAPP_HOME/cas).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit(session_name: str | None, db: str | None, state_dir: Path | None, limit: int,
+          as_json: bool) -> None:
+    """Print the CAS's audit log from its database (for the CAS's operator)."""
+    import json
+    import time
+
+    from tdapp.cas.serve import default_state_dir
+    from tdapp.cas.store import Store, database_url
+
+    store = Store(database_url(db, state_dir or default_state_dir()))
+    try:
+        events = store.audit_events(session_name, limit=limit)
+    finally:
+        store.close()
+    for event in events:
+        if as_json:
+            click.echo(json.dumps(event.as_json()))
+            continue
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.at))
+        click.echo(f"{when} {event.outcome:<8} {event.event:<16} session={event.session or '-'}"
+                   f" actor={event.actor or '-'} {event.reason}")
+
+
+@cas.command()
 @click.argument("address", default=DEFAULT_CAS, metavar="HOST:PORT")
 @click.option("--accept", "accepted", metavar="FINGERPRINT",
               help="Pin the CAS only if its certificate has this SHA-256 fingerprint.")
