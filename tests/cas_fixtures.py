@@ -218,6 +218,7 @@ class CasServer:
     port: int
     log_path: Path
     db: str | None = None
+    extra: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     host = HOST
@@ -246,6 +247,7 @@ class CasServer:
                    "--port", str(self.port), "--state-dir", str(self.state_dir)]
         if self.db:
             command += ["--db", self.db]
+        command += self.extra
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=log, env=child_environment(self.home),
@@ -284,6 +286,14 @@ class CasServer:
                 if "unexpected failure" in line or line.startswith("Traceback")]
 
 
+def accepts_tcp(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def _accepts_tls(host: str, port: int) -> bool:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -305,10 +315,11 @@ def cas_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartCas]:
     started: list[CasServer] = []
 
     def start(*, db: str | None = None, state_dir: Path | None = None,
-              port: int | None = None) -> CasServer:
+              port: int | None = None, extra: tuple[str, ...] = ()) -> CasServer:
         root = tmp_path_factory.mktemp("cas")
         server = CasServer(home=root / "home", state_dir=state_dir or root / "state",
-                           port=port or free_port(), log_path=root / "cas.log", db=db)
+                           port=port or free_port(), log_path=root / "cas.log", db=db,
+                           extra=extra)
         server.home.mkdir(mode=0o700)
         started.append(server)
         server.start()

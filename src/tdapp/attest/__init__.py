@@ -1,5 +1,55 @@
-"""Attestation evidence: producing it (LAS, TEE attesters) and verifying it (policies).
+"""Attestation evidence: producing it (the LAS) and verifying it (verifiers and policies).
 
-Must never report evidence as verified unless its whole chain was checked.
-Not yet built: see the project's open issues.
+The flow: the runtime binds the CAS's nonce and its ephemeral key into
+``report_data`` (:mod:`.binding`); a platform signs evidence carrying it (the
+simulated LAS, :mod:`.las` and :mod:`.sim`; hardware attesters later); the CAS
+picks a verifier by the evidence's kind (:func:`verifier_for`), which checks
+the whole chain and returns :class:`Claims`, then judges those with policies
+(:mod:`.policy`). This package must never report evidence as verified unless its
+whole chain was checked, and never let a failure pass as anything but an
+:class:`EvidenceError` or a failed :class:`Verdict` with its reason.
+The LAS (aiohttp) is not imported here, to keep the verifying side light.
 """
+
+from tdapp.attest.binding import REPORT_DATA_SIZE, report_data
+from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError
+from tdapp.attest.policy import (
+    AllOf,
+    AnyOf,
+    DebugTolerated,
+    Failure,
+    MeasurementIn,
+    PlatformIn,
+    Policy,
+    ReportDataIs,
+    Success,
+    TcbStatusTolerated,
+    TeeIn,
+    UnsafeNoOp,
+    Verdict,
+)
+from tdapp.attest.verifiers import EvidenceVerifier, SimVerifier, verifier_for
+
+__all__ = [
+    "REPORT_DATA_SIZE",
+    "TEE_KINDS",
+    "AllOf",
+    "AnyOf",
+    "Claims",
+    "DebugTolerated",
+    "EvidenceError",
+    "EvidenceVerifier",
+    "Failure",
+    "MeasurementIn",
+    "PlatformIn",
+    "Policy",
+    "ReportDataIs",
+    "SimVerifier",
+    "Success",
+    "TcbStatusTolerated",
+    "TeeIn",
+    "UnsafeNoOp",
+    "Verdict",
+    "report_data",
+    "verifier_for",
+]

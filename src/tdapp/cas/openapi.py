@@ -21,6 +21,12 @@ def _query(name: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": True, "schema": {"type": "string"}}
 
 
+def _json_body(properties: dict[str, Any], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    required = [name for name in properties if name not in optional]
+    return {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": required, "properties": properties}}}}
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -69,7 +75,40 @@ def openapi_document() -> dict[str, Any]:
                                       **_errors(400, 401, 403, 404, 409, 413, 503)}}},
             "/session/{name}": {"get": {"summary": "Read a session (SCONE path)",
                                         "parameters": [_NAME], "responses": read_responses}},
-            "/v1/volume-tags": {"get": {
+            "/v1/attestation/nonce": {"post": {
+                "summary": "A one-time nonce for attesting SESSION/SERVICE (expires)",
+                "requestBody": _json_body({"session": {"type": "string"},
+                                           "service": {"type": "string"}}),
+                "responses": {"201": _json({"type": "object", "required": ["nonce", "expires_at"],
+                                            "properties": {"nonce": {"type": "string"},
+                                                           "expires_at": {"type": "number"}}},
+                                           "the nonce"),
+                              **_errors(400, 403, 404, 413, 503)}}},
+            "/v1/attestation": {"post": {
+                "summary": "Evidence and an ephemeral key in; the configuration out, as a JWE "
+                           "to that key",
+                "requestBody": _json_body({"session": {"type": "string"},
+                                           "service": {"type": "string"},
+                                           "nonce": {"type": "string"},
+                                           "public_key": {"type": "string"},
+                                           "evidence": {"type": "object"}},
+                                          optional=("evidence",)),
+                "responses": {"200": _json({"type": "object", "required": ["jwe"],
+                                            "properties": {"jwe": {"type": "string"}}},
+                                           "the encrypted configuration"),
+                              **_errors(400, 403, 404, 413, 503)}}},
+            "/v1/volume-tags": {"put": {
+                "summary": "Report a volume's new tag (the attested instance only; "
+                           "compare-and-swap on the old tag)",
+                "parameters": [{"name": "Authorization", "in": "header", "required": False,
+                                "schema": {"type": "string"}}],
+                "requestBody": _json_body({"session": {"type": "string"},
+                                           "volume": {"type": "string"},
+                                           "old": {"type": "string", "nullable": True},
+                                           "new": {"type": "string"}}),
+                "responses": {"200": _json({"type": "object"}, "the tag moved"),
+                              **_errors(400, 401, 403, 404, 409, 413, 503)}},
+                "get": {
                 "summary": "The current tag of a session's volume (readers only)",
                 "parameters": [_query("session"), _query("volume")],
                 "responses": {"200": _json({"type": "object",

@@ -46,3 +46,22 @@ audit_log = Table(
     Column("outcome", String(16), nullable=False),
     Column("reason", Text, nullable=False),
 )
+
+nonces = Table(
+    "nonces", metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("session", String(128), nullable=False),
+    Column("service", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+)
+
+instances = Table(
+    "instances", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("session", String(128), nullable=False),
+    Column("service", String(128), nullable=False),
+    Column("measurement", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tdapp.cas.attestation import AttestationAuthority
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.server import create_app
 from tdapp.cas.sessions import SessionAuthority
@@ -20,13 +21,15 @@ def default_state_dir() -> Path:
 
 
 def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
-              master_key_file: Path | None = None) -> tuple[web.Application, CasMaterials, Store]:
+              master_key_file: Path | None = None,
+              debug: bool = False) -> tuple[web.Application, CasMaterials, Store]:
     materials = CasMaterials.load_or_create(state_dir, hosts=hosts,
                                             master_key_file=master_key_file)
     store = Store(database_url(db, state_dir))
     store.migrate()
     authority = SessionAuthority(store, materials.master_key)
-    return create_app(authority, materials), materials, store
+    attestation = AttestationAuthority(store, authority, debug=debug)
+    return create_app(authority, attestation, materials), materials, store
 
 
 def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
@@ -34,7 +37,7 @@ def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, materials, store = build_app(state_dir=state_dir, db=db, hosts=(host,),
-                                      master_key_file=master_key_file)
+                                      master_key_file=master_key_file, debug=debug)
     print(f"tdapp CAS on https://{host}:{port} ({'debug' if debug else 'production'} mode)\n"
           f"  certificate {materials.certificate_path}\n"
           f"  fingerprint {materials.fingerprint}\n"

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from cryptography import x509
 
+from tdapp.cas.attestation import AttestationAuthority, AttestationRequest
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.openapi import openapi_document
 from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
@@ -42,6 +43,7 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _AUTHORITY = web.AppKey("authority", SessionAuthority)
+_ATTESTATION = web.AppKey("attestation", AttestationAuthority)
 _MATERIALS = web.AppKey("materials", CasMaterials)
 
 
@@ -166,6 +168,52 @@ async def certify_identity(request: web.Request) -> web.Response:
         status=201)
 
 
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object")
+    return body
+
+
+def _string(body: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InputError(f"the request needs a string {key!r}")
+    return value
+
+
+async def issue_nonce(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    session, service = _string(body, "session"), _string(body, "service")
+    assert session is not None and service is not None
+    nonce, expires_at = await _in_thread(request.app[_ATTESTATION].issue_nonce, session, service)
+    return web.json_response({"nonce": nonce, "expires_at": expires_at}, status=201)
+
+
+async def attest(request: web.Request) -> web.Response:
+    attestation = AttestationRequest.from_json(await _json_body(request))
+    sealed, _ = await _in_thread(request.app[_ATTESTATION].attest, attestation)
+    return web.json_response({"jwe": sealed})
+
+
+async def update_tag(request: web.Request) -> web.Response:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationRequired("a tag update needs the instance's token "
+                                     "(Authorization: Bearer …)")
+    body = await _json_body(request)
+    session, volume = _string(body, "session"), _string(body, "volume")
+    old, new = _string(body, "old", optional=True), _string(body, "new")
+    assert session is not None and volume is not None and new is not None
+    await _in_thread(request.app[_ATTESTATION].update_tag, token, session, volume, old, new)
+    return web.json_response({"session": session, "volume": volume, "tag": new})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(openapi_document()), content_type="application/json")
 
@@ -174,15 +222,20 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "fingerprint": request.app[_MATERIALS].fingerprint})
 
 
-def create_app(authority: SessionAuthority, materials: CasMaterials) -> web.Application:
+def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
+               materials: CasMaterials) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[_AUTHORITY] = authority
+    app[_ATTESTATION] = attestation
     app[_MATERIALS] = materials
     # Session names may hold "/" (namespaces), so a name is always the rest of the
     # path, and what is about a session (its volumes, its audit log) takes it as a query.
     app.router.add_post("/session", submit_session)
     app.router.add_post("/v1/sessions", create_session)
     app.router.add_get("/v1/volume-tags", read_volume)
+    app.router.add_put("/v1/volume-tags", update_tag)
+    app.router.add_post("/v1/attestation/nonce", issue_nonce)
+    app.router.add_post("/v1/attestation", attest)
     app.router.add_get("/v1/audit", read_audit)
     app.router.add_get("/v1/sessions/{name:.+}", read_session)
     app.router.add_put("/v1/sessions/{name:.+}", update_session)

@@ -134,6 +134,12 @@ class SessionAuthority:
                 f"{_describe(who)} may not read session {name!r} (access_policy.read)"))
         return ReadSession(session, current.hash, current.creator)
 
+    def stored(self, name: str) -> Session | None:
+        """The stored session for the CAS's own decisions (no reader check: never return it
+        to a client)."""
+        current = self._store.get_session(name)
+        return None if current is None else self._unseal(current)
+
     def volume_tag(self, name: str, volume: str, who: Identity | None) -> str | None:
         self.read(name, who)
         known, tag = self._store.volume_tag(name, volume)

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, insert, select,
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from tdapp.cas.schema import audit_log, sessions, volume_tags
+from tdapp.cas.schema import audit_log, instances, nonces, sessions, volume_tags
 from tdapp.errors import ConflictError, UnavailableError, UsageError
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -52,6 +52,15 @@ class AuditEvent:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "at": self.at, "session": self.session, "event": self.event,
                 "actor": self.actor, "outcome": self.outcome, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class NonceUse:
+    known: bool
+    first_use: bool
+    session: str
+    service: str
+    expires_at: float
 
 
 def database_url(value: str | None, state_dir: Path) -> str:
@@ -176,6 +185,41 @@ class Store:
                 return False
             _append_audit(connection, now, session, *audit, "accepted")
         return True
+
+    # -- attestation: nonces and instances -------------------------------------------
+
+    def add_nonce(self, nonce: str, session: str, service: str, expires_at: float) -> None:
+        with self._write() as connection:
+            connection.execute(insert(nonces).values(
+                nonce=nonce, session=session, service=service, expires_at=expires_at))
+
+    def consume_nonce(self, nonce: str) -> NonceUse:
+        """Mark a nonce used, exactly once across all replicas; report what it was."""
+        now = time.time()
+        with self._write() as connection:
+            claimed = connection.execute(
+                update(nonces).where(nonces.c.nonce == nonce, nonces.c.used_at.is_(None))
+                .values(used_at=now)).rowcount == 1
+            row = connection.execute(select(nonces).where(nonces.c.nonce == nonce)).first()
+        if row is None:
+            return NonceUse(known=False, first_use=False, session="", service="", expires_at=0)
+        return NonceUse(True, claimed, row.session, row.service, row.expires_at)
+
+    def add_instance(self, token_hash: str, session: str, service: str, measurement: str,
+                     expires_at: float, audit: tuple[str, str | None, str]) -> None:
+        now = time.time()
+        with self._write() as connection:
+            connection.execute(insert(instances).values(
+                token_hash=token_hash, session=session, service=service,
+                measurement=measurement, created_at=now, expires_at=expires_at))
+            _append_audit(connection, now, session, *audit, "accepted")
+
+    def instance(self, token_hash: str) -> tuple[str, str, float] | None:
+        """(session, service, expires_at) of the instance holding this token."""
+        with self._read() as connection:
+            row = connection.execute(
+                select(instances).where(instances.c.token_hash == token_hash)).first()
+        return None if row is None else (row.session, row.service, row.expires_at)
 
     # -- audit ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import click
 
 from tdapp import __version__
 from tdapp.cli.cas import cas, self_group
+from tdapp.cli.las import las
 from tdapp.cli.session import session
 from tdapp.cli.volume import volume
 from tdapp.errors import ExitCode, TdappError
@@ -34,6 +35,7 @@ def cli(debug: bool) -> None:
 
 cli.add_command(volume)
 cli.add_command(cas)
+cli.add_command(las)
 cli.add_command(session)
 cli.add_command(self_group)
 

@@ -7,7 +7,9 @@ send a request to a CAS whose certificate is not the pinned one.
 
 from __future__ import annotations
 
+import json
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -81,9 +83,17 @@ class CasClient:
                 content_type: str = "application/x-yaml") -> dict[str, Any]:
         return self._request(method, path, body, with_identity=True, content_type=content_type)
 
+    def request_json(self, method: str, path: str, document: Mapping[str, Any],
+                     *, bearer: str | None = None) -> dict[str, Any]:
+        return self._request(method, path, json.dumps(document).encode(),
+                             with_identity=self.identity is not None,
+                             content_type="application/json", bearer=bearer)
+
     def _request(self, method: str, path: str, body: bytes | None, *, with_identity: bool,
-                 content_type: str) -> dict[str, Any]:
+                 content_type: str, bearer: str | None = None) -> dict[str, Any]:
         headers = {"content-type": content_type} if body is not None else {}
+        if bearer is not None:
+            headers["authorization"] = f"Bearer {bearer}"
         try:
             with httpx.Client(verify=self._context(with_identity), timeout=30) as http:
                 response = http.request(method, self.address.url + path, content=body,

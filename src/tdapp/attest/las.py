@@ -1,0 +1,207 @@
+"""The local attestation service (LAS), simulated: signs ``sim`` evidence on request.
+
+``POST /v1/evidence`` with ``{"report_data": hex128, "measurement": hex64,
+"debug": false}`` answers sim evidence (format: :mod:`tdapp.attest.sim`);
+``GET /v1/platform`` answers ``{"platform": hex64, "public_key": base64}``.
+Plain HTTP, on loopback by default: a simulated LAS signs whatever it is asked,
+so anyone who can reach it can make evidence for any measurement. It must never
+listen beyond loopback unless told to (``allow_remote``), never reveal its
+private key, and never answer bad input with a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+from tdapp.attest.sim import SimPlatform, b64
+from tdapp.client.pins import Address
+from tdapp.errors import (
+    InputError,
+    RefusedError,
+    TdappError,
+    UnavailableError,
+    UsageError,
+)
+from tdapp.home import tdapp_home
+
+DEFAULT_PORT = 18766
+DEFAULT_LAS = f"127.0.0.1:{DEFAULT_PORT}"
+MAX_BODY = 4096  # an honest request is under 300 bytes
+log = logging.getLogger("tdapp.las")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PLATFORM = web.AppKey("platform", SimPlatform)
+_REQUEST_FIELDS = {"report_data": 128, "measurement": 64}
+_HEX = frozenset("0123456789abcdef")
+
+
+def default_state_dir() -> Path:
+    return tdapp_home() / "las"
+
+
+def build_las_app(state_dir: Path) -> web.Application:
+    """The LAS application, with the platform key of ``state_dir`` (made there on first use)."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    app[_PLATFORM] = SimPlatform.load_or_create(state_dir)
+    app.router.add_post("/v1/evidence", _evidence)
+    app.router.add_get("/v1/platform", _platform)
+    return app
+
+
+def platform_of(app: web.Application) -> SimPlatform:
+    return app[_PLATFORM]
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TdappError as error:
+        return _error(400, error.message)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body larger than {MAX_BODY} bytes")
+    except web.HTTPException as error:
+        if error.status >= 400:
+            return _error(error.status, error.reason)
+        raise
+    except Exception:
+        log.exception("unexpected failure on %s %s", request.method, request.path)
+        return _error(500, "internal error; see the LAS log")
+
+
+async def _platform(request: web.Request) -> web.Response:
+    platform = request.app[_PLATFORM]
+    return web.json_response({"platform": platform.platform,
+                              "public_key": b64(platform.raw_public_key)})
+
+
+async def _evidence(request: web.Request) -> web.Response:
+    try:
+        document = json.loads(await request.read())
+    except (ValueError, RecursionError):
+        raise InputError("the request body is not JSON") from None
+    if not isinstance(document, dict):
+        raise InputError("the request body must be a JSON object")
+    unexpected = sorted(set(document) - {*_REQUEST_FIELDS, "debug"})
+    if unexpected:
+        raise InputError(f"unexpected field {unexpected[0][:40]!r} "
+                         "(expected report_data, measurement, debug)")
+    values = {name: _hex(document, name, length) for name, length in _REQUEST_FIELDS.items()}
+    debug = document.get("debug", False)
+    if not isinstance(debug, bool):
+        raise InputError("debug must be true or false")
+    evidence = request.app[_PLATFORM].evidence(
+        measurement=values["measurement"], report_data=bytes.fromhex(values["report_data"]),
+        debug=debug, issued_at=time.time())
+    return web.json_response(evidence)
+
+
+def _hex(document: dict[str, Any], name: str, length: int) -> str:
+    value = document.get(name)
+    if value is None:
+        raise InputError(f"{name} is missing")
+    if not isinstance(value, str) or len(value) != length or not set(value.lower()) <= _HEX:
+        raise InputError(f"{name} must be {length} hex characters")
+    return value.lower()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name might resolve beyond this host
+
+
+def serve(*, host: str, port: int, state_dir: Path, allow_remote: bool = False) -> None:
+    """Run the LAS until SIGINT or SIGTERM; refuse a non-loopback host without ``allow_remote``."""
+    if not is_loopback(host) and not allow_remote:
+        raise UsageError(f"refusing to listen on {host!r}: a simulated LAS signs evidence for "
+                         "anyone who can reach it; pass --allow-remote if that is intended")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_run(build_las_app(state_dir), host, port))
+
+
+async def _run(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as error:
+            raise UnavailableError(f"cannot listen on {host}:{port}: "
+                                   f"{error.strerror or error}") from None
+        platform = app[_PLATFORM]
+        bound = ", ".join(f"http://{Address(str(a[0]), int(a[1]))}" for a in runner.addresses)
+        print(f"tdapp LAS (simulation) on {bound}\n"
+              f"  platform {platform.platform}\n"
+              f"  key      {platform.key_path}\n"
+              "  sim evidence protects nothing against this host's root: development only",
+              file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+class LasClient:
+    """Asks a LAS for evidence over plain HTTP (the LAS runs on this host)."""
+
+    def __init__(self, address: str = DEFAULT_LAS, *, timeout: float = 10.0) -> None:
+        self.address = Address.parse(address, default_port=DEFAULT_PORT)
+        self.timeout = timeout
+
+    def evidence(self, report_data: bytes, measurement: str,
+                 debug: bool = False) -> dict[str, Any]:
+        """Sim evidence for ``measurement`` carrying ``report_data`` (64 bytes)."""
+        return self._call("POST", "/v1/evidence", {
+            "report_data": report_data.hex(), "measurement": measurement, "debug": debug})
+
+    def platform(self) -> dict[str, Any]:
+        """``{"platform": hex64, "public_key": base64}`` of the LAS's platform."""
+        return self._call("GET", "/v1/platform", None)
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        where = self.address
+        try:
+            # trust_env off: a proxy from the environment must not sit between us and the LAS.
+            with httpx.Client(timeout=self.timeout, trust_env=False) as client:
+                response = client.request(method, f"http://{where}{path}", json=body)
+        except httpx.HTTPError as error:
+            raise UnavailableError(f"cannot reach the LAS at {where}: "
+                                   f"{str(error) or type(error).__name__}") from None
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise UnavailableError(f"the LAS at {where} answered HTTP {response.status_code} "
+                                   "without a JSON object")
+        if response.status_code != 200:
+            reason = " ".join(str(answer.get("error", "no reason given")).split())[:200]
+            if 400 <= response.status_code < 500:
+                raise RefusedError(f"the LAS at {where} refused the request "
+                                   f"(HTTP {response.status_code}): {reason}")
+            raise UnavailableError(f"the LAS at {where} failed "
+                                   f"(HTTP {response.status_code}): {reason}")
+        return answer

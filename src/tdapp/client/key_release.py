@@ -1,0 +1,83 @@
+"""The runtime's side of attestation: nonce, evidence, key release, tag reports.
+
+Owns the ephemeral key of one run: it is made here, bound into the evidence
+through report_data, and used only to open the CAS's encrypted answer. Must
+never write that key anywhere or send the released configuration on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwcrypto import jwe, jwk
+from jwcrypto.common import JWException
+
+from tdapp.attest import report_data
+from tdapp.client.cas_client import CasClient
+from tdapp.errors import IntegrityError
+
+EvidenceSource = Callable[[bytes], Mapping[str, Any]]
+"""Given the 64-byte report_data, return evidence binding it (LAS, TEE attester)."""
+
+
+class EphemeralKey:
+    """An EC P-256 key pair that lives in this process's memory for one run."""
+
+    def __init__(self) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+
+    @property
+    def public_der(self) -> bytes:
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    @property
+    def public_b64url(self) -> str:
+        return base64.urlsafe_b64encode(self.public_der).rstrip(b"=").decode()
+
+    def open(self, compact_jwe: str) -> dict[str, Any]:
+        token = jwe.JWE()
+        try:
+            token.deserialize(compact_jwe, key=jwk.JWK.from_pyca(self._key))
+            document = json.loads(token.payload)
+        except (JWException, ValueError) as error:
+            raise IntegrityError(f"the CAS's answer could not be decrypted: {error}") from None
+        if not isinstance(document, dict):
+            raise IntegrityError("the CAS's answer is not a configuration object")
+        return document
+
+
+@dataclass(frozen=True)
+class ReleasedConfiguration:
+    document: dict[str, Any]
+
+    @property
+    def token(self) -> str:
+        return str(self.document["token"])
+
+
+def obtain_configuration(cas: CasClient, session: str, service: str,
+                         evidence_for: EvidenceSource) -> ReleasedConfiguration:
+    """Attest to the CAS and get this run's configuration, readable only by this process."""
+    nonce = str(cas.request_json("POST", "/v1/attestation/nonce",
+                                 {"session": session, "service": service})["nonce"])
+    key = EphemeralKey()
+    evidence = evidence_for(report_data(nonce, key.public_der))
+    answer = cas.request_json("POST", "/v1/attestation", {
+        "session": session, "service": service, "nonce": nonce,
+        "public_key": key.public_b64url, "evidence": dict(evidence)})
+    return ReleasedConfiguration(key.open(str(answer["jwe"])))
+
+
+def report_tag(cas: CasClient, token: str, session: str, volume: str, old: str | None,
+               new: str) -> None:
+    """Tell the CAS a volume's new tag; refused unless ``old`` is still current."""
+    cas.request_json("PUT", "/v1/volume-tags",
+                     {"session": session, "volume": volume, "old": old, "new": new},
+                     bearer=token)

@@ -1,0 +1,321 @@
+"""Key release: only an attested program gets a session's configuration, each refusal names why.
+
+Real servers on loopback: a debug CAS (``tdapp cas serve --debug``) and a LAS
+(``tdapp las serve``) whose Ed25519 key signs sim evidence.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cas_fixtures import (
+    MRENCLAVE,
+    CasServer,
+    MakeUser,
+    SessionDoc,
+    StartCas,
+    User,
+    accepts_tcp,
+    anonymous_http,
+    child_environment,
+    free_port,
+    unique_name,
+)
+from jwcrypto.common import JWException
+
+from tdapp.attest import report_data
+from tdapp.cas.store import Store, database_url
+from tdapp.client.cas_client import CasClient
+from tdapp.client.key_release import EphemeralKey, obtain_configuration, report_tag
+from tdapp.client.pins import Address
+from tdapp.errors import ConflictError, RefusedError
+
+OTHER = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def las(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _start_las(tmp_path_factory.mktemp("las"))
+
+
+@pytest.fixture(scope="module")
+def other_las(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _start_las(tmp_path_factory.mktemp("las-other"))
+
+
+def _start_las(root: Path) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tdapp", "las", "serve", "--port", str(port),
+         "--state-dir", str(root / "state")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=child_environment(root), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not accepts_tcp("127.0.0.1", port):
+            assert process.poll() is None and time.monotonic() < deadline, "LAS did not start"
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def world(cas_server: StartCas, user: MakeUser) -> tuple[CasServer, User]:
+    server = cas_server(extra=("--debug",))
+    alice = user("alice")
+    alice.attest(server)
+    return server, alice
+
+
+def evidence(las: str, data: bytes, measurement: str = MRENCLAVE,
+             debug: bool = False) -> dict[str, Any]:
+    answer = httpx.post(f"http://{las}/v1/evidence", timeout=10, json={
+        "report_data": data.hex(), "measurement": measurement, "debug": debug})
+    answer.raise_for_status()
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def create(world: tuple[CasServer, User], doc: SessionDoc, security: dict[str, Any] | None = None
+           ) -> SessionDoc:
+    server, alice = world
+    document = doc.as_dict()
+    if security is not None:
+        document["security"] = security
+    with alice.http(server) as http:
+        response = http.post("/v1/sessions", content=json.dumps(document).encode())
+    assert response.status_code == 201, response.text
+    return doc
+
+
+def runtime(server: CasServer) -> CasClient:
+    """What a runtime has: the pinned CAS certificate and no client identity."""
+    from cryptography import x509
+
+    pinned = x509.load_pem_x509_certificate(server.cert_path.read_bytes())
+    return CasClient(Address.parse(server.address), pinned, None)
+
+
+def attempt(server: CasServer, session: str, evidence_body: dict[str, Any] | None,
+            nonce: str, key: EphemeralKey, service: str = "application") -> httpx.Response:
+    with anonymous_http(server) as http:
+        return http.post("/v1/attestation", json={
+            "session": session, "service": service, "nonce": nonce,
+            "public_key": key.public_b64url, "evidence": evidence_body})
+
+
+def new_nonce(server: CasServer, session: str, service: str = "application") -> str:
+    with anonymous_http(server) as http:
+        answer = http.post("/v1/attestation/nonce", json={"session": session, "service": service})
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["nonce"])
+
+
+def refused(server: CasServer, world: tuple[CasServer, User], response: httpx.Response,
+            status: int, reason: str, session: str) -> None:
+    assert response.status_code == status, response.text
+    assert reason in response.json()["error"]
+    _, alice = world
+    with alice.http(server) as http:
+        events = http.get(f"/v1/audit?session={session}").json()["events"]
+    assert any(e["outcome"] == "refused" and reason in e["reason"] for e in events), events
+    assert "jwe" not in response.text
+
+
+def test_the_right_program_gets_its_configuration_and_only_it_can_read_it(
+        world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    doc = create(world, SessionDoc(unique_name("ok"), injected="[db]\npassword=s3cret\n"))
+    nonce = new_nonce(server, doc.name)
+    key = EphemeralKey()
+    answer = attempt(server, doc.name, evidence(las, report_data(nonce, key.public_der)),
+                     nonce, key)
+    assert answer.status_code == 200, answer.text
+    sealed = answer.json()["jwe"]
+    for secret in [*doc.keys.values(), "s3cret"]:
+        assert secret not in answer.text
+    with pytest.raises(JWException):
+        from jwcrypto import jwe, jwk
+
+        intruder = jwk.JWK.generate(kty="EC", crv="P-256")
+        jwe.JWE().deserialize(sealed, key=intruder)
+    config = key.open(sealed)
+    assert config["command"] == ["/application"]
+    assert config["environment"] == {"SCONE_MODE": "hw"}
+    assert config["pwd"] == "/"
+    volumes = {v["name"]: v for v in config["volumes"]}
+    assert volumes["encrypted-input-files"] == {
+        "name": "encrypted-input-files", "path": "/encryptedInputs",
+        "key": doc.keys["encrypted-input-files"], "tag": doc.tags["encrypted-input-files"]}
+    assert volumes["encrypted-output-files"]["path"] == "/encryptedOutputs"
+    assert config["injection_files"][0]["content"] == "[db]\npassword=s3cret\n"
+    assert len(config["token"]) == 64
+
+
+def test_the_python_client_does_the_whole_exchange(world: tuple[CasServer, User],
+                                                   las: str) -> None:
+    server, _ = world
+    doc = create(world, SessionDoc(unique_name("client")))
+    released = obtain_configuration(runtime(server), doc.name, "application",
+                                    lambda data: evidence(las, data))
+    assert released.document["session"] == doc.name
+
+
+def _fresh(world: tuple[CasServer, User], **security: Any) -> tuple[str, str, EphemeralKey]:
+    server, _ = world
+    doc = create(world, SessionDoc(unique_name("r")), security or None)
+    return doc.name, new_nonce(server, doc.name), EphemeralKey()
+
+
+def test_wrong_measurement(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    body = evidence(las, report_data(nonce, key.public_der), measurement=OTHER)
+    refused(server, world, attempt(server, name, body, nonce, key), 403,
+            "is not one of the session's mrenclaves", name)
+
+
+def test_reused_nonce(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    body = evidence(las, report_data(nonce, key.public_der))
+    assert attempt(server, name, body, nonce, key).status_code == 200
+    refused(server, world, attempt(server, name, body, nonce, key), 403,
+            "nonce already used (replay)", name)
+
+
+def test_expired_nonce(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, _, key = _fresh(world)
+    store = Store(database_url(None, server.state_dir))
+    store.add_nonce("ee" * 32, name, "application", time.time() - 1)
+    store.close()
+    body = evidence(las, report_data("ee" * 32, key.public_der))
+    refused(server, world, attempt(server, name, body, "ee" * 32, key), 403, "nonce expired",
+            name)
+
+
+@pytest.mark.parametrize("binds", ["another nonce", "another key"])
+def test_report_data_binding_another_nonce_or_key(world: tuple[CasServer, User], las: str,
+                                                   binds: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    data = report_data("00" * 32, key.public_der) if binds == "another nonce" else \
+        report_data(nonce, EphemeralKey().public_der)
+    refused(server, world, attempt(server, name, evidence(las, data), nonce, key), 403,
+            "report_data does not bind", name)
+
+
+def test_platform_not_allowed(world: tuple[CasServer, User], las: str, other_las: str) -> None:
+    server, _ = world
+    allowed = httpx.get(f"http://{las}/v1/platform", timeout=10).json()["platform"]
+    name, nonce, key = _fresh(world, attestation={"mode": "sim", "platforms": [allowed]})
+    body = evidence(other_las, report_data(nonce, key.public_der))
+    refused(server, world, attempt(server, name, body, nonce, key), 403,
+            "is not in the allowed platforms", name)
+
+
+def test_bad_signature(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    body = evidence(las, report_data(nonce, key.public_der))
+    signature = bytearray(base64.b64decode(body["signature"]))
+    signature[0] ^= 1
+    body["signature"] = base64.b64encode(bytes(signature)).decode()
+    refused(server, world, attempt(server, name, body, nonce, key), 403, "bad signature", name)
+
+
+def test_sim_evidence_for_a_hardware_session(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world, attestation={"mode": "hardware"})
+    body = evidence(las, report_data(nonce, key.public_der))
+    refused(server, world, attempt(server, name, body, nonce, key), 403,
+            "sim evidence is not accepted", name)
+
+
+def test_debug_evidence_needs_the_toleration(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    body = evidence(las, report_data(nonce, key.public_der), debug=True)
+    refused(server, world, attempt(server, name, body, nonce, key), 403, "debug-mode", name)
+    name, nonce, key = _fresh(world, attestation={"mode": "sim", "tolerate": ["debug-mode"]})
+    body = evidence(las, report_data(nonce, key.public_der), debug=True)
+    assert attempt(server, name, body, nonce, key).status_code == 200
+
+
+def test_a_service_the_session_does_not_have(world: tuple[CasServer, User]) -> None:
+    server, _ = world
+    name, _, _ = _fresh(world)
+    with anonymous_http(server) as http:
+        answer = http.post("/v1/attestation/nonce", json={"session": name, "service": "shell"})
+    refused(server, world, answer, 404, "has no service 'shell'", name)
+
+
+def _attested(world: tuple[CasServer, User], las: str, doc: SessionDoc) -> str:
+    server, _ = world
+    released = obtain_configuration(runtime(server), doc.name, "application",
+                                    lambda data: evidence(las, data))
+    return released.token
+
+
+def test_tag_updates_only_from_this_sessions_instance_and_only_from_the_current_tag(
+        world: tuple[CasServer, User], las: str) -> None:
+    server, alice = world
+    mine = create(world, SessionDoc(unique_name("tags")))
+    theirs = create(world, SessionDoc(unique_name("theirs")))
+    token = _attested(world, las, mine)
+    foreign = _attested(world, las, theirs)
+    old = mine.tags["encrypted-output-files"]
+    client = runtime(server)
+    with pytest.raises(RefusedError, match="another session"):
+        report_tag(client, foreign, mine.name, "encrypted-output-files", old, "11" * 16)
+    with pytest.raises(RefusedError, match="not one of an attested instance"):
+        report_tag(client, "00" * 32, mine.name, "encrypted-output-files", old, "11" * 16)
+    report_tag(client, token, mine.name, "encrypted-output-files", old, "22" * 16)
+    with pytest.raises(ConflictError, match="no longer current"):
+        report_tag(client, token, mine.name, "encrypted-output-files", old, "33" * 16)
+    with alice.http(server) as http:
+        tag = http.get(f"/v1/volume-tags?session={mine.name}&volume=encrypted-output-files")
+    assert tag.json()["tag"] == "22" * 16
+
+
+def test_two_instances_racing_for_one_tag_exactly_one_wins(world: tuple[CasServer, User],
+                                                           las: str) -> None:
+    server, alice = world
+    doc = create(world, SessionDoc(unique_name("race")))
+    tokens = [_attested(world, las, doc) for _ in range(2)]
+    old = doc.tags["encrypted-output-files"]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(tokens))
+
+    def run(token: str, new: str) -> None:
+        barrier.wait()
+        try:
+            report_tag(runtime(server), token, doc.name, "encrypted-output-files", old, new)
+            outcomes.append(new)
+        except ConflictError:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=run, args=(t, f"{i:02x}" * 16))
+               for i, t in enumerate(tokens, start=1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if o != "conflict"]
+    assert len(winners) == 1 and outcomes.count("conflict") == 1
+    with alice.http(server) as http:
+        tag = http.get(f"/v1/volume-tags?session={doc.name}&volume=encrypted-output-files")
+    assert tag.json()["tag"] == winners[0]
