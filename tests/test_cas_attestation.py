@@ -319,3 +319,22 @@ def test_two_instances_racing_for_one_tag_exactly_one_wins(world: tuple[CasServe
     with alice.http(server) as http:
         tag = http.get(f"/v1/volume-tags?session={doc.name}&volume=encrypted-output-files")
     assert tag.json()["tag"] == winners[0]
+
+
+def test_mode_none_releases_without_evidence_and_says_so_in_the_audit_log(
+        world: tuple[CasServer, User]) -> None:
+    server, alice = world
+    name, nonce, key = _fresh(world, attestation={"mode": "none"})
+    answer = attempt(server, name, None, nonce, key)
+    assert answer.status_code == 200, answer.text
+    assert key.open(answer.json()["jwe"])["mode"] == "none"
+    with alice.http(server) as http:
+        events = http.get(f"/v1/audit?session={name}").json()["events"]
+    assert any("accepted none attestation" in e["reason"] for e in events)
+
+
+def test_hardware_and_sim_sessions_need_evidence(world: tuple[CasServer, User]) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    refused(server, world, attempt(server, name, None, nonce, key), 403,
+            "evidence is required", name)

@@ -11,10 +11,13 @@ leave a half-written image under an image's name.
 For the runtime: ``image = load_image(name)`` refuses an image whose files no
 longer give its recorded measurement; then, right before running, compare
 ``measure_image(image.path)`` with the session's ``mrenclaves`` (it
-recomputes everything from disk), bind ``image.root`` read-only as ``/`` and
-each of ``image.host_paths`` (globs) read-only, and apply ``image.heap`` and
-``image.stack``. Hold ``locked(shared=True)`` (from tdapp.builder.store)
-while copying an image to run, so that no build replaces it meanwhile.
+recomputes everything from disk), make what ``image.root`` holds the
+program's ``/`` read-only (its entries bound over a tmpfs root, where the
+volume mount points can be made), bind each of ``image.host_paths`` (globs)
+read-only, and apply ``image.heap`` and ``image.stack``. Measuring and then
+running the same files needs them kept still: copy the image (into memory)
+under ``locked(shared=True)`` from tdapp.builder.store, measure the copy, run
+the copy.
 
 - :func:`build_image` — ``tdapp build``
 - :func:`measure_image` — recompute a measurement from the files on disk

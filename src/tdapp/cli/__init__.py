@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import click
 
 from tdapp import __version__
+from tdapp.cli.build import build, image, images, measure
 from tdapp.cli.cas import cas, self_group
 from tdapp.cli.las import las
 from tdapp.cli.session import session
@@ -35,6 +36,10 @@ def cli(debug: bool) -> None:
 
 cli.add_command(volume)
 cli.add_command(cas)
+cli.add_command(build)
+cli.add_command(measure)
+cli.add_command(images)
+cli.add_command(image)
 cli.add_command(las)
 cli.add_command(session)
 cli.add_command(self_group)

@@ -1,0 +1,105 @@
+"""The session template ``tdapp build -o`` writes, in the seed's 2018 form.
+
+Owns that text: service ``application`` running the image's entrypoint in
+``/``, the two volumes the client fills (``$INPUT_FSPF_KEY`` …), and the image
+with its mrenclaves and mount points ``/encryptedInputs`` and
+``/encryptedOutputs``. A ``security`` section is written only for hardware
+mode, so a debug CAS treats the session as ``sim``. Must never write a value
+that ``tdapp.policy.parse_session`` would read differently after filling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from tdapp.builder.manifest import join_command
+from tdapp.builder.store import Image
+from tdapp.errors import InputError
+
+INPUT_VOLUME = "encrypted-input-files"
+OUTPUT_VOLUME = "encrypted-output-files"
+INPUT_PATH = "/encryptedInputs"
+OUTPUT_PATH = "/encryptedOutputs"
+SERVICE = "application"
+
+# Starts with a character that begins no YAML syntax; has no ': ', ' #', or brackets.
+_PLAIN = re.compile(r"[A-Za-z0-9/_.][A-Za-z0-9/_.+=@%, '\"-]*")
+
+
+def _scalar(text: str) -> str:
+    """``text`` as a YAML scalar: plain when it is safely plain, else a JSON string."""
+    if _PLAIN.fullmatch(text) and not text.endswith(" "):
+        return text
+    # A JSON string is a valid YAML double-quoted scalar.
+    return json.dumps(text, ensure_ascii=False)
+
+
+# Plain words YAML 1.1 or 1.2 reads as a boolean or null.
+_YAML_WORDS = frozenset({"y", "n", "yes", "no", "true", "false", "on", "off", "null"})
+_NUMBER_LIKE_HEX = re.compile(r"[0-9]+(e[0-9]+)?")  # an integer, or a float in YAML 1.2
+
+
+def _name(name: str) -> str:
+    """An image name (``[a-z0-9][a-z0-9._-]*``) as a scalar that YAML reads as that text."""
+    # Starting with a digit it could be a number (1e3, 0x1f, 1_000 in YAML 1.1).
+    return json.dumps(name) if name[0].isdigit() or name in _YAML_WORDS else name
+
+
+def _hex(value: str) -> str:
+    return json.dumps(value) if _NUMBER_LIKE_HEX.fullmatch(value) else value
+
+
+def session_template(image: Image) -> str:
+    """The template text for ``image`` (its recorded measurement as mrenclaves)."""
+    command = _scalar(join_command(image.entrypoint))
+    name, measured = _name(image.name), _hex(image.measurement)
+    lines = [
+        f"# Session template for the tdapp image {image.name}, written by tdapp build.",
+        "# The client fills in the session name and the volume keys and tags.",
+        "name: $SESSION",
+        "digest: create",
+        "",
+        "services:",
+        f"   - name: {SERVICE}",
+        f"     image_name: {name}",
+        f"     mrenclaves: [{measured}]",
+        f"     command: {command}",
+        "     pwd: /",
+        "",
+        "volumes:",
+        f"   - name: {INPUT_VOLUME}",
+        "     fspf_tag: $INPUT_FSPF_TAG",
+        "     fspf_key: $INPUT_FSPF_KEY",
+        f"   - name: {OUTPUT_VOLUME}",
+        "     fspf_tag: $OUTPUT_FSPF_TAG",
+        "     fspf_key: $OUTPUT_FSPF_KEY",
+        "",
+        "images:",
+        f"   - name: {name}",
+        f"     mrenclaves: [{measured}]",
+        "     volumes:",
+        f"        - name: {INPUT_VOLUME}",
+        f"          path: {INPUT_PATH}",
+        f"        - name: {OUTPUT_VOLUME}",
+        f"          path: {OUTPUT_PATH}",
+    ]
+    if image.mode == "hardware":
+        lines += ["", "security:", "   attestation:", "      mode: hardware"]
+    return "\n".join(lines) + "\n"
+
+
+def write_template(image: Image, target: Path) -> None:
+    """Write the template to ``target`` in one step (a temporary file renamed over it)."""
+    if target.is_dir():
+        raise InputError(f"{target} is a folder; -o needs a file name")
+    temporary = target.with_name(f".{target.name}.{os.urandom(6).hex()}.tmp")
+    try:
+        temporary.write_text(session_template(image), encoding="utf-8")
+        os.replace(temporary, target)
+    except FileNotFoundError:
+        raise InputError(f"cannot write {target}: its folder does not exist") from None
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,179 @@
+"""``tdapp build``, ``tdapp measure``, ``tdapp images``, ``tdapp image export|import|rm``."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tdapp.builder import (
+    BuildOptions,
+    Image,
+    build_image,
+    export_image,
+    import_image,
+    list_images,
+    load_image,
+    measure_image,
+    parse_size,
+    remove_image,
+    write_template,
+)
+from tdapp.builder.manifest import MODES
+from tdapp.builder.store import modified_error
+from tdapp.errors import InputError, UsageError
+
+
+class _SizeParam(click.ParamType):  # type: ignore[type-arg]
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        what = param.name if param is not None and param.name else "size"
+        try:
+            return parse_size(str(value), what)
+        except UsageError as error:
+            self.fail(error.message, param, ctx)
+
+
+SIZE = _SizeParam()
+
+
+def _note(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _created(image: Image) -> str:
+    try:
+        return datetime.strptime(image.created, "%Y-%m-%dT%H:%M:%SZ").strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return image.created
+
+
+@click.command()
+@click.argument("app_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--name", required=True, help="Image name: a-z 0-9 . _ - (up to 64).")
+@click.option("--entrypoint", metavar="CMD",
+              help="Program and arguments, split like a session command "
+                   "(default: the image's single executable file).")
+@click.option("--heap", type=SIZE, default="40M", show_default=True,
+              help="Heap limit (bytes, or K, M, G).")
+@click.option("--stack", type=SIZE, default="4M", show_default=True,
+              help="Stack limit (bytes, or K, M, G).")
+@click.option("--mode", type=click.Choice(MODES), default="sim", show_default=True,
+              help="Attestation the image is meant for; hardware adds it to the template.")
+@click.option("--host-path", "host_paths", multiple=True, metavar="PATH",
+              help="Host path (glob allowed) the program may read, e.g. /usr/bin/python3. "
+                   "Repeatable.")
+@click.option("-o", "--output", "template", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the session template to this file.")
+def build(app_dir: Path, name: str, entrypoint: str | None, heap: int, stack: int, mode: str,
+          host_paths: tuple[str, ...], template: Path | None) -> None:
+    """Build APP_DIR into the image NAME and print its measurement.
+
+    A Makefile (make -B) or build.sh in APP_DIR is run first, in a copy of the
+    folder, reproducibly. The image holds the files listed in APP_DIR/image.txt,
+    or else every file except sources (*.c, *.h, *.o, makefiles, build.sh) and
+    dot-files.
+    """
+    if template is not None and not template.absolute().parent.is_dir():
+        # Checked first, so that a build is not wasted on a template that cannot be written.
+        raise InputError(f"cannot write {template}: its folder does not exist")
+    options = BuildOptions(name=name, entrypoint=entrypoint, heap=heap, stack=stack, mode=mode,
+                           host_paths=host_paths)
+    image = build_image(app_dir, options, output=_note)
+    files = len(image.files)
+    _note(f"built image {image.name}: {files} file{'s' if files != 1 else ''}, "
+          f"{_human(image.size)}, entrypoint {' '.join(image.entrypoint)}")
+    if template is not None:
+        write_template(image, template)
+        _note(f"wrote session template {template}")
+    click.echo(image.measurement)
+
+
+@click.command()
+@click.argument("name")
+def measure(name: str) -> None:
+    """Recompute the measurement of image NAME from its files and print it.
+
+    Fails if it differs from the measurement recorded when the image was built.
+    """
+    image = load_image(name, verify=False)
+    actual = measure_image(image.path)
+    if actual != image.measurement:
+        raise modified_error(name, actual, image.measurement)
+    click.echo(actual)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
+def images(as_json: bool) -> None:
+    """List the images in the store (recorded measurements; 'tdapp measure' checks one)."""
+    found, problems = list_images()
+    for problem in problems:
+        _note(f"tdapp: warning: {problem}")
+    if as_json:
+        click.echo(json.dumps([{
+            "name": image.name, "measurement": image.measurement, "size": image.size,
+            "files": len(image.files), "created": image.created,
+            "entrypoint": list(image.entrypoint), "heap": image.heap, "stack": image.stack,
+            "mode": image.mode, "host_paths": list(image.host_paths),
+        } for image in found], ensure_ascii=False))
+        return
+    if not found:
+        _note("no images (make one with 'tdapp build APP_DIR --name NAME')")
+        return
+    width = max(len("NAME"), *(len(image.name) for image in found))
+    click.echo(f"{'NAME':<{width}}  {'MEASUREMENT':<17}  {'SIZE':>10}  CREATED (UTC)")
+    for image in found:
+        click.echo(f"{image.name:<{width}}  {image.measurement[:16]}…  "
+                   f"{_human(image.size):>10}  {_created(image)}")
+
+
+@click.group()
+def image() -> None:
+    """Move images between machines: deterministic tar archives."""
+
+
+@image.command(name="export")
+@click.argument("name")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def export_(name: str, file: Path) -> None:
+    """Write image NAME to the tar archive FILE; prints its measurement."""
+    measured = export_image(name, file)
+    _note(f"exported image {name} to {file}")
+    click.echo(measured)
+
+
+@image.command(name="import")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", help="Store the image under this name instead of its own.")
+@click.option("--force", is_flag=True, help="Replace an image of that name with another "
+                                            "measurement.")
+def import_(file: Path, name: str | None, force: bool) -> None:
+    """Add the image in the tar archive FILE to the store, after checking its measurement."""
+    measured = import_image(file, name=name, force=force)
+    _note(f"imported {file}")
+    click.echo(measured)
+
+
+@image.command(name="rm")
+@click.argument("name")
+def rm(name: str) -> None:
+    """Remove image NAME from the store."""
+    remove_image(name)
+    _note(f"removed image {name}")
