@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import signal
 import sys
@@ -30,11 +29,11 @@ from tdapp.client.pins import Address
 from tdapp.errors import (
     InputError,
     RefusedError,
-    TdappError,
     UnavailableError,
     UsageError,
 )
 from tdapp.home import tdapp_home
+from tdapp.webjson import error_middleware, json_object
 
 DEFAULT_PORT = 18766
 DEFAULT_LAS = f"127.0.0.1:{DEFAULT_PORT}"
@@ -52,7 +51,8 @@ def default_state_dir() -> Path:
 
 def build_las_app(state_dir: Path) -> web.Application:
     """The LAS application, with the platform key of ``state_dir`` (made there on first use)."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    errors = error_middleware(service="LAS", max_body=MAX_BODY, status_of=lambda _: 400)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors])
     app[_PLATFORM] = SimPlatform.load_or_create(state_dir)
     app.router.add_post("/v1/evidence", _evidence)
     app.router.add_get("/v1/platform", _platform)
@@ -63,27 +63,6 @@ def platform_of(app: web.Application) -> SimPlatform:
     return app[_PLATFORM]
 
 
-def _error(status: int, reason: str) -> web.Response:
-    return web.json_response({"error": reason}, status=status)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except TdappError as error:
-        return _error(400, error.message)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"request body larger than {MAX_BODY} bytes")
-    except web.HTTPException as error:
-        if error.status >= 400:
-            return _error(error.status, error.reason)
-        raise
-    except Exception:
-        log.exception("unexpected failure on %s %s", request.method, request.path)
-        return _error(500, "internal error; see the LAS log")
-
-
 async def _platform(request: web.Request) -> web.Response:
     platform = request.app[_PLATFORM]
     return web.json_response({"platform": platform.platform,
@@ -91,12 +70,7 @@ async def _platform(request: web.Request) -> web.Response:
 
 
 async def _evidence(request: web.Request) -> web.Response:
-    try:
-        document = json.loads(await request.read())
-    except (ValueError, RecursionError):
-        raise InputError("the request body is not JSON") from None
-    if not isinstance(document, dict):
-        raise InputError("the request body must be a JSON object")
+    document = await json_object(request)
     unexpected = sorted(set(document) - {*_REQUEST_FIELDS, "debug"})
     if unexpected:
         raise InputError(f"unexpected field {unexpected[0][:40]!r} "

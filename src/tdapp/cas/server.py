@@ -36,6 +36,7 @@ from tdapp.errors import (
 from tdapp.policy import Identity
 from tdapp.policy.reader import MAX_CHARS as MAX_DOCUMENT_BYTES
 from tdapp.tls import certificate_key_hash, issue_client_certificate, pem
+from tdapp.webjson import error_middleware, json_object
 
 MAX_BODY = MAX_DOCUMENT_BYTES
 log = logging.getLogger("tdapp.cas")
@@ -54,27 +55,6 @@ def _status_of(error: TdappError) -> int:
         if isinstance(error, kind):
             return status
     return 500
-
-
-def _error(status: int, reason: str) -> web.Response:
-    return web.json_response({"error": reason}, status=status)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except TdappError as error:
-        return _error(_status_of(error), error.message)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"request body larger than {MAX_BODY} bytes")
-    except web.HTTPException as error:
-        if error.status >= 400 and error.content_type != "application/json":
-            return _error(error.status, error.reason)
-        raise
-    except Exception:
-        log.exception("unexpected failure on %s %s", request.method, request.path)
-        return _error(500, "internal error; see the CAS log")
 
 
 def client_identity(request: web.Request) -> Identity | None:
@@ -168,16 +148,6 @@ async def certify_identity(request: web.Request) -> web.Response:
         status=201)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise InputError("the request body must be a JSON object")
-    return body
-
-
 def _string(body: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
     value = body.get(key)
     if value is None and optional:
@@ -188,7 +158,7 @@ def _string(body: dict[str, Any], key: str, *, optional: bool = False) -> str | 
 
 
 async def issue_nonce(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_object(request)
     session, service = _string(body, "session"), _string(body, "service")
     assert session is not None and service is not None
     nonce, expires_at = await _in_thread(request.app[_ATTESTATION].issue_nonce, session, service)
@@ -196,7 +166,7 @@ async def issue_nonce(request: web.Request) -> web.Response:
 
 
 async def attest(request: web.Request) -> web.Response:
-    attestation = AttestationRequest.from_json(await _json_body(request))
+    attestation = AttestationRequest.from_json(await json_object(request))
     sealed, _ = await _in_thread(request.app[_ATTESTATION].attest, attestation)
     return web.json_response({"jwe": sealed})
 
@@ -206,7 +176,7 @@ async def update_tag(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationRequired("a tag update needs the instance's token "
                                      "(Authorization: Bearer …)")
-    body = await _json_body(request)
+    body = await json_object(request)
     session, volume = _string(body, "session"), _string(body, "volume")
     old, new = _string(body, "old", optional=True), _string(body, "new")
     assert session is not None and volume is not None and new is not None
@@ -224,7 +194,8 @@ async def health(request: web.Request) -> web.Response:
 
 def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
                materials: CasMaterials) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    errors = error_middleware(service="CAS", max_body=MAX_BODY, status_of=_status_of)
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[_AUTHORITY] = authority
     app[_ATTESTATION] = attestation
     app[_MATERIALS] = materials
