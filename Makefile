@@ -1,5 +1,5 @@
 # tdapp — two commands set everything up on a fresh Debian machine:
-#   make demo   installs into .venv and runs the demo end to end
+#   make demo   installs into .venv and runs the seed's walkthrough end to end
 #   make test   installs what the tests need (system packages too) and runs the whole suite
 
 PYTHON      ?= python3
@@ -9,7 +9,7 @@ STAMP       := $(VENV)/.installed
 SYSTEM_PKGS := bubblewrap fuse3 postgresql curl
 BENCH_PKGS  := gocryptfs age fuse3
 
-.PHONY: all install sysdeps bench-deps demo test test-fast test-slow lint bench clean
+.PHONY: all install sysdeps bench-deps demo volume-demo test test-fast test-slow lint bench clean
 
 all: test
 
@@ -37,8 +37,11 @@ sysdeps:
 bench-deps:
 	$(call apt_install,$(BENCH_PKGS))
 
-demo: install
+demo: install sysdeps
 	@bash scripts/demo.sh
+
+volume-demo: install
+	@bash scripts/volume-demo.sh
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

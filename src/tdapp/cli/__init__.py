@@ -21,7 +21,11 @@ from tdapp.cli.build import build, image, images, measure
 from tdapp.cli.cas import cas, self_group
 from tdapp.cli.las import las
 from tdapp.cli.session import session
+from tdapp.cli.transfer import transfer
+from tdapp.cli.up import up
 from tdapp.cli.volume import volume
+from tdapp.cli.workflow import decrypt, encryptedpush
+from tdapp.cli.workflow import run as run_command
 from tdapp.errors import ExitCode, TdappError
 
 
@@ -40,6 +44,11 @@ cli.add_command(build)
 cli.add_command(measure)
 cli.add_command(images)
 cli.add_command(image)
+cli.add_command(encryptedpush)
+cli.add_command(run_command)
+cli.add_command(transfer)
+cli.add_command(decrypt)
+cli.add_command(up)
 cli.add_command(las)
 cli.add_command(session)
 cli.add_command(self_group)

@@ -1,4 +1,12 @@
 """The transfer service and its client backends (http, s3, file).
 
-Must never expose a partially uploaded object. Not yet built.
+Client: :func:`upload` (returns the download URL) and :func:`download`,
+dispatching on the URL scheme to a :class:`Backend`. Service:
+:mod:`tdapp.transfer.server` (``tdapp transfer serve``), storing in a folder or
+an S3 bucket (:mod:`tdapp.transfer.store`). Must never expose a partially
+uploaded object, nor leave a partial download at its target.
 """
+
+from tdapp.transfer.client import BACKENDS, Backend, backend_for, download, upload
+
+__all__ = ["BACKENDS", "Backend", "backend_for", "download", "upload"]

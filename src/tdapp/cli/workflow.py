@@ -1,0 +1,73 @@
+"""``tdapp encryptedpush``, ``tdapp run`` and ``tdapp decrypt``: the seed's walkthrough."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from tdapp.client.announce import announced
+from tdapp.client.pins import Address
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option("--application", "-a", required=True, metavar="IMAGE",
+              help="The DApp's image (as built by tdapp build).")
+@click.option("--template", "-t", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The session template (from tdapp build -o).")
+@click.option("--conf", type=click.Path(path_type=Path, file_okay=False), default=Path("KEYS"),
+              show_default=True, help="Where keys and session state are kept (mode 0600).")
+@click.option("--inputs", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("INPUTS"), show_default=True, help="The files to encrypt and push.")
+@click.option("--cas", "-s", "cas_address", default=None, metavar="HOST:PORT",
+              help="The CAS (default: the one tdapp up announced, else 127.0.0.1:8081).")
+@click.option("--push", default=None, metavar="URL",
+              help="Upload URL (default: the transfer service tdapp up announced).")
+def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
+                  cas_address: str | None, push: str | None) -> None:
+    """Encrypt INPUTS, create the session, upload; print the arguments for tdapp run."""
+    from tdapp.client.workflow import encrypted_push
+
+    result = encrypted_push(
+        application=application, template=template, conf=conf, inputs=inputs,
+        cas=Address.parse(cas_address or announced("cas")), push=push or announced("push"),
+        variables=dict(os.environ))
+    click.echo(result.command_line)
+
+
+@click.command()
+@click.option("--conf", type=click.Path(path_type=Path, file_okay=False), default=Path("KEYS"),
+              show_default=True)
+@click.option("--encrypted", type=click.Path(path_type=Path), default=Path("ZIP"),
+              show_default=True, help="The output zip, or a folder holding exactly one.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("OUTPUTS"),
+              show_default=True, help="Where the plaintext files are written.")
+def decrypt(conf: Path, encrypted: Path, out: Path) -> None:
+    """Verify the DApp's output against the CAS's current tag and decrypt it into OUTPUTS."""
+    from tdapp.client.workflow import decrypt as run_decrypt
+
+    files = run_decrypt(conf=conf, encrypted=encrypted, out=out)
+    click.echo(f"decrypted {files} files into {out}", err=True)
+
+
+@click.command()
+@click.argument("image")
+@click.option("--sessionID", "--session-id", "session_id", required=True, metavar="SESSION/SERVICE")
+@click.option("--secretManagementService", "--cas", "cas_address", required=True,
+              metavar="HOST:PORT")
+@click.option("--url", required=True, help="Where to download the encrypted input bundle.")
+@click.option("--push", default=None, metavar="URL", help="Where to upload the output bundle.")
+@click.option("--las", "las_address", default=None, metavar="HOST:PORT",
+              help="The local attestation service (default: the announced one).")
+def run(image: str, session_id: str, cas_address: str, url: str, push: str | None,
+        las_address: str | None) -> None:
+    """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
+    from tdapp.runtime.run import RunRequest, run_dapp
+
+    result = run_dapp(RunRequest(image=image, session_id=session_id,
+                                 cas=Address.parse(cas_address), url=url,
+                                 push=push or announced("push"),
+                                 las=las_address or announced("las")),
+                      log=lambda line: click.echo(f"tdapp run: {line}", err=True))
+    click.echo(result)

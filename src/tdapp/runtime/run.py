@@ -1,0 +1,154 @@
+"""``tdapp run``: one trusted run of a DApp, from encrypted inputs to a published output.
+
+Order matters and is the point of this module: fetch the volumes; measure the
+image that will run (not a label); attest and receive the configuration; open
+every volume against the tag the CAS holds (a rollback fails here); run the
+program sandboxed with the session's command, environment and working folder
+only; re-seal what it changed; upload; and only then move the tags on the
+CAS. If anything fails, no tag moves and no URL is printed. Plaintext lives
+only under /dev/shm (memory) and is removed at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tdapp.attest.las import LasClient
+from tdapp.builder import load_image, measure_image
+from tdapp.client.cas_client import CasClient
+from tdapp.client.key_release import obtain_configuration, report_tag
+from tdapp.client.pins import Address
+from tdapp.errors import InputError, RefusedError, TdappError
+from tdapp.runtime.sandbox import (
+    Mount,
+    SandboxSpec,
+    default_host_paths_for,
+    require_success,
+    run_sandboxed,
+)
+from tdapp.volume import Volume, VolumeKey, VolumeTag
+from tdapp.volume.bundle import pack, unpack
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    image: str
+    session_id: str
+    cas: Address
+    url: str
+    push: str
+    las: str
+
+
+def _plaintext_root() -> str | None:
+    shm = Path("/dev/shm")  # noqa: S108 - memory, so plaintext never reaches a disk
+    return str(shm) if shm.is_dir() else None
+
+
+def run_dapp(request: RunRequest, log: Log) -> str:
+    """Run once; return the URL of the uploaded output bundle."""
+    from tdapp.transfer import download, upload
+
+    session, _, service = request.session_id.partition("/")
+    if not session or not service:
+        raise InputError(f"--sessionID {request.session_id!r} must look like SESSION/SERVICE")
+    image = load_image(request.image)
+    measurement = measure_image(image.path)
+    log(f"image {request.image}: measurement {measurement}")
+    with tempfile.TemporaryDirectory(prefix="tdapp-run-", dir=_plaintext_root()) as work:
+        root = Path(work)
+        bundle = root / "inputs.zip"
+        download(request.url, bundle)
+        volumes = unpack(bundle, root / "sealed")
+        las = LasClient(request.las)
+        released = obtain_configuration(
+            CasClient.connect(request.cas, anonymous=True), session, service,
+            lambda data: las.evidence(data, measurement))
+        config = released.document
+        log(f"attested to {request.cas} ({config['mode']} mode)")
+        mounts, opened = _open_volumes(config, volumes, root / "plain")
+        result = run_sandboxed(SandboxSpec(
+            root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
+            cwd=str(config["pwd"]), mounts=mounts,
+            host_paths=[*image.host_paths, *default_host_paths_for(image.root)],
+            files=_injected(config), memory_limit=image.heap, stack_limit=image.stack))
+        require_success(result)
+        changed = _reseal(opened, root, log)
+        output = root / "scone-upload.zip"
+        pack({name: root / "resealed" / name if name in changed else volumes[name]
+              for name in volumes}, output)
+        url = upload(output, request.push)
+        client = CasClient.connect(request.cas, anonymous=True)
+        for name, (old, new) in changed.items():
+            report_tag(client, released.token, session, name, old, new)
+            log(f"volume {name}: tag {old} -> {new}")
+    return url
+
+
+@dataclass
+class _OpenVolume:
+    name: str
+    key: VolumeKey
+    tag: str | None
+    plain: Path
+    fingerprint: frozenset[tuple[str, int, int, int]]
+
+
+def _open_volumes(config: dict[str, Any], sealed: dict[str, Path],
+                  plain_root: Path) -> tuple[list[Mount], list[_OpenVolume]]:
+    mounts, opened = [], []
+    for volume in config["volumes"]:
+        name, tag = str(volume["name"]), volume.get("tag")
+        folder = sealed.get(name)
+        if folder is None:
+            raise InputError(f"the downloaded bundle holds no volume {name!r}")
+        if volume.get("key") is None or tag is None:
+            raise RefusedError(f"volume {name}: the session gives no key or tag for it")
+        key = VolumeKey.from_hex(str(volume["key"]))
+        try:
+            opened_volume = Volume.open(folder, key, VolumeTag.from_hex(str(tag)))
+        except TdappError as error:
+            error.message = f"volume {name}: {error.message}"
+            raise
+        plain = plain_root / name
+        opened_volume.extract(plain)
+        mounts.append(Mount(source=plain, target=str(volume["path"]), writable=True))
+        opened.append(_OpenVolume(name, key, str(tag), plain, _tree_fingerprint(plain)))
+    return mounts, opened
+
+
+def _injected(config: dict[str, Any]) -> dict[str, bytes]:
+    return {str(f["path"]): str(f.get("content") or "").encode()
+            for f in config.get("injection_files", [])}
+
+
+def _tree_fingerprint(root: Path) -> frozenset[tuple[str, int, int, int]]:
+    entries = set()
+    for path in root.rglob("*"):
+        info = path.lstat()
+        entries.add((path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns,
+                     info.st_mode))
+    return frozenset(entries)
+
+
+def _reseal(opened: list[_OpenVolume], root: Path,
+            log: Log) -> dict[str, tuple[str | None, str]]:
+    """Seal every volume the program changed into a new version; unchanged ones stay."""
+    changed: dict[str, tuple[str | None, str]] = {}
+    for volume in opened:
+        if _tree_fingerprint(volume.plain) == volume.fingerprint:
+            continue
+        target = root / "resealed" / volume.name
+        target.parent.mkdir(exist_ok=True)
+        created = Volume.create(target, volume.key, source=volume.plain)
+        changed[volume.name] = (volume.tag, created.tag.hex())
+        shutil.rmtree(volume.plain, ignore_errors=True)
+        log(f"volume {volume.name}: sealed the program's changes")
+    return changed
