@@ -152,3 +152,98 @@ def test_host_flags_cannot_change_the_command(walk: Walk) -> None:
     done = walk.tdapp("run", "copy_demo", *command, "--push", walk.push, "--command", "/bin/sh",
                       check=False)
     assert done.returncode == 2 and "--command" in done.stderr
+
+
+def _build(walk: Walk, source: Path, name: str, template: str, *extra: str) -> None:
+    walk.tdapp("build", str(source), "--name", name, "-o", str(walk.example / "KEYS" / template),
+               *extra)
+
+
+PYTHON_HOST = ("--host-path", "/usr/bin/python3", "--host-path", "/usr/bin/python3.*",
+               "--host-path", "/usr/lib/python3*")
+
+
+def _transfer_objects(walk: Walk) -> int:
+    return sum(1 for path in (walk.home / "transfer").rglob("*") if path.is_file())
+
+
+def _output_tag(walk: Walk, monkeypatch: pytest.MonkeyPatch) -> str:
+    import json
+
+    from tdapp.client.cas_client import CasClient
+    from tdapp.client.pins import Address
+
+    state = json.loads((walk.example / "KEYS" / "tdapp-session.json").read_text())
+    monkeypatch.setenv("TDAPP_HOME", str(walk.home))
+    answer = CasClient.connect(Address.parse(state["cas"])).request(
+        "GET", f"/v1/volume-tags?session={state['session']}&volume=encrypted-output-files")
+    return str(answer["tag"])
+
+
+def test_a_failing_program_moves_no_tag_and_uploads_nothing(
+        walk: Walk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = tmp_path / "failing"
+    app.mkdir()
+    (app / "fail.py").write_text(
+        "import sys\nopen('/encryptedOutputs/partial.txt', 'w').write('half')\n"
+        "print('disk quota exceeded, giving up', file=sys.stderr)\nsys.exit(3)\n")
+    _build(walk, app, "failing", "failing.yml", "--entrypoint", "/usr/bin/python3 -I /fail.py",
+           "--heap", "256M",
+           *PYTHON_HOST)
+    command = walk.tdapp("encryptedpush", "--application", "failing",
+                         "-t", "KEYS/failing.yml").stdout.split()
+    before_tag, before_objects = _output_tag(walk, monkeypatch), _transfer_objects(walk)
+    done = walk.tdapp("run", "failing", *command, "--push", walk.push, check=False)
+    assert done.returncode == 9 and done.stdout == ""
+    assert "status 3" in done.stderr and "disk quota exceeded" in done.stderr
+    assert _output_tag(walk, monkeypatch) == before_tag
+    assert _transfer_objects(walk) == before_objects
+
+
+def test_the_wordcount_dapp_counts_100_mb(walk: Walk, tmp_path: Path) -> None:
+    _build(walk, REPO / "examples" / "wordcount", "wordcount", "wordcount.yml",
+           "--entrypoint", "/usr/bin/python3 -I /wordcount.py", "--heap", "512M", *PYTHON_HOST)
+    vocabulary = {"Trusted": 5, "dapps": 3, "keep": 2, "secrets": 1, "été": 4}
+    block = " ".join(word for word, n in vocabulary.items() for _ in range(n)) + "\n"
+    repeat = (1 << 20) // len(block.encode()) + 1
+    blocks = 100
+    inputs = walk.example / "INPUTS"
+    shutil.rmtree(inputs)
+    inputs.mkdir()
+    with (inputs / "corpus.txt").open("w", encoding="utf-8") as corpus:
+        for _ in range(blocks):
+            corpus.write(block * repeat)
+    assert (inputs / "corpus.txt").stat().st_size >= 100 * 1024 * 1024
+    command = walk.tdapp("encryptedpush", "--application", "wordcount",
+                         "-t", "KEYS/wordcount.yml").stdout.split()
+    url = walk.tdapp("run", "wordcount", *command, "--push", walk.push).stdout.strip()
+    zips = walk.example / "ZIP"
+    for old in zips.iterdir():
+        old.unlink()
+    fetch(url, zips / "out.zip")
+    out = walk.example / "OUTPUTS"
+    shutil.rmtree(out)
+    walk.tdapp("decrypt")
+    counts = dict(line.split("\t") for line in
+                  (out / "counts.tsv").read_text(encoding="utf-8").splitlines())
+    assert {word: int(n) for word, n in counts.items()} == {
+        word.casefold(): n * repeat * blocks for word, n in vocabulary.items()}
+    shutil.rmtree(inputs)
+    inputs.mkdir()
+
+
+def test_a_rebuilt_image_with_a_changed_byte_is_refused(walk: Walk, tmp_path: Path) -> None:
+    command = push(walk, {"f.txt": "x\n"})
+    changed = tmp_path / "copy_dapp"
+    shutil.copytree(REPO / "examples" / "copy_dapp", changed)
+    source = changed / "copy_files.c"
+    text = source.read_text()
+    assert "copy_files: copied" in text
+    source.write_text(text.replace("copy_files: copied", "copy_files: Copied"))  # one byte
+    try:
+        walk.tdapp("build", str(changed), "--name", "copy_demo")
+        done = walk.tdapp("run", "copy_demo", *command, "--push", walk.push, check=False)
+        assert done.returncode != 0 and done.stdout == ""
+        assert "is not one of the session's mrenclaves" in done.stderr
+    finally:
+        walk.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo")

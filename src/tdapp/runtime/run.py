@@ -77,7 +77,8 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         result = run_sandboxed(SandboxSpec(
             root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
             cwd=str(config["pwd"]), mounts=mounts,
-            host_paths=[*image.host_paths, *default_host_paths_for(image.root)],
+            host_paths=[*image.host_paths,
+                        *default_host_paths_for(image.root, image.host_paths)],
             files=_injected(config), memory_limit=image.heap, stack_limit=image.stack))
         require_success(result)
         changed = _reseal(opened, root, log)

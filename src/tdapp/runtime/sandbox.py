@@ -68,6 +68,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -470,13 +471,16 @@ def _is_dynamic_elf(path: Path) -> bool:
     return False
 
 
-def default_host_paths_for(root: Path) -> list[str]:
+def default_host_paths_for(root: Path, host_paths: Sequence[str] = ()) -> list[str]:
     """The host library folders a dynamically linked ELF program of this image needs.
 
     Empty if the image has no dynamically linked ELF file or ships its own libc or
-    loader. These host files are not measured (see the module docstring).
+    loader. A host program the image names (an interpreter) is dynamically linked
+    against the host's libc, so it brings the same folders. These host files are
+    not measured (see the module docstring).
     """
-    dynamic = False
+    dynamic = any(_is_dynamic_elf(Path(p)) for pattern in host_paths
+                  for p in glob.glob(pattern) if Path(p).is_file())
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             if _OWN_LIBC.match(name):
