@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ from tdapp.errors import (
     UsageError,
 )
 from tdapp.home import tdapp_home
+from tdapp.serving import serve_until_signalled
 from tdapp.webjson import error_middleware, json_object
 
 DEFAULT_PORT = 18766
@@ -114,28 +114,17 @@ def serve(*, host: str, port: int, state_dir: Path, allow_remote: bool = False) 
 
 
 async def _run(app: web.Application, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as error:
-            raise UnavailableError(f"cannot listen on {host}:{port}: "
-                                   f"{error.strerror or error}") from None
+    def started(runners: list[web.AppRunner]) -> None:
         platform = app[_PLATFORM]
-        bound = ", ".join(f"http://{Address(str(a[0]), int(a[1]))}" for a in runner.addresses)
+        bound = ", ".join(f"http://{Address(str(a[0]), int(a[1]))}"
+                          for a in runners[0].addresses)
         print(f"tdapp LAS (simulation) on {bound}\n"
               f"  platform {platform.platform}\n"
               f"  key      {platform.key_path}\n"
               "  sim evidence protects nothing against this host's root: development only",
               file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+
+    await serve_until_signalled([(app, host, port, None)], started)
 
 
 class LasClient:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from pathlib import Path
 
 import click
@@ -32,8 +30,8 @@ async def _serve(state: Path, host: str, cas_port: int, las_port: int,
     from tdapp.attest.las import build_las_app, platform_of
     from tdapp.cas.serve import build_app
     from tdapp.client.announce import announce, withdraw
-    from tdapp.client.cas_client import CasClient
     from tdapp.client.pins import Address, PinStore
+    from tdapp.serving import serve_until_signalled
     from tdapp.transfer.server import build_transfer_app
 
     cas_app, materials, store = build_app(state_dir=state / "cas", db=None, hosts=(host,),
@@ -41,17 +39,10 @@ async def _serve(state: Path, host: str, cas_port: int, las_port: int,
     las_app = build_las_app(state / "las")
     transfer_app = build_transfer_app(state / "transfer",
                                       public_url=f"http://{host}:{transfer_port}")
-    runners = []
-    try:
-        for app, port, context in ((cas_app, cas_port, materials.server_context()),
-                                   (las_app, las_port, None), (transfer_app, transfer_port, None)):
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, host, port, ssl_context=context).start()
-            runners.append(runner)
-        cas = Address(host, cas_port)
+    cas = Address(host, cas_port)
+
+    def started(_: list[web.AppRunner]) -> None:
         PinStore().pin(cas, materials.certificate)
-        await asyncio.to_thread(CasClient.connect, cas)
         announce({"cas": str(cas), "las": f"{host}:{las_port}",
                   "push": f"http://{host}:{transfer_port}/upload"})
         click.echo(f"tdapp up: CAS (debug) https://{cas}  fingerprint {materials.fingerprint}\n"
@@ -60,15 +51,13 @@ async def _serve(state: Path, host: str, cas_port: int, las_port: int,
                    f"tdapp up: transfer http://{host}:{transfer_port}/upload\n"
                    "tdapp up: the CAS is pinned for this user; Ctrl-C stops all three",
                    err=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+
+    try:
+        await serve_until_signalled(
+            [(cas_app, host, cas_port, materials.server_context()),
+             (las_app, host, las_port, None), (transfer_app, host, transfer_port, None)],
+            started)
     finally:
         withdraw()
-        for runner in reversed(runners):
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
         store.close()
         click.echo("tdapp up: stopped", err=True)

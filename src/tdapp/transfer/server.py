@@ -12,10 +12,8 @@ partial or oversized upload, nor keep one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,8 +23,8 @@ from typing import BinaryIO
 from aiohttp import BodyPartReader, StreamReader, web
 
 from tdapp.client.pins import Address
-from tdapp.errors import UnavailableError
 from tdapp.home import private_dir
+from tdapp.serving import serve_until_signalled
 from tdapp.transfer.store import (
     CHUNK,
     FolderStore,
@@ -206,15 +204,9 @@ def serve(*, host: str, port: int, store: ObjectStore, max_size: int = DEFAULT_M
 
 async def _run(app: web.Application, host: str, port: int) -> None:
     settings = app[_SETTINGS]
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as error:
-            raise UnavailableError(f"cannot listen on {host}:{port}: "
-                                   f"{error.strerror or error}") from None
-        bound = [Address(str(a[0]), int(a[1])) for a in runner.addresses]
+
+    def started(runners: list[web.AppRunner]) -> None:
+        bound = [Address(str(a[0]), int(a[1])) for a in runners[0].addresses]
         if settings.public_url:
             settings.base_url = settings.public_url
         elif not is_wildcard(host) and bound:
@@ -224,14 +216,8 @@ async def _run(app: web.Application, host: str, port: int) -> None:
               f"  store    {settings.store.description}\n"
               f"  max size {settings.max_size} bytes",
               file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
+
+    await serve_until_signalled([(app, host, port, None)], started)
 
 
 def open_store(store_dir: Path | None, s3_url: str | None) -> ObjectStore:
