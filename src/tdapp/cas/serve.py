@@ -10,6 +10,7 @@ from aiohttp import web
 
 from tdapp.cas.attestation import AttestationAuthority
 from tdapp.cas.materials import CasMaterials
+from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.server import create_app
 from tdapp.cas.sessions import SessionAuthority
 from tdapp.cas.store import Store, database_url
@@ -27,9 +28,11 @@ def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
                                             master_key_file=master_key_file)
     store = Store(database_url(db, state_dir))
     store.migrate()
+    metrics = CasMetrics()
+    store.refusal_listener = metrics.refused
     authority = SessionAuthority(store, materials.master_key)
     attestation = AttestationAuthority(store, authority, debug=debug)
-    return create_app(authority, attestation, materials), materials, store
+    return create_app(authority, attestation, materials, metrics), materials, store
 
 
 def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,

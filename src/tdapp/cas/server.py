@@ -22,6 +22,7 @@ from cryptography import x509
 
 from tdapp.cas.attestation import AttestationAuthority, AttestationRequest
 from tdapp.cas.materials import CasMaterials
+from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.openapi import openapi_document
 from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
 from tdapp.errors import (
@@ -193,9 +194,10 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
-               materials: CasMaterials) -> web.Application:
+               materials: CasMaterials, metrics: CasMetrics) -> web.Application:
     errors = error_middleware(service="CAS", max_body=MAX_BODY, status_of=_status_of)
-    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[metrics.middleware(), errors], client_max_size=MAX_BODY)
+    app.router.add_get("/metrics", metrics.handle)
     app[_AUTHORITY] = authority
     app[_ATTESTATION] = attestation
     app[_MATERIALS] = materials

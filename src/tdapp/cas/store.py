@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +79,7 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.refusal_listener: Callable[[str, str], None] | None = None
         self._sqlite = url.startswith("sqlite")
         # SQLite allows one writer at a time; serializing our own writers avoids
         # "database is locked" instead of retrying it.
@@ -225,6 +226,8 @@ class Store:
 
     def record(self, session: str | None, event_name: str, actor: str | None, outcome: str,
                reason: str) -> None:
+        if outcome == "refused" and self.refusal_listener is not None:
+            self.refusal_listener(event_name, reason)
         with self._write() as connection:
             _append_audit(connection, time.time(), session, event_name, actor, reason, outcome)
 
