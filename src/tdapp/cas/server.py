@@ -24,6 +24,7 @@ from tdapp.cas.attestation import AttestationAuthority, AttestationRequest
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.openapi import openapi_document
+from tdapp.cas.ratelimit import RateLimit
 from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
 from tdapp.errors import (
     ConflictError,
@@ -194,9 +195,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
-               materials: CasMaterials, metrics: CasMetrics) -> web.Application:
+               materials: CasMaterials, metrics: CasMetrics,
+               rate_limit: RateLimit | None = None) -> web.Application:
     errors = error_middleware(service="CAS", max_body=MAX_BODY, status_of=_status_of)
-    app = web.Application(middlewares=[metrics.middleware(), errors], client_max_size=MAX_BODY)
+    middlewares = [metrics.middleware(), errors]
+    if rate_limit is not None:
+        middlewares.insert(1, rate_limit.middleware())
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app.router.add_get("/metrics", metrics.handle)
     app[_AUTHORITY] = authority
     app[_ATTESTATION] = attestation

@@ -30,15 +30,17 @@ def cas() -> None:
               default=None, help="The master key sealing secrets (default: STATE_DIR/master.key).")
 @click.option("--debug", is_flag=True,
               help="Debug CAS: sessions without a security section are treated as 'sim'.")
+@click.option("--rate-limit", default=2000.0, show_default=True, type=click.FloatRange(0),
+              help="Requests per second per client address (burst: twice that); 0: no limit.")
 def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: bool,
-          master_key_file: Path | None) -> None:
+          master_key_file: Path | None, rate_limit: float) -> None:
     """Run the CAS over HTTPS (its key and certificate are made on first start and kept)."""
     # Imported here: the server stack (aiohttp, SQLAlchemy, Alembic) would slow every command.
     from tdapp.cas.serve import default_state_dir
     from tdapp.cas.serve import serve as run
 
     run(host=host, port=port, db=db, state_dir=state_dir or default_state_dir(), debug=debug,
-        master_key_file=master_key_file)
+        master_key_file=master_key_file, rate_limit=rate_limit)
 
 
 @cas.command()

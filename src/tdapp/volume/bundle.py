@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 from tdapp.errors import InputError
@@ -35,6 +36,15 @@ def pack(volumes: dict[str, Path], target: Path) -> None:
 
 def unpack(source: Path, target: Path) -> dict[str, Path]:
     """Unzip a bundle into ``target``; returns volume name -> folder."""
+    try:
+        return _unpack(source, target)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as error:
+        raise InputError(f"{source} is not a valid volume bundle: {error}") from None
+    except FileExistsError as error:
+        raise InputError(f"{source} names {error.filename} twice") from None
+
+
+def _unpack(source: Path, target: Path) -> dict[str, Path]:
     try:
         archive = zipfile.ZipFile(source)
     except (OSError, zipfile.BadZipFile) as error:
