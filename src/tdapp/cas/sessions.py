@@ -37,6 +37,9 @@ class SessionAuthority:
     def __init__(self, store: Store, master_key: MasterKey) -> None:
         self._store = store
         self._master_key = master_key
+        # Sessions already unsealed and checked, by their exact stored record: a
+        # sealed record is unique (random salt), so a hit is the same verified bytes.
+        self._opened: dict[tuple[str, str, str, bytes], Session] = {}
 
     # -- changes ------------------------------------------------------------------
 
@@ -181,12 +184,22 @@ class SessionAuthority:
         Binding the creator means that whoever can write the database, but has
         not the master key, cannot make themselves a session's creator.
         """
+        record = (stored.name, stored.creator, stored.hash, stored.sealed_document)
+        cached = self._opened.get(record)
+        if cached is not None:
+            return cached
         text = self._master_key.unseal(stored.sealed_document,
                                        _context(stored.name, stored.creator))
         session = parse_session(text.decode("utf-8"), source=f"stored session {stored.name}")
         if session_hash(session, stored.creator) != stored.hash:
             raise IntegrityError(f"stored session {stored.name!r} does not match its hash")
+        if len(self._opened) >= _OPENED_CACHE:
+            self._opened.clear()  # simple and thread-safe; refills with what is in use
+        self._opened[record] = session
         return session
+
+
+_OPENED_CACHE = 4096
 
 
 def _context(name: str, creator: Identity) -> bytes:
