@@ -11,6 +11,7 @@ only under /dev/shm (memory) and is removed at the end.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -49,7 +50,28 @@ class RunRequest:
 
 def _plaintext_root() -> str | None:
     shm = Path("/dev/shm")  # noqa: S108 - memory, so plaintext never reaches a disk
-    return str(shm) if shm.is_dir() else None
+    if not shm.is_dir():
+        return None
+    _remove_abandoned(shm)
+    return str(shm)
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Delete work folders of runs that were killed (their process is gone).
+
+    A run killed with SIGKILL cannot clean up after itself; its plaintext would
+    otherwise stay in memory until reboot.
+    """
+    for folder in root.glob("tdapp-run-*"):
+        pid_text = folder.name.split("-")[2]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live run
 
 
 def run_dapp(request: RunRequest, log: Log) -> str:
@@ -62,7 +84,8 @@ def run_dapp(request: RunRequest, log: Log) -> str:
     image = load_image(request.image)
     measurement = measure_image(image.path)
     log(f"image {request.image}: measurement {measurement}")
-    with tempfile.TemporaryDirectory(prefix="tdapp-run-", dir=_plaintext_root()) as work:
+    with tempfile.TemporaryDirectory(prefix=f"tdapp-run-{os.getpid()}-",
+                                     dir=_plaintext_root()) as work:
         root = Path(work)
         bundle = root / "inputs.zip"
         download(request.url, bundle)
