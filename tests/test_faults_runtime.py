@@ -8,97 +8,28 @@ CAS (output tag) or the transfer store, and a fresh push then runs normally.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cas_fixtures import free_port
+from walk_fixtures import PYTHON_HOST, Walk, output_tag, push, running_up, transfer_objects
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
 
-PYTHON_HOST = ("--host-path", "/usr/bin/python3", "--host-path", "/usr/bin/python3.*",
-               "--host-path", "/usr/lib/python3*")
 SHM = Path("/dev/shm")  # where tdapp run keeps plaintext
-
-
-@dataclass
-class Walk:
-    home: Path
-    example: Path
-    push: str
-    env: dict[str, str]
-
-    def tdapp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "tdapp", *args], cwd=self.example,
-                              env=self.env, capture_output=True, text=True, timeout=100,
-                              check=False, stdin=subprocess.DEVNULL)
-        if check:
-            assert done.returncode == 0, f"tdapp {' '.join(args)}:\n{done.stderr}"
-        return done
 
 
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
-    root = tmp_path_factory.mktemp("walk")
-    home = root / "home"
-    env = {"PATH": os.environ["PATH"], "HOME": str(root), "TDAPP_HOME": str(home),
-           "LANG": "C.UTF-8"}
-    ports = [free_port() for _ in range(3)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tdapp", "up", "--cas-port", str(ports[0]),
-         "--las-port", str(ports[1]), "--transfer-port", str(ports[2])],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "up.log", "wb"),  # noqa: SIM115
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (home / "up.json").exists():
-            assert process.poll() is None, (root / "up.log").read_text()
-            assert time.monotonic() < deadline, "tdapp up did not start"
-            time.sleep(0.1)
-        example = root / "EXAMPLE"
-        for folder in ("KEYS", "INPUTS", "OUTPUTS", "ZIP"):
-            (example / folder).mkdir(parents=True)
-        yield Walk(home, example, f"http://127.0.0.1:{ports[2]}/upload", env)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def push(walk: Walk, application: str, template: str, files: dict[str, str]) -> list[str]:
-    inputs = walk.example / "INPUTS"
-    shutil.rmtree(inputs)
-    inputs.mkdir()
-    for name, text in files.items():
-        (inputs / name).write_text(text)
-    command = walk.tdapp("encryptedpush", "--application", application,
-                         "-t", f"KEYS/{template}").stdout.strip()
-    assert command.startswith("--sessionID tdapp-"), command
-    return shlex.split(command)
-
-
-def transfer_objects(walk: Walk) -> set[Path]:
-    return {path for path in (walk.home / "transfer").rglob("*") if path.is_file()}
-
-
-def output_tag(walk: Walk, monkeypatch: pytest.MonkeyPatch) -> str:
-    from tdapp.client.cas_client import CasClient
-    from tdapp.client.pins import Address
-
-    state = json.loads((walk.example / "KEYS" / "tdapp-session.json").read_text())
-    monkeypatch.setenv("TDAPP_HOME", str(walk.home))
-    answer = CasClient.connect(Address.parse(state["cas"])).request(
-        "GET", f"/v1/volume-tags?session={state['session']}&volume=encrypted-output-files")
-    return str(answer["tag"])
+    with running_up(tmp_path_factory.mktemp("walk")) as started:
+        yield started
 
 
 def processes_mentioning(token: str) -> list[str]:
@@ -144,7 +75,7 @@ def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
                "--entrypoint", f"/usr/bin/python3 -I /{script}", "--heap", "256M",
                *PYTHON_HOST)
 
-    command = push(walk, "sleepy", "sleepy.yml", {"slow": "", "data.txt": "first\n"})
+    command = push(walk, {"slow": "", "data.txt": "first\n"}, "sleepy", "sleepy.yml")
     before_tag, before_objects = output_tag(walk, monkeypatch), transfer_objects(walk)
     log = tmp_path / "run.log"
     with log.open("wb") as output:
@@ -180,7 +111,7 @@ def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
     assert abandoned and all(folder.exists() for folder in abandoned)
 
     # The same application runs normally from a fresh push.
-    again = push(walk, "sleepy", "sleepy.yml", {"data.txt": "second\n"})
+    again = push(walk, {"data.txt": "second\n"}, "sleepy", "sleepy.yml")
     url = walk.tdapp("run", "sleepy", *again, "--push", walk.push).stdout.strip()
     assert not any(folder.exists() for folder in abandoned)
     assert url.startswith("http://127.0.0.1:") and "\n" not in url

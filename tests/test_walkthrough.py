@@ -2,81 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import shlex
 import shutil
 import subprocess
-import sys
-import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cas_fixtures import free_port
+from walk_fixtures import PYTHON_HOST, Walk, output_tag, push, running_up, transfer_objects
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
 
 
-@dataclass
-class Walk:
-    home: Path
-    example: Path
-    push: str
-    env: dict[str, str]
-
-    def tdapp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "tdapp", *args], cwd=self.example,
-                              env=self.env, capture_output=True, text=True, timeout=300,
-                              check=False)
-        if check:
-            assert done.returncode == 0, f"tdapp {' '.join(args)}:\n{done.stderr}"
-        return done
-
-
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
-    root = tmp_path_factory.mktemp("walk")
-    home = root / "home"
-    env = {"PATH": os.environ["PATH"], "HOME": str(root), "TDAPP_HOME": str(home),
-           "LANG": "C.UTF-8"}
-    ports = [free_port() for _ in range(3)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tdapp", "up", "--cas-port", str(ports[0]),
-         "--las-port", str(ports[1]), "--transfer-port", str(ports[2])],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "up.log", "wb"),  # noqa: SIM115
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (home / "up.json").exists():
-            assert process.poll() is None, (root / "up.log").read_text()
-            assert time.monotonic() < deadline, "tdapp up did not start"
-            time.sleep(0.1)
-        example = root / "EXAMPLE"
-        for folder in ("KEYS", "INPUTS", "OUTPUTS", "ZIP"):
-            (example / folder).mkdir(parents=True)
-        walk = Walk(home, example, f"http://127.0.0.1:{ports[2]}/upload", env)
-        walk.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo",
-                   "-o", str(example / "KEYS" / "copy_dapp.yml"))
-        yield walk
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def push(walk: Walk, files: dict[str, str]) -> list[str]:
-    inputs = walk.example / "INPUTS"
-    shutil.rmtree(inputs)
-    inputs.mkdir()
-    for name, text in files.items():
-        (inputs / name).write_text(text)
-    command = walk.tdapp("encryptedpush", "--application", "copy_demo",
-                         "-t", "KEYS/copy_dapp.yml").stdout.strip()
-    assert command.startswith("--sessionID tdapp-") and "/application " in command
-    assert " --secretManagementService 127.0.0.1:" in command and " --url http" in command
-    return shlex.split(command)
+    with running_up(tmp_path_factory.mktemp("walk")) as started:
+        started.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo",
+                      "-o", str(started.example / "KEYS" / "copy_dapp.yml"))
+        yield started
 
 
 def fetch(url: str, target: Path) -> None:
@@ -159,27 +103,6 @@ def _build(walk: Walk, source: Path, name: str, template: str, *extra: str) -> N
                *extra)
 
 
-PYTHON_HOST = ("--host-path", "/usr/bin/python3", "--host-path", "/usr/bin/python3.*",
-               "--host-path", "/usr/lib/python3*")
-
-
-def _transfer_objects(walk: Walk) -> int:
-    return sum(1 for path in (walk.home / "transfer").rglob("*") if path.is_file())
-
-
-def _output_tag(walk: Walk, monkeypatch: pytest.MonkeyPatch) -> str:
-    import json
-
-    from tdapp.client.cas_client import CasClient
-    from tdapp.client.pins import Address
-
-    state = json.loads((walk.example / "KEYS" / "tdapp-session.json").read_text())
-    monkeypatch.setenv("TDAPP_HOME", str(walk.home))
-    answer = CasClient.connect(Address.parse(state["cas"])).request(
-        "GET", f"/v1/volume-tags?session={state['session']}&volume=encrypted-output-files")
-    return str(answer["tag"])
-
-
 def test_a_failing_program_moves_no_tag_and_uploads_nothing(
         walk: Walk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     app = tmp_path / "failing"
@@ -192,12 +115,12 @@ def test_a_failing_program_moves_no_tag_and_uploads_nothing(
            *PYTHON_HOST)
     command = walk.tdapp("encryptedpush", "--application", "failing",
                          "-t", "KEYS/failing.yml").stdout.split()
-    before_tag, before_objects = _output_tag(walk, monkeypatch), _transfer_objects(walk)
+    before_tag, before_objects = output_tag(walk, monkeypatch), transfer_objects(walk)
     done = walk.tdapp("run", "failing", *command, "--push", walk.push, check=False)
     assert done.returncode == 9 and done.stdout == ""
     assert "status 3" in done.stderr and "disk quota exceeded" in done.stderr
-    assert _output_tag(walk, monkeypatch) == before_tag
-    assert _transfer_objects(walk) == before_objects
+    assert output_tag(walk, monkeypatch) == before_tag
+    assert transfer_objects(walk) == before_objects
 
 
 def test_the_wordcount_dapp_counts_100_mb(walk: Walk, tmp_path: Path) -> None:
