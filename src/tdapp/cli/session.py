@@ -8,14 +8,21 @@ from urllib.parse import quote
 
 import click
 
+from tdapp.client.announce import announced
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
-from tdapp.client.pins import DEFAULT_CAS, Address
+from tdapp.client.pins import Address
 from tdapp.errors import InputError, UnavailableError, UsageError
 from tdapp.policy import fill_template, parse_session, session_hash
 
-_cas_option = click.option("--cas", "cas_address", envvar="TDAPP_CAS", default=DEFAULT_CAS,
-                           show_default=True, metavar="HOST:PORT", help="The CAS to talk to.")
+_cas_option = click.option(
+    "--cas", "cas_address", default=None, metavar="HOST:PORT",
+    help="The CAS to talk to (default: TDAPP_CAS, then the one tdapp up announced, "
+         "then 127.0.0.1:8081).")
+
+
+def _cas(address: str | None) -> Address:
+    return Address.parse(address or announced("cas"))
 _env_option = click.option("-e", "--env", "assignments", multiple=True, metavar="VAR=VALUE",
                            help="Fill $VAR in the template (also taken from the environment).")
 
@@ -49,10 +56,10 @@ def session() -> None:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_env_option
 @_cas_option
-def create(file: Path, assignments: tuple[str, ...], cas_address: str) -> None:
+def create(file: Path, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Create the session in FILE (a template: $VARS are filled); prints its hash."""
     text = _document(file, assignments)
-    answer = CasClient.connect(Address.parse(cas_address)).request(
+    answer = CasClient.connect(_cas(cas_address)).request(
         "POST", "/v1/sessions", text.encode())
     click.echo(answer["hash"])
 
@@ -61,11 +68,11 @@ def create(file: Path, assignments: tuple[str, ...], cas_address: str) -> None:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_env_option
 @_cas_option
-def update(file: Path, assignments: tuple[str, ...], cas_address: str) -> None:
+def update(file: Path, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Replace a session; FILE must name the current hash as predecessor. Prints the new hash."""
     text = _document(file, assignments)
     name = parse_session(text, source=str(file)).name
-    answer = CasClient.connect(Address.parse(cas_address)).request(
+    answer = CasClient.connect(_cas(cas_address)).request(
         "PUT", f"/v1/sessions/{quote(name, safe='/')}", text.encode())
     click.echo(answer["hash"])
 
@@ -73,13 +80,14 @@ def update(file: Path, assignments: tuple[str, ...], cas_address: str) -> None:
 @session.command()
 @click.argument("name")
 @_cas_option
-def read(name: str, cas_address: str) -> None:
+def read(name: str, cas_address: str | None) -> None:
     """Print a session as the CAS holds it (readers only)."""
-    answer = CasClient.connect(Address.parse(cas_address)).request(
+    answer = CasClient.connect(_cas(cas_address)).request(
         "GET", f"/v1/sessions/{quote(name, safe='/')}")
     document = answer.get("session")
     if not isinstance(document, str):
-        raise UnavailableError(f"the CAS at {cas_address} answered without a session document")
+        raise UnavailableError(f"the CAS at {_cas(cas_address)} answered without a session "
+                               "document")
     click.echo(document.rstrip("\n"))
 
 
@@ -87,7 +95,7 @@ def read(name: str, cas_address: str) -> None:
 @click.argument("file_or_name")
 @_env_option
 @_cas_option
-def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str) -> None:
+def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Print a session's hash: of FILE as this user would create it, or of NAME on the CAS."""
     path = Path(file_or_name)
     if path.is_file():
@@ -95,6 +103,6 @@ def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str) -> 
         creator = ClientIdentity.load_or_create().identity
         click.echo(session_hash(parse_session(text, source=str(path)), creator))
         return
-    answer = CasClient.connect(Address.parse(cas_address)).request(
+    answer = CasClient.connect(_cas(cas_address)).request(
         "GET", f"/v1/sessions/{quote(file_or_name, safe='/')}")
     click.echo(answer["hash"])

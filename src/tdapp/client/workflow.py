@@ -11,7 +11,6 @@ latest.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -122,21 +121,7 @@ def decrypt(*, conf: Path, encrypted: Path, out: Path) -> int:
         folder = volumes.get(OUTPUT_VOLUME)
         if folder is None:
             raise InputError(f"{bundle} holds no {OUTPUT_VOLUME} volume")
-        opened = _open_named(folder, VolumeKey.from_hex(str(output["key"])),
-                             VolumeTag.from_hex(current), OUTPUT_VOLUME)
+        opened = Volume.open(folder, VolumeKey.from_hex(str(output["key"])),
+                             VolumeTag.from_hex(current), name=OUTPUT_VOLUME)
         report = opened.extract(out)
     return report.files
-
-
-def _open_named(folder: Path, key: VolumeKey, tag: VolumeTag, name: str) -> Volume:
-    from tdapp.errors import TdappError
-
-    try:
-        return Volume.open(folder, key, tag)
-    except TdappError as error:
-        error.message = f"volume {name}: {error.message}"
-        raise
-
-
-def default_push_url() -> str:
-    return os.environ.get("TDAPP_PUSH", "http://127.0.0.1:8090/upload")

@@ -24,7 +24,7 @@ from tdapp.builder import load_image, measure_image
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import obtain_configuration, report_tag
 from tdapp.client.pins import Address
-from tdapp.errors import InputError, RefusedError, TdappError
+from tdapp.errors import InputError, RefusedError
 from tdapp.runtime.sandbox import (
     Mount,
     SandboxSpec,
@@ -136,11 +136,7 @@ def _open_volumes(config: dict[str, Any], sealed: dict[str, Path],
         if volume.get("key") is None or tag is None:
             raise RefusedError(f"volume {name}: the session gives no key or tag for it")
         key = VolumeKey.from_hex(str(volume["key"]))
-        try:
-            opened_volume = Volume.open(folder, key, VolumeTag.from_hex(str(tag)))
-        except TdappError as error:
-            error.message = f"volume {name}: {error.message}"
-            raise
+        opened_volume = Volume.open(folder, key, VolumeTag.from_hex(str(tag)), name=name)
         plain = plain_root / name
         opened_volume.extract(plain)
         mounts.append(Mount(source=plain, target=str(volume["path"]), writable=True))

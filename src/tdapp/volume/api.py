@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tdapp.errors import ConflictError, InputError, IntegrityError, UsageError
+from tdapp.errors import ConflictError, InputError, IntegrityError, TdappError, UsageError
 from tdapp.volume.chunks import (
     FileSealer,
     new_object_id_and_key,
@@ -104,10 +104,20 @@ class Volume:
         return volume
 
     @classmethod
-    def open(cls, root: Path, key: VolumeKey, tag: VolumeTag) -> Volume:
-        """Open a volume, refusing a wrong key, a stale tag or a tampered FSPF."""
+    def open(cls, root: Path, key: VolumeKey, tag: VolumeTag, *,
+             name: str | None = None) -> Volume:
+        """Open a volume, refusing a wrong key, a stale tag or a tampered FSPF.
+
+        ``name`` (a session's volume name) prefixes any refusal, so a user knows
+        which of several volumes it was.
+        """
         folder = VolumeFolder(root)
-        manifest = open_fspf(folder.read_fspf(), key, tag)
+        try:
+            manifest = open_fspf(folder.read_fspf(), key, tag)
+        except TdappError as error:
+            if name is not None:
+                error.message = f"volume {name}: {error.message}"
+            raise
         return cls(folder, key, manifest, tag, _token=_CONSTRUCT)
 
     # -- reading ----------------------------------------------------------------
