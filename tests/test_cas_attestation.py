@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from cas_fixtures import (
     MRENCLAVE,
     CasServer,
     MakeUser,
+    Postgres,
     SessionDoc,
     StartCas,
     User,
@@ -34,7 +36,8 @@ from cas_fixtures import (
 from jwcrypto.common import JWException
 
 from tdapp.attest import report_data
-from tdapp.cas.store import Store, database_url
+from tdapp.cas.nonces import NonceMinter
+from tdapp.cas.sealing import MasterKey
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import EphemeralKey, obtain_configuration, report_tag
 from tdapp.client.pins import Address
@@ -196,15 +199,47 @@ def test_reused_nonce(world: tuple[CasServer, User], las: str) -> None:
             "nonce already used (replay)", name)
 
 
+def _minted_by_the_cas(server: CasServer, name: str, service: str, at: float) -> str:
+    """A nonce made with the CAS's own master key, as another replica would make it."""
+    minter = NonceMinter(MasterKey.load_or_create(server.state_dir / "master.key"))
+    return minter.issue(name, service, now=at)[0]
+
+
 def test_expired_nonce(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, _, key = _fresh(world)
-    store = Store(database_url(None, server.state_dir))
-    store.add_nonce("ee" * 32, name, "application", time.time() - 1)
-    store.close()
-    body = evidence(las, report_data("ee" * 32, key.public_der))
-    refused(server, world, attempt(server, name, body, "ee" * 32, key), 403, "nonce expired",
-            name)
+    nonce = _minted_by_the_cas(server, name, "application", time.time() - 121)
+    body = evidence(las, report_data(nonce, key.public_der))
+    refused(server, world, attempt(server, name, body, nonce, key), 403, "nonce expired", name)
+
+
+@pytest.mark.parametrize("forgery", ["random", "flipped bit", "another session",
+                                     "another service", "truncated"])
+def test_nonce_not_issued_for_this_service(world: tuple[CasServer, User], las: str,
+                                           forgery: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    other, _, _ = _fresh(world)
+    forged = {
+        "random": "ab" * 40,
+        "flipped bit": nonce[:-1] + format(int(nonce[-1], 16) ^ 1, "x"),
+        "another session": new_nonce(server, other),
+        "another service": _minted_by_the_cas(server, name, "other", time.time()),
+        "truncated": nonce[:-2],
+    }[forgery]
+    body = evidence(las, report_data(forged, key.public_der))
+    refused(server, world, attempt(server, name, body, forged, key), 403, "unknown nonce", name)
+
+
+def test_a_refused_attempt_spends_its_nonce(world: tuple[CasServer, User], las: str) -> None:
+    server, _ = world
+    name, nonce, key = _fresh(world)
+    wrong = evidence(las, report_data(nonce, key.public_der), measurement=OTHER)
+    refused(server, world, attempt(server, name, wrong, nonce, key), 403,
+            "is not one of the session's mrenclaves", name)
+    right = evidence(las, report_data(nonce, key.public_der))
+    refused(server, world, attempt(server, name, right, nonce, key), 403,
+            "nonce already used (replay)", name)
 
 
 @pytest.mark.parametrize("binds", ["another nonce", "another key"])
@@ -338,3 +373,37 @@ def test_hardware_and_sim_sessions_need_evidence(world: tuple[CasServer, User]) 
     name, nonce, key = _fresh(world)
     refused(server, world, attempt(server, name, None, nonce, key), 403,
             "evidence is required", name)
+
+
+def test_one_nonce_is_spent_once_across_two_replicas(cas_server: StartCas, user: MakeUser,
+                                                     postgres: Postgres, las: str) -> None:
+    url = postgres.create_database()
+    first = cas_server(db=url, extra=("--debug",))
+    second = cas_server(db=url, state_dir=first.state_dir, extra=("--debug",))
+    try:
+        alice = user("alice-nonce-replicas")
+        alice.attest(first)
+        doc = create((first, alice), SessionDoc(unique_name("replica-nonce")))
+        nonce = new_nonce(first, doc.name)  # issued by one replica...
+        key = EphemeralKey()
+        body = evidence(las, report_data(nonce, key.public_der))
+        barrier = threading.Barrier(8)
+
+        def spend(index: int) -> httpx.Response:
+            server = (first, second)[index % 2]  # ...spent at both at once
+            with anonymous_http(server) as http:
+                assert http.get("/v1/health").status_code == 200
+                barrier.wait(timeout=30)
+                return http.post("/v1/attestation", json={
+                    "session": doc.name, "service": "application", "nonce": nonce,
+                    "public_key": key.public_b64url, "evidence": body})
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(spend, range(8)))
+        codes = sorted(answer.status_code for answer in answers)
+        assert codes == [200] + [403] * 7, [answer.text for answer in answers]
+        assert all("nonce already used (replay)" in answer.json()["error"]
+                   for answer in answers if answer.status_code == 403)
+    finally:
+        second.stop()
+        first.stop()

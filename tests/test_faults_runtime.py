@@ -1,9 +1,13 @@
-"""Fault injection on the runtime: ``tdapp run`` killed with SIGKILL while the program runs.
+"""Fault injection on the runtime: ``tdapp run`` killed with SIGKILL while the program runs
+and while it uploads.
 
 A DApp whose program sleeps when its inputs hold a file ``slow`` is started
 with ``tdapp run``; once the program has written a marker into its output
-volume the runtime's process group gets SIGKILL. Nothing may have reached the
-CAS (output tag) or the transfer store, and a fresh push then runs normally.
+volume the runtime's process group gets SIGKILL. In the second test the program
+finishes and the runtime is killed halfway through its upload, to a push
+service that takes part of the body and then stalls. Either way nothing may have
+reached the CAS (output tag) or the transfer store, and a fresh push then runs
+normally.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,14 +61,18 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(120)
-def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
-        walk: Walk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@dataclass(frozen=True)
+class Sleepy:
+    marker: str
+    script: str
+
+
+@pytest.fixture(scope="module")
+def sleepy(walk: Walk, tmp_path_factory: pytest.TempPathFactory) -> Sleepy:
     token = secrets.token_hex(6)
     marker = f"started-{token}"
     script = f"sleepy_{token}.py"
-    app = tmp_path / "sleepy"
-    app.mkdir()
+    app = tmp_path_factory.mktemp("sleepy")
     (app / script).write_text(
         "import os, shutil, time\n"
         "for name in sorted(os.listdir('/encryptedInputs')):\n"
@@ -74,15 +85,49 @@ def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
                str(walk.example / "KEYS" / "sleepy.yml"),
                "--entrypoint", f"/usr/bin/python3 -I /{script}", "--heap", "256M",
                *PYTHON_HOST)
+    return Sleepy(marker, script)
 
+
+def start_run(walk: Walk, command: list[str], push_url: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tdapp", "run", "sleepy", *command, "--push", push_url],
+            cwd=walk.example, env=walk.env, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=output, start_new_session=True)
+
+
+def kill_group(run: subprocess.Popen[bytes]) -> None:
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=15)
+
+
+def rerun_succeeds(walk: Walk, monkeypatch: pytest.MonkeyPatch, before_tag: str,
+                   before_objects: set[Path], marker: str) -> None:
+    """A fresh push of the same application runs, publishes and decrypts normally."""
+    again = push(walk, {"data.txt": "second\n"}, "sleepy", "sleepy.yml")
+    url = walk.tdapp("run", "sleepy", *again, "--push", walk.push).stdout.strip()
+    assert url.startswith("http://127.0.0.1:") and "\n" not in url
+    assert output_tag(walk, monkeypatch) != before_tag
+    assert len(transfer_objects(walk) - before_objects) >= 1
+    zips = walk.example / "ZIP"
+    subprocess.run(["curl", "--silent", "--show-error", "--fail", "--output",
+                    str(zips / "out.zip"), url], check=True, timeout=60)
+    walk.tdapp("decrypt")
+    outputs = walk.example / "OUTPUTS"
+    assert (outputs / "data.txt").read_text() == "second\n"
+    assert (outputs / marker).read_text() == "running"
+    assert not (outputs / "slow").exists()
+
+
+@pytest.mark.timeout(120)
+def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
+        walk: Walk, sleepy: Sleepy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker, script = sleepy.marker, sleepy.script
     command = push(walk, {"slow": "", "data.txt": "first\n"}, "sleepy", "sleepy.yml")
     before_tag, before_objects = output_tag(walk, monkeypatch), transfer_objects(walk)
     log = tmp_path / "run.log"
-    with log.open("wb") as output:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "tdapp", "run", "sleepy", *command, "--push", walk.push],
-            cwd=walk.example, env=walk.env, stdin=subprocess.DEVNULL, stdout=output,
-            stderr=output, start_new_session=True)
+    run = start_run(walk, command, walk.push, log)
     markers: list[Path] = []
     try:
         def started() -> bool:
@@ -92,12 +137,8 @@ def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
 
         wait_for(started, 60, "the program did not start within 60 s")
         time.sleep(0.5)
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait(timeout=15)
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait(timeout=15)
+        kill_group(run)
     assert run.returncode == -signal.SIGKILL
 
     # The sandboxed program dies with the runtime (bwrap --die-with-parent).
@@ -110,18 +151,69 @@ def test_sigkilled_run_moves_no_tag_uploads_nothing_and_a_fresh_push_runs(
     abandoned = {next(p for p in path.parents if p.parent == SHM) for path in markers}
     assert abandoned and all(folder.exists() for folder in abandoned)
 
-    # The same application runs normally from a fresh push.
-    again = push(walk, {"data.txt": "second\n"}, "sleepy", "sleepy.yml")
-    url = walk.tdapp("run", "sleepy", *again, "--push", walk.push).stdout.strip()
+    rerun_succeeds(walk, monkeypatch, before_tag, before_objects, marker)
     assert not any(folder.exists() for folder in abandoned)
-    assert url.startswith("http://127.0.0.1:") and "\n" not in url
-    assert output_tag(walk, monkeypatch) != before_tag
-    assert len(transfer_objects(walk) - before_objects) >= 1
-    zips = walk.example / "ZIP"
-    subprocess.run(["curl", "--silent", "--show-error", "--fail", "--output",
-                    str(zips / "out.zip"), url], check=True, timeout=60)
-    walk.tdapp("decrypt")
-    outputs = walk.example / "OUTPUTS"
-    assert (outputs / "data.txt").read_text() == "second\n"
-    assert (outputs / marker).read_text() == "running"
-    assert not (outputs / "slow").exists()
+
+
+class StallingPushService:
+    """Takes an upload's headers and part of its body, then never answers."""
+
+    def __init__(self, stall_after: int) -> None:
+        self.stall_after = stall_after
+        self.received = 0
+        self.closed = threading.Event()
+        self.drain = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self._listener.accept()
+        with connection:
+            while self.received < self.stall_after:
+                data = connection.recv(65536)
+                if not data:
+                    break
+                self.received += len(data)
+            # Stop reading until the sender is killed: it blocks mid-body once the
+            # socket buffers fill. Then drain to see whether the connection ends.
+            self.drain.wait(90)
+            connection.settimeout(30)
+            try:
+                while connection.recv(65536):
+                    pass
+            except OSError:
+                return
+        self.closed.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.timeout(120)
+def test_run_killed_while_it_uploads_publishes_nothing_and_moves_no_tag(
+        walk: Walk, sleepy: Sleepy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Incompressible output large enough that the upload is surely still going.
+    big = secrets.token_hex(4 * 1024 * 1024)
+    command = push(walk, {"big.txt": big}, "sleepy", "sleepy.yml")
+    before_tag, before_objects = output_tag(walk, monkeypatch), transfer_objects(walk)
+    stalling = StallingPushService(stall_after=1024 * 1024)
+    log = tmp_path / "run.log"
+    run = start_run(walk, command, stalling.url, log)
+    try:
+        def uploading() -> bool:
+            assert run.poll() is None, log.read_text(errors="replace")
+            return stalling.received >= stalling.stall_after
+
+        wait_for(uploading, 90, "the runtime did not start its upload within 90 s")
+        kill_group(run)
+    finally:
+        kill_group(run)
+        stalling.drain.set()
+        stalling.close()
+    assert run.returncode == -signal.SIGKILL
+    stalling.drain.set()
+    assert stalling.closed.wait(15), "the killed runtime's connection stayed open"
+    assert output_tag(walk, monkeypatch) == before_tag, "a tag moved before the upload finished"
+    assert transfer_objects(walk) == before_objects
+    rerun_succeeds(walk, monkeypatch, before_tag, before_objects, sleepy.marker)

@@ -29,7 +29,6 @@ from tdapp.attest import (
     AllOf,
     Claims,
     DebugTolerated,
-    EvidenceError,
     MeasurementIn,
     PlatformIn,
     Policy,
@@ -39,12 +38,12 @@ from tdapp.attest import (
     report_data,
     verifier_for,
 )
+from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.sessions import NotFoundError, SessionAuthority
-from tdapp.cas.store import Store
+from tdapp.cas.store import AuditEntry, NewInstance, SpentNonce, Store
 from tdapp.errors import ConflictError, InputError, RefusedError, TdappError
 from tdapp.policy import Service, Session
 
-NONCE_LIFETIME = 120.0
 INSTANCE_LIFETIME = 24 * 3600.0
 HARDWARE_TEES = ("sgx", "tdx", "snp")
 
@@ -74,19 +73,21 @@ class AttestationRequest:
 
 
 class AttestationAuthority:
-    def __init__(self, store: Store, sessions: SessionAuthority, *, debug: bool) -> None:
+    def __init__(self, store: Store, sessions: SessionAuthority, nonces: NonceMinter, *,
+                 debug: bool) -> None:
         self._store = store
         self._sessions = sessions
+        self._nonces = nonces
         self._debug = debug
 
     # -- nonces -------------------------------------------------------------------
 
     def issue_nonce(self, session_name: str, service_name: str) -> tuple[str, float]:
-        self._service(session_name, service_name, "attest.nonce")
-        nonce = secrets.token_hex(32)
-        expires_at = time.time() + NONCE_LIFETIME
-        self._store.add_nonce(nonce, session_name, service_name, expires_at)
-        return nonce, expires_at
+        session = self._sessions.recently_stored(session_name)
+        if session is None or session.service(service_name) is None:
+            # Maybe created or extended on another replica since: ask the database.
+            self._service(session_name, service_name, "attest.nonce")
+        return self._nonces.issue(session_name, service_name)
 
     # -- attestation ----------------------------------------------------------------
 
@@ -94,18 +95,23 @@ class AttestationAuthority:
         """Check everything; return (compact JWE of the configuration, instance token hash)."""
         event = "attest"
         session, service = self._service(request.session, request.service, event)
-        self._consume(request, event)
-        public_key = self._public_key(request, event)
-        mode = self.mode_of(session)
-        measurement = "none"
-        if mode != "none":
-            claims = self._verified_claims(request, event)
-            verdict = self.policy_for(session, service, mode, request.nonce,
-                                      _der(public_key)).verify(claims)
-            if not verdict.ok:
-                self._refuse(request.session, event, RefusedError(verdict.reason))
-            measurement = claims.measurement
-        volumes = self._volumes(session, service, request.session, event)
+        nonce = self._spendable(request, event)
+        try:
+            public_key = self._public_key(request)
+            mode = self.mode_of(session)
+            measurement = "none"
+            if mode != "none":
+                claims = self._verified_claims(request)
+                verdict = self.policy_for(session, service, mode, request.nonce,
+                                          _der(public_key)).verify(claims)
+                if not verdict.ok:
+                    raise RefusedError(verdict.reason)
+                measurement = claims.measurement
+            volumes = self._volumes(session, service, request.session)
+        except TdappError as error:
+            # A refused attempt spends its nonce: evidence is never judged twice.
+            self._store.spend_nonce(nonce, AuditEntry(event, "refused", error.message))
+            raise
         token = secrets.token_hex(32)
         token_hash = _token_hash(token)
         expires_at = time.time() + INSTANCE_LIFETIME
@@ -116,10 +122,12 @@ class AttestationAuthority:
             "injection_files": self._injection_files(session, service),
             "token": token, "expires_at": expires_at,
         }
-        self._store.add_instance(token_hash, session.name, service.name, measurement, expires_at,
-                                 (event, None, f"accepted {mode} attestation of {service.name} "
-                                               f"(measurement {measurement}); instance "
-                                               f"{token_hash[:16]}"))
+        accepted = AuditEntry(event, "accepted",
+                              f"accepted {mode} attestation of {service.name} (measurement "
+                              f"{measurement}); instance {token_hash[:16]}")
+        if not self._store.spend_nonce(nonce, accepted,
+                                       NewInstance(token_hash, measurement, expires_at)):
+            self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
         return _encrypt_to(public_key, configuration), token_hash
 
     def mode_of(self, session: Session) -> str:
@@ -188,49 +196,41 @@ class AttestationAuthority:
                 f"session {session_name!r} has no service {service_name!r}"))
         return session, service
 
-    def _consume(self, request: AttestationRequest, event: str) -> None:
-        use = self._store.consume_nonce(request.nonce)
-        if not use.known:
-            self._refuse(request.session, event, RefusedError("unknown nonce"))
-        if not use.first_use:
-            self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
-        if use.expires_at < time.time():
-            self._refuse(request.session, event, RefusedError("nonce expired"))
-        if (use.session, use.service) != (request.session, request.service):
-            self._refuse(request.session, event, RefusedError(
-                f"nonce was issued for {use.session}/{use.service}"))
+    def _spendable(self, request: AttestationRequest, event: str) -> SpentNonce:
+        """The request's nonce if this CAS issued it for this service and it is fresh."""
+        try:
+            checked = self._nonces.check(request.nonce, request.session, request.service)
+        except RefusedError as error:
+            self._refuse(request.session, event, error)
+        # Whether it was spent already is settled where it is spent, atomically.
+        return SpentNonce(checked.digest, request.session, request.service, checked.expires_at)
 
-    def _public_key(self, request: AttestationRequest, event: str) -> ec.EllipticCurvePublicKey:
+    @staticmethod
+    def _public_key(request: AttestationRequest) -> ec.EllipticCurvePublicKey:
         try:
             key = load_der_public_key(_b64url_decode(request.public_key))
         except (ValueError, binascii.Error):
-            self._refuse(request.session, event, InputError(
-                "public_key is not a base64url DER public key"))
+            raise InputError("public_key is not a base64url DER public key") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-            self._refuse(request.session, event, InputError("public_key must be an EC P-256 key"))
+            raise InputError("public_key must be an EC P-256 key")
         return key
 
-    def _verified_claims(self, request: AttestationRequest, event: str) -> Claims:
+    @staticmethod
+    def _verified_claims(request: AttestationRequest) -> Claims:
         if request.evidence is None:
-            self._refuse(request.session, event, RefusedError(
-                "evidence is required for this session"))
-        try:
-            return verifier_for(request.evidence).verify(request.evidence, at=time.time())
-        except EvidenceError as error:
-            self._refuse(request.session, event, error)
+            raise RefusedError("evidence is required for this session")
+        return verifier_for(request.evidence).verify(request.evidence, at=time.time())
 
-    def _volumes(self, session: Session, service: Service, name: str,
-                 event: str) -> list[dict[str, Any]]:
+    def _volumes(self, session: Session, service: Service, name: str) -> list[dict[str, Any]]:
         image = session.image(service.image_name) if service.image_name else None
+        tags = self._store.volume_tags(name)
         result = []
         for mount in image.volumes if image is not None else ():
             volume = session.volume(mount.name)
-            known, tag = self._store.volume_tag(name, mount.name)
-            if volume is None or not known:
-                self._refuse(name, event, RefusedError(
-                    f"the expected tag of volume {mount.name!r} is not known"))
+            if volume is None or mount.name not in tags:
+                raise RefusedError(f"the expected tag of volume {mount.name!r} is not known")
             result.append({"name": mount.name, "path": mount.path, "key": volume.fspf_key,
-                           "tag": tag})
+                           "tag": tags[mount.name]})
         return result
 
     @staticmethod

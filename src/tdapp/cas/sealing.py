@@ -49,6 +49,11 @@ class MasterKey:
         except ValueError:
             raise InputError(f"{path} does not hold a 64-hex master key") from None
 
+    def subkey(self, purpose: bytes) -> bytes:
+        """A 32-byte key for one purpose (e.g. nonce MACs), independent of every other."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"tdapp/v1 cas " + purpose).derive(self._key)
+
     def _aead(self, salt: bytes) -> AESGCM:
         derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_INFO).derive(
             self._key)

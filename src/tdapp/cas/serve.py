@@ -11,6 +11,7 @@ from aiohttp import web
 from tdapp.cas.attestation import AttestationAuthority
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
+from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.ratelimit import RateLimit
 from tdapp.cas.server import create_app
 from tdapp.cas.sessions import SessionAuthority
@@ -32,7 +33,8 @@ def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
     metrics = CasMetrics()
     store.refusal_listener = metrics.refused
     authority = SessionAuthority(store, materials.master_key)
-    attestation = AttestationAuthority(store, authority, debug=debug)
+    attestation = AttestationAuthority(store, authority, NonceMinter(materials.master_key),
+                                       debug=debug)
     limiter = RateLimit(rate_limit) if rate_limit > 0 else None
     return create_app(authority, attestation, materials, metrics, limiter), materials, store
 

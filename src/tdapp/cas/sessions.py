@@ -40,6 +40,7 @@ class SessionAuthority:
         # Sessions already unsealed and checked, by their exact stored record: a
         # sealed record is unique (random salt), so a hit is the same verified bytes.
         self._opened: dict[tuple[str, str, str, bytes], Session] = {}
+        self._last_opened: dict[str, Session] = {}
 
     # -- changes ------------------------------------------------------------------
 
@@ -143,6 +144,14 @@ class SessionAuthority:
         current = self._store.get_session(name)
         return None if current is None else self._unseal(current)
 
+    def recently_stored(self, name: str) -> Session | None:
+        """A version of the session this CAS verified lately, else the stored one.
+
+        Only for decisions that a later, stricter check repeats (issuing a nonce): it
+        may be older than what another replica has stored since.
+        """
+        return self._last_opened.get(name) or self.stored(name)
+
     def volume_tag(self, name: str, volume: str, who: Identity | None) -> str | None:
         self.read(name, who)
         known, tag = self._store.volume_tag(name, volume)
@@ -195,7 +204,9 @@ class SessionAuthority:
             raise IntegrityError(f"stored session {stored.name!r} does not match its hash")
         if len(self._opened) >= _OPENED_CACHE:
             self._opened.clear()  # simple and thread-safe; refills with what is in use
+            self._last_opened.clear()
         self._opened[record] = session
+        self._last_opened[stored.name] = session
         return session
 
 

@@ -10,6 +10,7 @@ decision and never sees a plaintext secret (documents arrive sealed).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +21,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -28,6 +31,7 @@ from tdapp.cas.schema import audit_log, instances, nonces, sessions, volume_tags
 from tdapp.errors import ConflictError, UnavailableError, UsageError
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+_PRUNE_EVERY = 512
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,32 @@ class StoredSession:
     creator: str
     revision: int
     sealed_document: bytes
+
+
+@dataclass(frozen=True)
+class SpentNonce:
+    digest: str
+    session: str
+    service: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    token_hash: str
+    measurement: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    event: str
+    outcome: str
+    reason: str
+
+
+class _AlreadySpent(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -52,15 +82,6 @@ class AuditEvent:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "at": self.at, "session": self.session, "event": self.event,
                 "actor": self.actor, "outcome": self.outcome, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class NonceUse:
-    known: bool
-    first_use: bool
-    session: str
-    service: str
-    expires_at: float
 
 
 def database_url(value: str | None, state_dir: Path) -> str:
@@ -84,7 +105,9 @@ class Store:
         # SQLite allows one writer at a time; serializing our own writers avoids
         # "database is locked" instead of retrying it.
         self._write_lock = threading.Lock() if self._sqlite else None
-        options: dict[str, Any] = {"pool_pre_ping": True}
+        self._spends = itertools.count(1)
+        # A local file cannot drop a connection: only PostgreSQL's are checked on checkout.
+        options: dict[str, Any] = {"pool_pre_ping": not self._sqlite}
         if self._sqlite:
             options["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
@@ -172,6 +195,13 @@ class Store:
                 volume_tags.c.session == session, volume_tags.c.volume == volume)).first()
         return (False, None) if row is None else (True, row.tag)
 
+    def volume_tags(self, session: str) -> dict[str, str | None]:
+        """Every volume of the session that has a row, with its current tag."""
+        with self._read() as connection:
+            rows = connection.execute(select(volume_tags.c.volume, volume_tags.c.tag).where(
+                volume_tags.c.session == session)).all()
+        return {row.volume: row.tag for row in rows}
+
     def swap_volume_tag(self, session: str, volume: str, old: str | None, new: str,
                         audit: tuple[str, str | None, str]) -> bool:
         """Compare-and-swap one volume's tag; False if ``old`` is no longer current."""
@@ -189,31 +219,43 @@ class Store:
 
     # -- attestation: nonces and instances -------------------------------------------
 
-    def add_nonce(self, nonce: str, session: str, service: str, expires_at: float) -> None:
-        with self._write() as connection:
-            connection.execute(insert(nonces).values(
-                nonce=nonce, session=session, service=service, expires_at=expires_at))
+    def spend_nonce(self, nonce: SpentNonce, audit: AuditEntry,
+                    instance: NewInstance | None = None) -> bool:
+        """Spend a nonce, write the audit entry and the new instance in one transaction.
 
-    def consume_nonce(self, nonce: str) -> NonceUse:
-        """Mark a nonce used, exactly once across all replicas; report what it was."""
+        With an instance, nothing is written and False is returned when the nonce was
+        already spent (a replay, possibly racing on another replica); without one (a
+        refusal), the audit entry is written either way.
+        """
         now = time.time()
-        with self._write() as connection:
-            claimed = connection.execute(
-                update(nonces).where(nonces.c.nonce == nonce, nonces.c.used_at.is_(None))
-                .values(used_at=now)).rowcount == 1
-            row = connection.execute(select(nonces).where(nonces.c.nonce == nonce)).first()
-        if row is None:
-            return NonceUse(known=False, first_use=False, session="", service="", expires_at=0)
-        return NonceUse(True, claimed, row.session, row.service, row.expires_at)
+        if audit.outcome == "refused":
+            self._note_refusal(audit.event, audit.reason)
+        try:
+            with self._write() as connection:
+                fresh = connection.execute(self._insert_new(nonces).values(
+                    nonce=nonce.digest, session=nonce.session, service=nonce.service,
+                    expires_at=nonce.expires_at, used_at=now).returning(nonces.c.nonce)
+                ).first() is not None
+                if instance is not None:
+                    if not fresh:
+                        raise _AlreadySpent
+                    connection.execute(insert(instances).values(
+                        token_hash=instance.token_hash, session=nonce.session,
+                        service=nonce.service, measurement=instance.measurement,
+                        created_at=now, expires_at=instance.expires_at))
+                _append_audit(connection, now, nonce.session, audit.event, None, audit.reason,
+                              audit.outcome)
+                if next(self._spends) % _PRUNE_EVERY == 0:
+                    # An expired nonce is refused by its MAC'd expiry; its row can go.
+                    connection.execute(delete(nonces).where(nonces.c.expires_at < now - 60))
+        except _AlreadySpent:
+            return False
+        return fresh or instance is None
 
-    def add_instance(self, token_hash: str, session: str, service: str, measurement: str,
-                     expires_at: float, audit: tuple[str, str | None, str]) -> None:
-        now = time.time()
-        with self._write() as connection:
-            connection.execute(insert(instances).values(
-                token_hash=token_hash, session=session, service=service,
-                measurement=measurement, created_at=now, expires_at=expires_at))
-            _append_audit(connection, now, session, *audit, "accepted")
+    def _insert_new(self, table: Any) -> Any:
+        """INSERT that skips a row whose primary key exists, on either database."""
+        dialect_insert = sqlite_insert if self._sqlite else postgresql_insert
+        return dialect_insert(table).on_conflict_do_nothing()
 
     def instance(self, token_hash: str) -> tuple[str, str, float] | None:
         """(session, service, expires_at) of the instance holding this token."""
@@ -226,10 +268,14 @@ class Store:
 
     def record(self, session: str | None, event_name: str, actor: str | None, outcome: str,
                reason: str) -> None:
-        if outcome == "refused" and self.refusal_listener is not None:
-            self.refusal_listener(event_name, reason)
+        if outcome == "refused":
+            self._note_refusal(event_name, reason)
         with self._write() as connection:
             _append_audit(connection, time.time(), session, event_name, actor, reason, outcome)
+
+    def _note_refusal(self, event_name: str, reason: str) -> None:
+        if self.refusal_listener is not None:
+            self.refusal_listener(event_name, reason)
 
     def audit_events(self, session: str | None, limit: int = 1000) -> list[AuditEvent]:
         query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)

@@ -1,0 +1,67 @@
+"""One-time attestation nonces that cost no database write to issue.
+
+A nonce is ``random(16) || expiry(8) || MAC(16)`` in hex, the MAC an HMAC-SHA256
+under a key derived from the CAS master key over the session, the service, the
+random part and the expiry. Any replica sharing the master key can check it
+without a lookup; single use is enforced where the nonce is spent, by inserting
+its digest in the same transaction that accepts or refuses the attestation.
+This module must never accept a nonce whose MAC it has not checked in constant
+time, and never treat an expired nonce as fresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from tdapp.cas.sealing import MasterKey
+from tdapp.errors import RefusedError
+
+NONCE_LIFETIME = 120.0
+_RANDOM = 16
+_EXPIRY = 8
+_MAC = 16
+_SIZE = _RANDOM + _EXPIRY + _MAC
+
+
+@dataclass(frozen=True)
+class CheckedNonce:
+    """A nonce whose MAC and expiry verified: what is stored when it is spent."""
+
+    digest: str  # SHA-256 hex of the nonce text: the single-use key in the database
+    expires_at: float
+
+
+class NonceMinter:
+    def __init__(self, master_key: MasterKey, lifetime: float = NONCE_LIFETIME) -> None:
+        self._key = master_key.subkey(b"attestation nonce")
+        self._lifetime = lifetime
+
+    def issue(self, session: str, service: str, now: float | None = None) -> tuple[str, float]:
+        expires_ms = int(((time.time() if now is None else now) + self._lifetime) * 1000)
+        body = os.urandom(_RANDOM) + struct.pack(">Q", expires_ms)
+        return (body + self._mac(session, service, body)).hex(), expires_ms / 1000
+
+    def check(self, nonce: str, session: str, service: str,
+              now: float | None = None) -> CheckedNonce:
+        """The nonce's digest and expiry, or RefusedError naming why it is not acceptable."""
+        try:
+            raw = bytes.fromhex(nonce)
+        except ValueError:
+            raw = b""
+        if len(raw) != _SIZE or not hmac.compare_digest(
+                raw[-_MAC:], self._mac(session, service, raw[:-_MAC])):
+            raise RefusedError(f"unknown nonce: this CAS did not issue it for {session}/{service}")
+        (expires_ms,) = struct.unpack(">Q", raw[_RANDOM:_RANDOM + _EXPIRY])
+        if expires_ms / 1000 < (time.time() if now is None else now):
+            raise RefusedError("nonce expired")
+        return CheckedNonce(hashlib.sha256(nonce.encode("ascii")).hexdigest(), expires_ms / 1000)
+
+    def _mac(self, session: str, service: str, body: bytes) -> bytes:
+        message = b"".join(struct.pack(">I", len(part)) + part
+                           for part in (session.encode(), service.encode(), body))
+        return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC]
