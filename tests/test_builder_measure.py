@@ -12,6 +12,8 @@ import pytest
 
 from tdapp.builder import Config, FileRecord, canonical_bytes, measure_image, measurement
 from tdapp.builder.manifest import (
+    DirRecord,
+    LinkRecord,
     Manifest,
     check_host_paths,
     check_name,
@@ -19,7 +21,7 @@ from tdapp.builder.manifest import (
     parse_entrypoint,
     parse_size,
 )
-from tdapp.builder.measure import scan_files
+from tdapp.builder.measure import Tree, scan_tree
 from tdapp.errors import IntegrityError, UsageError
 from tdapp.policy import split_command
 
@@ -30,21 +32,21 @@ HELLO = FileRecord("copy_files", 0o755, 5, hashlib.sha256(b"hello").hexdigest())
 
 def test_the_documented_test_vector() -> None:
     text = DOCS.read_text()
-    block = text.split("canonical bytes (175, hex):\n", 1)[1].split("\n\n", 1)[0]
+    block = text.split("canonical bytes (199, hex):\n", 1)[1].split("\n\n", 1)[0]
     documented_bytes = bytes.fromhex("".join(block.split()))
     documented_value = re.search(r"measurement:\n([0-9a-f]{64})", text)
     assert documented_value is not None
-    assert canonical_bytes(CONFIG, [HELLO]) == documented_bytes
-    assert len(documented_bytes) == 175
-    assert measurement(CONFIG, [HELLO]) == documented_value.group(1)
-    assert measurement(CONFIG, [HELLO]) == hashlib.sha256(documented_bytes).hexdigest()
+    assert canonical_bytes(CONFIG, Tree((HELLO,))) == documented_bytes
+    assert len(documented_bytes) == 199
+    assert measurement(CONFIG, Tree((HELLO,))) == documented_value.group(1)
+    assert measurement(CONFIG, Tree((HELLO,))) == hashlib.sha256(documented_bytes).hexdigest()
 
 
 def test_file_order_and_host_path_order_do_not_matter() -> None:
     other = FileRecord("a/b", 0o644, 0, hashlib.sha256(b"").hexdigest())
     config = dataclasses.replace(CONFIG, host_paths=("/usr/lib/x", "/usr/bin/y"))
     swapped = dataclasses.replace(config, host_paths=("/usr/bin/y", "/usr/lib/x"))
-    assert measurement(config, [HELLO, other]) == measurement(swapped, [other, HELLO])
+    assert measurement(config, Tree((HELLO, other))) == measurement(swapped, Tree((other, HELLO)))
 
 
 @pytest.mark.parametrize("change", [
@@ -54,10 +56,11 @@ def test_file_order_and_host_path_order_do_not_matter() -> None:
     {"stack": 8 * 1024 * 1024},
     {"mode": "hardware"},
     {"host_paths": ("/usr/bin/python3",)},
+    {"user": "1000:1000"},
 ])
 def test_every_setting_changes_it(change: dict[str, object]) -> None:
     changed = dataclasses.replace(CONFIG, **change)  # type: ignore[arg-type]
-    assert measurement(changed, [HELLO]) != measurement(CONFIG, [HELLO])
+    assert measurement(changed, Tree((HELLO,))) != measurement(CONFIG, Tree((HELLO,)))
 
 
 @pytest.mark.parametrize("change", [
@@ -66,14 +69,31 @@ def test_every_setting_changes_it(change: dict[str, object]) -> None:
 ])
 def test_every_file_attribute_changes_it(change: dict[str, object]) -> None:
     changed = dataclasses.replace(HELLO, **change)  # type: ignore[arg-type]
-    assert measurement(CONFIG, [changed]) != measurement(CONFIG, [HELLO])
+    assert measurement(CONFIG, Tree((changed,))) != measurement(CONFIG, Tree((HELLO,)))
+
+
+@pytest.mark.parametrize("tree", [
+    Tree((HELLO,), dirs=(DirRecord("tmp", 0o1777),)),
+    Tree((HELLO,), dirs=(DirRecord("tmp", 0o755),)),
+    Tree((HELLO,), links=(LinkRecord("bin", "usr/bin"),)),
+    Tree((HELLO,), links=(LinkRecord("bin", "/usr/bin"),)),
+    Tree((HELLO,), links=(LinkRecord("sbin", "usr/bin"),)),
+])
+def test_folders_and_links_are_measured(tree: Tree) -> None:
+    others = {measurement(CONFIG, other) for other in (
+        Tree((HELLO,)), Tree((HELLO,), dirs=(DirRecord("tmp", 0o1777),)),
+        Tree((HELLO,), dirs=(DirRecord("tmp", 0o755),)),
+        Tree((HELLO,), links=(LinkRecord("bin", "usr/bin"),)),
+        Tree((HELLO,), links=(LinkRecord("bin", "/usr/bin"),)),
+        Tree((HELLO,), links=(LinkRecord("sbin", "usr/bin"),)))}
+    assert len(others) == 6 and measurement(CONFIG, tree) in others
 
 
 def test_length_prefixes_keep_fields_apart() -> None:
     # Without lengths, ("/a b",) and ("/a", "b") could encode alike.
     one = dataclasses.replace(CONFIG, entrypoint=("/ab",))
     two = dataclasses.replace(CONFIG, entrypoint=("/a", "b"))
-    assert measurement(one, []) != measurement(two, [])
+    assert measurement(one, Tree(())) != measurement(two, Tree(()))
 
 
 def _image_folder(root: Path, files: dict[str, bytes]) -> Path:
@@ -82,8 +102,9 @@ def _image_folder(root: Path, files: dict[str, bytes]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
         target.chmod(0o755 if relative == "copy_files" else 0o644)
-    records = tuple(scan_files(root / "rootfs"))
-    manifest = Manifest("demo", CONFIG, records, measurement(CONFIG, records), "now")
+    tree = scan_tree(root / "rootfs")
+    manifest = Manifest("demo", CONFIG, tree.files, measurement(CONFIG, tree), "now", tree.dirs,
+                        tree.links)
     (root / "manifest.json").write_bytes(manifest.to_json())
     return root
 
@@ -115,17 +136,28 @@ def test_measure_image_sees_added_removed_and_edited_files(tmp_path: Path) -> No
     assert len({original, added, removed}) == 3
 
 
-def test_measure_image_refuses_links_and_needs_a_manifest(tmp_path: Path) -> None:
+def test_measure_image_records_links_refuses_escaping_ones_and_needs_a_manifest(
+        tmp_path: Path) -> None:
     image = _image_folder(tmp_path / "img", {"copy_files": b"hello"})
-    (image / "rootfs" / "link").symlink_to("/etc/passwd")
-    with pytest.raises(IntegrityError, match="is a symbolic link"):
+    before = measure_image(image)
+    (image / "rootfs" / "link").symlink_to("/etc/passwd")  # the image's /etc/passwd
+    inside = measure_image(image)
+    assert inside != before
+    (image / "rootfs" / "link").unlink()
+    (image / "rootfs" / "link").symlink_to("../etc/passwd")
+    with pytest.raises(IntegrityError, match="leads out of the image root"):
+        measure_image(image)
+    (image / "rootfs" / "link").unlink()
+    os.mkfifo(image / "rootfs" / "fifo")
+    with pytest.raises(IntegrityError, match="not a regular file, folder or symbolic link"):
         measure_image(image)
     with pytest.raises(Exception, match=r"not a tdapp image \(no manifest.json\)"):
         measure_image(tmp_path)
 
 
 def test_manifest_round_trip_and_strictness() -> None:
-    manifest = Manifest("demo", CONFIG, (HELLO,), measurement(CONFIG, [HELLO]), "t")
+    manifest = Manifest("demo", CONFIG, (HELLO,), measurement(CONFIG, Tree((HELLO,))), "t",
+                        (DirRecord("tmp", 0o1777),), (LinkRecord("bin", "usr/bin"),))
     assert Manifest.from_json(manifest.to_json(), "x") == manifest
     tampered = manifest.to_json().replace(b'"sim"', b'"debug"')
     with pytest.raises(IntegrityError, match="mode 'debug' is not one of sim, hardware"):

@@ -34,7 +34,7 @@ from tdapp.builder.manifest import (
     check_name,
     parse_entrypoint,
 )
-from tdapp.builder.measure import measurement, scan_files
+from tdapp.builder.measure import measurement, scan_tree
 from tdapp.builder.store import Image, Staging, normalized_mode
 from tdapp.errors import InputError, UsageError
 
@@ -75,14 +75,18 @@ def build_image(app_dir: Path, options: BuildOptions, output: Output = _ignore) 
                 mode_bits = os.stat(source, follow_symlinks=False).st_mode
                 staging.copy_file(relative, source, normalized_mode(mode_bits))
             # Measure what was staged, not what was selected: the stored bytes count.
-            files = scan_files(staging.root)
-            entrypoint = choose_entrypoint(command, files, host_paths)
+            tree = scan_tree(staging.root)
+            entrypoint = choose_entrypoint(command, tree.files, host_paths)
             config = Config(entrypoint, heap, stack, mode, host_paths)
-            created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            manifest = Manifest(name, config, tuple(files), measurement(config, files), created)
+            manifest = Manifest(name, config, tree.files, measurement(config, tree), now(),
+                                tree.dirs, tree.links)
             staging.write_manifest(manifest)
             path = staging.publish(name)
     return Image.from_manifest(manifest, path)
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def choose_entrypoint(command: tuple[str, ...] | None, files: Iterable[FileRecord],

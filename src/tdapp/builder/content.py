@@ -1,7 +1,7 @@
 """Which files of a built app folder make the image (docs/measurement.md, "Image content").
 
 The rule: if the folder has an ``image.txt``, exactly the files and folders it
-lists; otherwise every regular file except build inputs (``*.c``, ``*.h``,
+lists; otherwise every regular file except build inputs (``Dockerfile``, ``*.c``, ``*.h``,
 ``*.o``, makefiles, ``build.sh``) and names starting with a dot. Each file keeps
 its path: ``APP_DIR/bin/x`` is ``/bin/x`` in the image. This module only
 chooses; it must never let a symbolic link, device or other special file into
@@ -19,7 +19,7 @@ from tdapp.builder.manifest import check_image_path
 from tdapp.errors import InputError
 
 IMAGE_LIST = "image.txt"
-EXCLUDED_NAMES = frozenset({*MAKEFILES, BUILD_SCRIPT, IMAGE_LIST})
+EXCLUDED_NAMES = frozenset({*MAKEFILES, BUILD_SCRIPT, IMAGE_LIST, "Dockerfile", "Containerfile"})
 EXCLUDED_SUFFIXES = (".c", ".h", ".o")
 
 Selection = dict[str, str]

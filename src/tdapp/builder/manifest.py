@@ -18,7 +18,7 @@ from typing import Any
 from tdapp.errors import IntegrityError, TdappError, UsageError
 from tdapp.policy import split_command
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 MODES = ("sim", "hardware")
 DEFAULT_HEAP = 40 * 1024 * 1024
 DEFAULT_STACK = 4 * 1024 * 1024
@@ -46,14 +46,42 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class DirRecord:
+    """A folder of an image, recorded with its mode (an empty one matters too)."""
+
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """A symbolic link of an image; it resolves inside the image, whose root is ``/``."""
+
+    path: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an image taken from a container image came from, and its config's defaults
+    for the session template (recorded, not measured)."""
+
+    reference: str
+    digest: str
+    env: tuple[str, ...] = ()
+    working_dir: str = "/"
+
+
+@dataclass(frozen=True)
 class Config:
-    """Everything measured besides the files."""
+    """Everything measured besides the tree."""
 
     entrypoint: tuple[str, ...]
     heap: int
     stack: int
     mode: str
     host_paths: tuple[str, ...]
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,9 @@ class Manifest:
     files: tuple[FileRecord, ...]
     measurement: str
     created: str
+    dirs: tuple[DirRecord, ...] = ()
+    links: tuple[LinkRecord, ...] = ()
+    source: Source | None = None
 
     def to_json(self) -> bytes:
         document = {
@@ -73,8 +104,14 @@ class Manifest:
             "stack": self.config.stack,
             "mode": self.config.mode,
             "host_paths": list(self.config.host_paths),
+            "user": self.config.user,
             "files": {record.path: {"sha256": record.sha256, "size": record.size,
                                     "mode": f"{record.mode:04o}"} for record in self.files},
+            "dirs": {record.path: f"{record.mode:04o}" for record in self.dirs},
+            "links": {record.path: record.target for record in self.links},
+            "source": None if self.source is None else {
+                "reference": self.source.reference, "digest": self.source.digest,
+                "env": list(self.source.env), "working_dir": self.source.working_dir},
             "measurement": self.measurement,
             "created": self.created,
         }
@@ -96,8 +133,8 @@ class Manifest:
 
 
 def _from_document(document: dict[str, Any]) -> Manifest:
-    expected = {"format", "name", "entrypoint", "heap", "stack", "mode", "host_paths", "files",
-                "measurement", "created"}
+    expected = {"format", "name", "entrypoint", "heap", "stack", "mode", "host_paths", "user",
+                "files", "dirs", "links", "source", "measurement", "created"}
     unknown = sorted(set(document) - expected)
     if unknown:
         raise IntegrityError(f"unknown key {unknown[0]!r}")
@@ -106,7 +143,8 @@ def _from_document(document: dict[str, Any]) -> Manifest:
         raise IntegrityError(f"missing key {missing[0]!r}")
     if document["format"] != MANIFEST_FORMAT:
         raise IntegrityError(f"unsupported format {document['format']!r} "
-                             f"(this tdapp reads format {MANIFEST_FORMAT})")
+                             f"(this tdapp reads format {MANIFEST_FORMAT}; rebuild or re-import "
+                             "the image)")
     entrypoint = _strings(document["entrypoint"], "entrypoint")
     config = Config(
         entrypoint=check_entrypoint(entrypoint, IntegrityError),
@@ -116,31 +154,62 @@ def _from_document(document: dict[str, Any]) -> Manifest:
         mode=check_mode(_string(document["mode"], "mode"), IntegrityError),
         host_paths=check_host_paths(_strings(document["host_paths"], "host_paths"),
                                     IntegrityError),
+        user=check_user(_string(document["user"], "user"), IntegrityError),
     )
-    files = document["files"]
-    if not isinstance(files, dict):
-        raise IntegrityError("files is not an object")
-    records = tuple(_file_record(path, value) for path, value in sorted(files.items()))
+    records = tuple(_file_record(path, value)
+                    for path, value in sorted(_object(document["files"], "files").items()))
+    dirs = tuple(DirRecord(check_image_path(path, IntegrityError), _mode(value, path, "dirs"))
+                 for path, value in sorted(_object(document["dirs"], "dirs").items()))
+    links = tuple(LinkRecord(path, check_link_target(path, _string(target, "link target"),
+                                                     IntegrityError))
+                  for path, target in sorted(_object(document["links"], "links").items()))
     measurement = _string(document["measurement"], "measurement")
     if not _SHA256.fullmatch(measurement):
         raise IntegrityError("measurement is not 64 lowercase hex characters")
     return Manifest(check_name(_string(document["name"], "name"), IntegrityError), config,
-                    records, measurement, _string(document["created"], "created"))
+                    records, measurement, _string(document["created"], "created"), dirs, links,
+                    _source(document["source"]))
+
+
+def _object(value: object, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise IntegrityError(f"{key} is not an object")
+    return value
+
+
+def _mode(value: object, path: str, key: str) -> int:
+    mode = _string(value, f"{key}[{path!r}]")
+    if not _FILE_MODE.fullmatch(mode):
+        raise IntegrityError(f"{key}[{path!r}] is not 4 octal digits")
+    return int(mode, 8)
+
+
+def _source(value: object) -> Source | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"reference", "digest", "env",
+                                                     "working_dir"}:
+        raise IntegrityError("source must be null or hold exactly reference, digest, env and "
+                             "working_dir")
+    digest = _string(value["digest"], "source.digest")
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise IntegrityError("source.digest is not sha256:<64 hex>")
+    return Source(_string(value["reference"], "source.reference"), digest,
+                  _strings(value["env"], "source.env"),
+                  _string(value["working_dir"], "source.working_dir"))
 
 
 def _file_record(path: str, value: object) -> FileRecord:
     check_image_path(path, IntegrityError)
     if not isinstance(value, dict) or set(value) != {"sha256", "size", "mode"}:
         raise IntegrityError(f"files[{path!r}] must hold exactly sha256, size and mode")
-    digest, mode = _string(value["sha256"], "sha256"), _string(value["mode"], "mode")
+    digest = _string(value["sha256"], "sha256")
     if not _SHA256.fullmatch(digest):
         raise IntegrityError(f"files[{path!r}].sha256 is not 64 lowercase hex characters")
-    if not _FILE_MODE.fullmatch(mode):
-        raise IntegrityError(f"files[{path!r}].mode is not 4 octal digits")
     size = _integer(value["size"], "size")
     if not 0 <= size <= MAX_SIZE:
         raise IntegrityError(f"files[{path!r}].size is out of range")
-    return FileRecord(path, int(mode, 8), size, digest)
+    return FileRecord(path, _mode(value["mode"], path, "files"), size, digest)
 
 
 def _string(value: object, key: str) -> str:
@@ -216,6 +285,45 @@ def check_image_path(path: str, error: ErrorKind) -> str:
         except UnicodeEncodeError:
             raise error(f"image path {path!r} is not valid UTF-8") from None
     return path
+
+
+def check_link_target(path: str, target: str, error: ErrorKind) -> str:
+    """A symbolic link's target, refused if it would lead out of the image's root.
+
+    An absolute target is taken from the image's root (the program's ``/``); a
+    relative one from the link's folder. Climbing above the root with ``..`` is
+    refused either way, so no link means anything outside the image, even to a tool
+    on the host that resolved it lexically.
+    """
+    check_image_path(path, error)
+    if not target or "\x00" in target or len(target) > 4096:
+        raise error(f"symbolic link {path!r} has an empty, NUL-holding or over-long target")
+    if climbs_above_root(path.count("/"), target):
+        raise error(f"symbolic link {path!r} -> {target!r} leads out of the image root")
+    return target
+
+
+def climbs_above_root(folder_depth: int, target: str) -> bool:
+    """Whether a link ``folder_depth`` folders below the root, to ``target``, climbs above it."""
+    depth = 0 if target.startswith("/") else folder_depth
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31})?")
+
+
+def check_user(user: str, error: ErrorKind = UsageError) -> str:
+    """The user the program runs as: empty, or USER[:GROUP] by name or number."""
+    if user and not _USER.fullmatch(user):
+        raise error(f"user {user!r} is not USER[:GROUP] (names or numbers)")
+    return user
 
 
 def check_host_paths(paths: Iterable[str], error: ErrorKind = UsageError) -> tuple[str, ...]:

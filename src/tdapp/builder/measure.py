@@ -12,13 +12,21 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from tdapp.builder.manifest import Config, FileRecord, Manifest, check_image_path
+from tdapp.builder.manifest import (
+    Config,
+    DirRecord,
+    FileRecord,
+    LinkRecord,
+    Manifest,
+    check_image_path,
+    check_link_target,
+)
 from tdapp.errors import InputError, IntegrityError
 
-MEASUREMENT_FORMAT = 1
+MEASUREMENT_FORMAT = 2
 MAGIC = "tdapp-image-measurement"
 MANIFEST_FILE = "manifest.json"
 ROOT_FOLDER = "rootfs"
@@ -34,7 +42,20 @@ def _text(value: str) -> bytes:
     return _u64(len(encoded)) + encoded
 
 
-def canonical_bytes(config: Config, files: Iterable[FileRecord]) -> bytes:
+@dataclass(frozen=True)
+class Tree:
+    """Everything under an image's root: files, folders and symbolic links, sorted."""
+
+    files: tuple[FileRecord, ...]
+    dirs: tuple[DirRecord, ...] = ()
+    links: tuple[LinkRecord, ...] = ()
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Tree:
+        return cls(manifest.files, manifest.dirs, manifest.links)
+
+
+def canonical_bytes(config: Config, tree: Tree) -> bytes:
     """The exact bytes the measurement hashes (docs/measurement.md, "Canonical bytes")."""
     parts = [_text(MAGIC), _u64(MEASUREMENT_FORMAT), _text(config.mode),
              _u64(config.heap), _u64(config.stack), _u64(len(config.entrypoint))]
@@ -42,18 +63,27 @@ def canonical_bytes(config: Config, files: Iterable[FileRecord]) -> bytes:
     host_paths = sorted(set(config.host_paths))
     parts.append(_u64(len(host_paths)))
     parts.extend(_text(path) for path in host_paths)
+    parts.append(_text(config.user))
     # Python orders str by code point, which is the order of their UTF-8 bytes.
-    records = sorted(files, key=lambda record: record.path)
-    parts.append(_u64(len(records)))
-    for record in records:
+    files = sorted(tree.files, key=lambda record: record.path)
+    parts.append(_u64(len(files)))
+    for record in files:
         parts += [_text(record.path), _u64(record.mode), _u64(record.size),
                   bytes.fromhex(record.sha256)]
+    dirs = sorted(tree.dirs, key=lambda record: record.path)
+    parts.append(_u64(len(dirs)))
+    for folder in dirs:
+        parts += [_text(folder.path), _u64(folder.mode)]
+    links = sorted(tree.links, key=lambda record: record.path)
+    parts.append(_u64(len(links)))
+    for link in links:
+        parts += [_text(link.path), _text(link.target)]
     return b"".join(parts)
 
 
-def measurement(config: Config, files: Iterable[FileRecord]) -> str:
+def measurement(config: Config, tree: Tree) -> str:
     """64 lowercase hex: SHA-256 of :func:`canonical_bytes`."""
-    return hashlib.sha256(canonical_bytes(config, files)).hexdigest()
+    return hashlib.sha256(canonical_bytes(config, tree)).hexdigest()
 
 
 def hash_file(path: str) -> tuple[int, str]:
@@ -73,22 +103,25 @@ def hash_file(path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def scan_files(root: Path) -> list[FileRecord]:
-    """Every regular file under ``root`` with its mode, size and hash, sorted by path.
+def scan_tree(root: Path) -> Tree:
+    """Every file (mode, size, hash), folder (mode) and symbolic link (target) under ``root``.
 
-    Anything else (a symlink, a device, a socket) is an error: an image holds
-    regular files only, so nothing in it can point the program elsewhere.
-    Folders are not recorded; they exist only as the parents of files.
+    Nothing is followed: a link is recorded as its target text, and must not lead
+    out of the root. Anything else (a device, a socket, a FIFO) is an error.
     """
     if not root.is_dir() or root.is_symlink():
         raise IntegrityError(f"{root} is missing or not a folder")
-    records: list[FileRecord] = []
-    _scan(str(root), "", records)
-    records.sort(key=lambda record: record.path)
-    return records
+    files: list[FileRecord] = []
+    dirs: list[DirRecord] = []
+    links: list[LinkRecord] = []
+    _scan(str(root), "", files, dirs, links)
+    return Tree(tuple(sorted(files, key=lambda record: record.path)),
+                tuple(sorted(dirs, key=lambda record: record.path)),
+                tuple(sorted(links, key=lambda record: record.path)))
 
 
-def _scan(directory: str, prefix: str, records: list[FileRecord]) -> None:
+def _scan(directory: str, prefix: str, files: list[FileRecord], dirs: list[DirRecord],
+          links: list[LinkRecord]) -> None:
     try:
         with os.scandir(directory) as iterator:
             children = sorted(iterator, key=lambda entry: entry.name)
@@ -98,13 +131,18 @@ def _scan(directory: str, prefix: str, records: list[FileRecord]) -> None:
         relative = check_image_path(prefix + child.name, IntegrityError)
         info = child.stat(follow_symlinks=False)
         if stat.S_ISDIR(info.st_mode):
-            _scan(child.path, relative + "/", records)
+            dirs.append(DirRecord(relative, stat.S_IMODE(info.st_mode)))
+            _scan(child.path, relative + "/", files, dirs, links)
         elif stat.S_ISREG(info.st_mode):
             size, digest = hash_file(child.path)
-            records.append(FileRecord(relative, stat.S_IMODE(info.st_mode), size, digest))
+            files.append(FileRecord(relative, stat.S_IMODE(info.st_mode), size, digest))
+        elif stat.S_ISLNK(info.st_mode):
+            target = os.readlink(child.path)
+            links.append(LinkRecord(relative, check_link_target(relative, target,
+                                                                IntegrityError)))
         else:
-            kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
-            raise IntegrityError(f"{child.path} is {kind}; an image holds only regular files")
+            raise IntegrityError(f"{child.path} is not a regular file, folder or symbolic "
+                                 "link; an image holds nothing else")
 
 
 def read_manifest(image_dir: Path) -> Manifest:
@@ -132,4 +170,4 @@ def measure_image(path: Path | str) -> str:
     """
     image_dir = Path(path)
     manifest = read_manifest(image_dir)
-    return measurement(manifest.config, scan_files(image_dir / ROOT_FOLDER))
+    return measurement(manifest.config, scan_tree(image_dir / ROOT_FOLDER))

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from tdapp.builder.manifest import Config, FileRecord, Manifest, check_name
+from tdapp.builder.manifest import (
+    Config,
+    DirRecord,
+    FileRecord,
+    LinkRecord,
+    Manifest,
+    Source,
+    check_link_target,
+    check_name,
+)
 from tdapp.builder.measure import MANIFEST_FILE, ROOT_FOLDER, measure_image, read_manifest
 from tdapp.errors import InputError, IntegrityError, TdappError
 from tdapp.home import private_dir
@@ -56,6 +65,10 @@ class Image:
     files: tuple[FileRecord, ...]
     measurement: str
     created: str
+    user: str = ""
+    dirs: tuple[DirRecord, ...] = ()
+    links: tuple[LinkRecord, ...] = ()
+    source: Source | None = None
 
     @property
     def root(self) -> Path:
@@ -68,14 +81,16 @@ class Image:
 
     @property
     def config(self) -> Config:
-        return Config(self.entrypoint, self.heap, self.stack, self.mode, self.host_paths)
+        return Config(self.entrypoint, self.heap, self.stack, self.mode, self.host_paths,
+                      self.user)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, path: Path) -> Image:
         config = manifest.config
         return cls(manifest.name, path, config.entrypoint, config.heap, config.stack,
                    config.mode, config.host_paths, manifest.files, manifest.measurement,
-                   manifest.created)
+                   manifest.created, config.user, manifest.dirs, manifest.links,
+                   manifest.source)
 
 
 def modified_error(name: str, actual: str, recorded: str) -> IntegrityError:
@@ -158,14 +173,38 @@ class Staging:
         if not self._published:
             shutil.rmtree(self.path, ignore_errors=True)
 
+    def make_dir(self, relative: str, mode: int = 0o755) -> None:
+        """Folder ``relative`` and its missing parents, with explicit modes (no umask)."""
+        current = self.root
+        for part in relative.split("/"):
+            current = current / part
+            try:
+                current.mkdir()
+            except FileExistsError:
+                if current.is_symlink() or not current.is_dir():
+                    raise InputError(f"image path {relative!r} crosses a non-folder") from None
+                continue
+            current.chmod(0o755)
+        current.chmod(mode)
+
     def create_file(self, relative: str, mode: int) -> int:
         """A new file at ``relative`` under the root (parents made); returns a write fd."""
         target = self.root / relative
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        parent = relative.rpartition("/")[0]
+        if parent and (target.parent.is_symlink() or not target.parent.is_dir()):
+            self.make_dir(parent)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         os.fchmod(fd, mode)
         return fd
+
+    def make_link(self, relative: str, target: str) -> None:
+        """Symbolic link ``relative`` -> ``target`` (checked by the manifest's rules)."""
+        check_link_target(relative, target, InputError)
+        parent = relative.rpartition("/")[0]
+        if parent and not (self.root / parent).is_dir():
+            self.make_dir(parent)
+        os.symlink(target, self.root / relative)
 
     def copy_file(self, relative: str, source: str, mode: int) -> None:
         try:

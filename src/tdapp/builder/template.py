@@ -56,8 +56,21 @@ def session_template(image: Image) -> str:
     """The template text for ``image`` (its recorded measurement as mrenclaves)."""
     command = _scalar(join_command(image.entrypoint))
     name, measured = _name(image.name), _hex(image.measurement)
+    source = image.source
+    environment: list[str] = []
+    if source is not None and source.env:
+        environment = ["     environment:"]
+        for entry in source.env:
+            key, _, value = entry.partition("=")
+            if "$" in entry:
+                # Filling the template would read it as a variable: leave it to the user.
+                environment.append(f"        # {key}: not written, its value holds '$'")
+                continue
+            environment.append(f"        {_scalar(key)}: {_scalar(value)}")
+    pwd = _scalar(source.working_dir) if source is not None else "/"
+    origin = f" (from {source.reference}, {source.digest})" if source is not None else ""
     lines = [
-        f"# Session template for the tdapp image {image.name}, written by tdapp build.",
+        f"# Session template for the tdapp image {image.name}{origin}, written by tdapp build.",
         "# The client fills in the session name and the volume keys and tags.",
         "name: $SESSION",
         "digest: create",
@@ -67,7 +80,8 @@ def session_template(image: Image) -> str:
         f"     image_name: {name}",
         f"     mrenclaves: [{measured}]",
         f"     command: {command}",
-        "     pwd: /",
+        f"     pwd: {pwd}",
+        *environment,
         "",
         "volumes:",
         f"   - name: {INPUT_VOLUME}",

@@ -22,6 +22,7 @@ from tdapp.builder import (
     remove_image,
     write_template,
 )
+from tdapp.builder.container import ContainerOptions, build_from_container
 from tdapp.builder.manifest import MODES
 from tdapp.builder.store import modified_error
 from tdapp.errors import InputError, UsageError
@@ -65,7 +66,10 @@ def _created(image: Image) -> str:
 
 
 @click.command()
-@click.argument("app_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("app_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
+@click.option("--image", "reference", metavar="REF",
+              help="Take the program from a container image instead of APP_DIR: "
+                   "docker-archive:FILE, oci:DIR[:TAG] or oci-archive:FILE[:TAG].")
 @click.option("--name", required=True, help="Image name: a-z 0-9 . _ - (up to 64).")
 @click.option("--entrypoint", metavar="CMD",
               help="Program and arguments, split like a session command "
@@ -81,24 +85,41 @@ def _created(image: Image) -> str:
                    "Repeatable.")
 @click.option("-o", "--output", "template", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the session template to this file.")
-def build(app_dir: Path, name: str, entrypoint: str | None, heap: int, stack: int, mode: str,
-          host_paths: tuple[str, ...], template: Path | None) -> None:
-    """Build APP_DIR into the image NAME and print its measurement.
+def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: str | None,
+          heap: int, stack: int, mode: str, host_paths: tuple[str, ...],
+          template: Path | None) -> None:
+    """Build APP_DIR (or the container image --image REF) into the image NAME and print
+    its measurement.
 
     A Makefile (make -B) or build.sh in APP_DIR is run first, in a copy of the
     folder, reproducibly. The image holds the files listed in APP_DIR/image.txt,
     or else every file except sources (*.c, *.h, *.o, makefiles, build.sh) and
-    dot-files.
+    dot-files. With --image, the image is the container image's whole root file
+    system, its layers unpacked in order; its Entrypoint and Cmd (unless
+    --entrypoint), User, Env and WorkingDir are kept.
     """
+    if (app_dir is None) == (reference is None):
+        raise UsageError("give either APP_DIR or --image REF")
+    if reference is not None and host_paths:
+        raise UsageError("--host-path cannot be used with --image: a container image holds "
+                         "its whole root file system, and no host file may be part of it")
     if template is not None and not template.absolute().parent.is_dir():
         # Checked first, so that a build is not wasted on a template that cannot be written.
         raise InputError(f"cannot write {template}: its folder does not exist")
-    options = BuildOptions(name=name, entrypoint=entrypoint, heap=heap, stack=stack, mode=mode,
-                           host_paths=host_paths)
-    image = build_image(app_dir, options, output=_note)
+    if reference is not None:
+        image = build_from_container(reference, ContainerOptions(
+            name=name, entrypoint=entrypoint, heap=heap, stack=stack, mode=mode),
+            progress=_note)
+    else:
+        assert app_dir is not None
+        options = BuildOptions(name=name, entrypoint=entrypoint, heap=heap, stack=stack,
+                               mode=mode, host_paths=host_paths)
+        image = build_image(app_dir, options, output=_note)
     files = len(image.files)
     _note(f"built image {image.name}: {files} file{'s' if files != 1 else ''}, "
           f"{_human(image.size)}, entrypoint {' '.join(image.entrypoint)}")
+    if image.source is not None:
+        _note(f"from {image.source.reference} ({image.source.digest})")
     if template is not None:
         write_template(image, template)
         _note(f"wrote session template {template}")
@@ -131,17 +152,22 @@ def images(as_json: bool) -> None:
             "name": image.name, "measurement": image.measurement, "size": image.size,
             "files": len(image.files), "created": image.created,
             "entrypoint": list(image.entrypoint), "heap": image.heap, "stack": image.stack,
-            "mode": image.mode, "host_paths": list(image.host_paths),
+            "mode": image.mode, "host_paths": list(image.host_paths), "user": image.user,
+            "source": None if image.source is None else {
+                "reference": image.source.reference, "digest": image.source.digest},
         } for image in found], ensure_ascii=False))
         return
     if not found:
         _note("no images (make one with 'tdapp build APP_DIR --name NAME')")
         return
     width = max(len("NAME"), *(len(image.name) for image in found))
-    click.echo(f"{'NAME':<{width}}  {'MEASUREMENT':<17}  {'SIZE':>10}  CREATED (UTC)")
+    click.echo(f"{'NAME':<{width}}  {'MEASUREMENT':<17}  {'SIZE':>10}  {'CREATED (UTC)':<16}  "
+               "SOURCE")
     for image in found:
+        source = (f"{image.source.reference} {image.source.digest[:19]}…"
+                  if image.source is not None else "-")
         click.echo(f"{image.name:<{width}}  {image.measurement[:16]}…  "
-                   f"{_human(image.size):>10}  {_created(image)}")
+                   f"{_human(image.size):>10}  {_created(image):<16}  {source}")
 
 
 @click.group()

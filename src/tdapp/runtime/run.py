@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tdapp.attest.las import LasClient
-from tdapp.builder import load_image, measure_image
+from tdapp.builder import Image, load_image, measure_image
+from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import obtain_configuration, report_tag
 from tdapp.client.pins import Address
@@ -99,10 +100,9 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         mounts, opened = _open_volumes(config, volumes, root / "plain")
         result = run_sandboxed(SandboxSpec(
             root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
-            cwd=str(config["pwd"]), mounts=mounts,
-            host_paths=[*image.host_paths,
-                        *default_host_paths_for(image.root, image.host_paths)],
-            files=_injected(config), memory_limit=image.heap, stack_limit=image.stack))
+            cwd=str(config["pwd"]), mounts=mounts, host_paths=_host_paths(image),
+            files=_injected(config), memory_limit=image.heap, stack_limit=image.stack,
+            user=_user(image)))
         require_success(result)
         changed = _reseal(opened, root, log)
         output = root / "scone-upload.zip"
@@ -114,6 +114,22 @@ def run_dapp(request: RunRequest, log: Log) -> str:
             report_tag(client, released.token, session, name, old, new)
             log(f"volume {name}: tag {old} -> {new}")
     return url
+
+
+def _host_paths(image: Image) -> list[str]:
+    if image.source is not None:
+        return []  # a container image holds all of its program; nothing comes from the host
+    return [*image.host_paths, *default_host_paths_for(image.root, image.host_paths)]
+
+
+def _user(image: Image) -> tuple[int, int] | None:
+    if not image.user:
+        return None
+    ids = user_ids(image.root, image.user)
+    if ids is None:
+        raise InputError(f"image {image.name}: user {image.user!r} is not in its /etc/passwd "
+                         "or /etc/group")
+    return ids
 
 
 @dataclass

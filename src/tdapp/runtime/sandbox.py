@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from tdapp.builder.paths import resolve_in_image
 from tdapp.errors import InputError, ProgramFailedError, UnavailableError
 
 __all__ = [
@@ -123,6 +124,8 @@ class SandboxSpec:
     stack_limit: int | None = None
     network: bool = False
     timeout: float | None = None
+    user: tuple[int, int] | None = None
+    """(uid, gid) the program runs as inside its user namespace; None keeps the caller's."""
 
 
 @dataclass(frozen=True)
@@ -186,9 +189,9 @@ def _expand_host_paths(patterns: list[str]) -> list[str]:
 
 
 def _visible(path: str, root: Path, host: list[str], mounts: list[Mount]) -> bool:
-    """Whether ``path`` will exist in the sandbox (approximately; symlinks in the image
-    are not followed, so a link counts as present)."""
-    if os.path.lexists(root / path.lstrip("/")):
+    """Whether ``path`` will exist in the sandbox (approximately: links are followed inside
+    the image only, not into host paths or volumes)."""
+    if resolve_in_image(root, path) is not None:
         return True
     for h in host:
         if (path == h or path.startswith(h.rstrip("/") + "/")) and os.path.lexists(path):
@@ -249,6 +252,9 @@ def _build_args(spec: SandboxSpec, bwrap: str) -> tuple[list[str], list[tuple[st
     argv0 = _resolve_argv0(spec, host)
 
     args = [bwrap, "--unshare-all"]
+    if spec.user is not None:
+        uid, gid = spec.user
+        args += ["--unshare-user", "--uid", str(uid), "--gid", str(gid)]
     if spec.network:
         args.append("--share-net")
     args += ["--die-with-parent", "--new-session", "--hostname", "tdapp", "--clearenv"]
