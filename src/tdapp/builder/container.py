@@ -13,13 +13,10 @@ of the program is in the image.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from tdapp.builder.build import now
+from tdapp.builder.build import BuildOptions, now
 from tdapp.builder.manifest import (
-    DEFAULT_HEAP,
-    DEFAULT_STACK,
     HEAP_RANGE,
     STACK_RANGE,
     Config,
@@ -41,18 +38,16 @@ from tdapp.errors import InputError, UsageError
 DEFAULT_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass(frozen=True)
-class ContainerOptions:
-    name: str
-    entrypoint: str | None = None
-    """Overrides the image's Entrypoint and Cmd (split like a session's ``command``)."""
-    heap: int = DEFAULT_HEAP
-    stack: int = DEFAULT_STACK
-    mode: str = "sim"
-
-
-def build_from_container(reference: str, options: ContainerOptions,
+def build_from_container(reference: str, options: BuildOptions,
                          progress: Callable[[str], None] | None = None) -> Image:
+    """Store the container image ``reference`` as image ``options.name``.
+
+    ``options.entrypoint`` overrides the image's Entrypoint and Cmd; host paths are
+    refused.
+    """
+    if options.host_paths:
+        raise UsageError("host paths cannot be given to an image from a container image: it "
+                         "holds its whole root file system, and no host file may be part of it")
     name = check_name(options.name)
     heap = check_limit(options.heap, "heap", HEAP_RANGE)
     stack = check_limit(options.stack, "stack", STACK_RANGE)

@@ -259,18 +259,9 @@ def _oci_plan(source: _Source, tag: str | None) -> _Plan:
                     "index.json")
     manifests = _list(index.get("manifests"), where, "index.json's manifests")
     names = [_annotation(item, REF_NAME) for item in manifests]
-    known = ", ".join(sorted({name for name in names if name})) or "none"
-    if tag is not None:
-        chosen = [item for item, name in zip(manifests, names, strict=True) if name == tag]
-        if len(chosen) != 1:
-            raise InputError(f"{where}: {'no' if not chosen else 'more than one'} image is "
-                             f"tagged {tag!r} (tags: {known})")
-    elif len(manifests) != 1:
-        raise UsageError(f"{where} holds {len(manifests)} images; name one with :TAG "
-                         f"(tags: {known})")
-    else:
-        chosen = manifests
-    descriptor, manifest = _image_manifest(source, chosen[0], 0)
+    chosen = _choose(manifests, [{name} if name else set() for name in names], tag, where,
+                     ":TAG")
+    descriptor, manifest = _image_manifest(source, chosen, 0)
     config_bytes = _verified(source, manifest.get("config"), "config")
     config, diff_ids = _image_config(config_bytes, where)
     descriptors = _list(manifest.get("layers"), where, "the manifest's layers")
@@ -368,18 +359,8 @@ def _docker_plan(source: _Source, tag: str | None) -> _Plan:
     tags = [[item for item in entry["RepoTags"] if isinstance(item, str)]
             if isinstance(entry, dict) and isinstance(entry.get("RepoTags"), list) else []
             for entry in entries]
-    known = ", ".join(sorted({name for names in tags for name in names})) or "none"
-    if tag is not None:
-        chosen = [entry for entry, names in zip(entries, tags, strict=True) if tag in names]
-        if len(chosen) != 1:
-            raise InputError(f"{where}: {'no' if not chosen else 'more than one'} image is "
-                             f"tagged {tag!r} (tags: {known})")
-    elif len(entries) != 1:
-        raise UsageError(f"{where} holds {len(entries)} images; name one with :REPO:TAG "
-                         f"(tags: {known})")
-    else:
-        chosen = entries
-    entry = _object(chosen[0], where, "the manifest.json entry")
+    entry = _object(_choose(entries, [set(names) for names in tags], tag, where, ":REPO:TAG"),
+                    where, "the manifest.json entry")
     config_name = entry.get("Config")
     layer_names = _list(entry.get("Layers"), where, "the manifest.json entry's Layers")
     if not isinstance(config_name, str) or not all(isinstance(n, str) for n in layer_names):
@@ -404,3 +385,19 @@ def _docker_plan(source: _Source, tag: str | None) -> _Plan:
                                  f"sha256:{blob.group(1)}" if blob else None, None,
                                  diff_ids[index_]))
     return plan
+
+
+def _choose(items: list[Any], tags: list[set[str]], tag: str | None, where: str,
+            syntax: str) -> Any:
+    """The one item tagged ``tag``; without a tag, the only item."""
+    known = ", ".join(sorted(set().union(*tags))) or "none"
+    if tag is not None:
+        chosen = [item for item, names in zip(items, tags, strict=True) if tag in names]
+        if len(chosen) != 1:
+            raise InputError(f"{where}: {'no' if not chosen else 'more than one'} image is "
+                             f"tagged {tag!r} (tags: {known})")
+        return chosen[0]
+    if len(items) != 1:
+        raise UsageError(f"{where} holds {len(items)} images; name one with {syntax} "
+                         f"(tags: {known})")
+    return items[0]

@@ -22,7 +22,7 @@ from tdapp.builder import (
     remove_image,
     write_template,
 )
-from tdapp.builder.container import ContainerOptions, build_from_container
+from tdapp.builder.container import build_from_container
 from tdapp.builder.manifest import MODES
 from tdapp.builder.store import modified_error
 from tdapp.errors import InputError, UsageError
@@ -107,7 +107,7 @@ def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: st
         # Checked first, so that a build is not wasted on a template that cannot be written.
         raise InputError(f"cannot write {template}: its folder does not exist")
     if reference is not None:
-        image = build_from_container(reference, ContainerOptions(
+        image = build_from_container(reference, BuildOptions(
             name=name, entrypoint=entrypoint, heap=heap, stack=stack, mode=mode),
             progress=_note)
     else:
