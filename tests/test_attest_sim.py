@@ -293,14 +293,21 @@ def test_sim_evidence_gets_the_sim_verifier() -> None:
     assert verifier.tee == "sim"
 
 
-@pytest.mark.parametrize("tee", ["sgx", "tdx", "snp"])
-def test_hardware_evidence_is_not_supported_yet(tee: str) -> None:
-    refused({"tee": tee, "quote": "AAAA"}, f"{tee} evidence is not supported yet")
+@pytest.mark.parametrize(("tee", "fragment"), [
+    ("sgx", "quote verification failed"), ("tdx", "quote verification failed"),
+    ("snp", "unexpected field"),
+])
+def test_hardware_evidence_goes_to_its_verifier(tee: str, fragment: str) -> None:
+    evidence = {"tee": tee, "quote": "AAAA", "collateral": {}}
+    assert verifier_for(evidence).tee == tee
+    with pytest.raises(EvidenceError) as refusal:
+        verifier_for(evidence).verify(evidence, at=0)
+    assert fragment in str(refusal.value) or "collateral" in str(refusal.value)
 
 
 @pytest.mark.parametrize(("evidence", "fragment"), [
-    ({"tee": "tpm"}, "'tpm' evidence is not supported yet (known kinds: sim, sgx, tdx, snp)"),
-    ({"tee": "x\ny" * 50}, "evidence is not supported yet"),
+    ({"tee": "tpm"}, "'tpm' evidence is not supported (known kinds: sim, sgx, tdx, snp)"),
+    ({"tee": "x\ny" * 50}, "evidence is not supported"),
     ({"body": "AAAA"}, "evidence has no 'tee' field naming its kind"),
     ({"tee": 3}, "evidence field 'tee' must be a string, got a number"),
     ([genuine()], "evidence must be a JSON object, got an array"),

@@ -172,7 +172,7 @@ def test_the_python_client_does_the_whole_exchange(world: tuple[CasServer, User]
     server, _ = world
     doc = create(world, SessionDoc(unique_name("client")))
     released = obtain_configuration(runtime(server), doc.name, "application",
-                                    lambda data: evidence(las, data))
+                                    lambda data, _mode: evidence(las, data))
     assert released.document["session"] == doc.name
 
 
@@ -301,7 +301,7 @@ def test_a_service_the_session_does_not_have(world: tuple[CasServer, User]) -> N
 def _attested(world: tuple[CasServer, User], las: str, doc: SessionDoc) -> str:
     server, _ = world
     released = obtain_configuration(runtime(server), doc.name, "application",
-                                    lambda data: evidence(las, data))
+                                    lambda data, _mode: evidence(las, data))
     return released.token
 
 

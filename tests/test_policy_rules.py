@@ -180,7 +180,7 @@ def test_attestation_rules() -> None:
                         f"    attestation: {{mrenclave: {MRENCLAVE}}}\n    command:")
     expect(both, 7, "services[0].attestation", "either mrenclaves or attestation")
     empty = BASE.replace(f"    mrenclaves: [{MRENCLAVE}]\n", "    attestation: [{}]\n")
-    expect(empty, 6, "services[0].attestation[0]", "needs mrenclave or signer")
+    expect(empty, 6, "services[0].attestation[0]", "needs mrenclave, signer, tdx or snp")
     signer = BASE.replace(f"    mrenclaves: [{MRENCLAVE}]\n",
                           f"    attestation:\n      signer: {{mrsigner: {MRENCLAVE}, "
                           "isvprodid: '22'}\n")

@@ -170,3 +170,16 @@ def test_a_rebuilt_image_with_a_changed_byte_is_refused(walk: Walk, tmp_path: Pa
         assert "is not one of the session's mrenclaves" in done.stderr
     finally:
         walk.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo")
+
+
+def test_a_run_asked_for_a_tee_this_machine_lacks_fails_cleanly(walk: Walk) -> None:
+    command = push(walk, {"f.txt": "x\n"})
+    for tee, named in (("tsm", "/sys/kernel/config/tsm/report"),
+                       ("gramine", "/dev/attestation")):
+        done = walk.tdapp("run", "copy_demo", *command, "--push", walk.push, "--tee", tee,
+                          check=False)
+        assert done.returncode == 6 and done.stdout == "", done.stderr
+        assert named in done.stderr and "Traceback" not in done.stderr
+    # auto finds no TEE here and the session (debug CAS) accepts sim: the LAS is used.
+    url = walk.tdapp("run", "copy_demo", *command, "--push", walk.push, "--tee", "auto")
+    assert "attester: sim" in url.stderr and url.stdout.startswith("http://127.0.0.1:")

@@ -2,7 +2,7 @@
 
 The flow: the runtime binds the CAS's nonce and its ephemeral key into
 ``report_data`` (:mod:`.binding`); a platform signs evidence carrying it (the
-simulated LAS, :mod:`.las` and :mod:`.sim`; hardware attesters later); the CAS
+simulated LAS, :mod:`.las` and :mod:`.sim`; hardware attesters in :mod:`.attesters`); the CAS
 picks a verifier by the evidence's kind (:func:`verifier_for`), which checks
 the whole chain and returns :class:`Claims`, then judges those with policies
 (:mod:`.policy`). This package must never report evidence as verified unless its
@@ -16,19 +16,26 @@ from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError
 from tdapp.attest.policy import (
     AllOf,
     AnyOf,
+    ClaimsMatch,
     DebugTolerated,
     Failure,
     MeasurementIn,
     PlatformIn,
     Policy,
     ReportDataIs,
+    SgxSignerIs,
     Success,
     TcbStatusTolerated,
     TeeIn,
     UnsafeNoOp,
     Verdict,
 )
-from tdapp.attest.verifiers import EvidenceVerifier, SimVerifier, verifier_for
+from tdapp.attest.verifiers import (
+    EvidenceVerifier,
+    SimVerifier,
+    VerifierSettings,
+    verifier_for,
+)
 
 __all__ = [
     "REPORT_DATA_SIZE",
@@ -36,6 +43,7 @@ __all__ = [
     "AllOf",
     "AnyOf",
     "Claims",
+    "ClaimsMatch",
     "DebugTolerated",
     "EvidenceError",
     "EvidenceVerifier",
@@ -44,12 +52,14 @@ __all__ = [
     "PlatformIn",
     "Policy",
     "ReportDataIs",
+    "SgxSignerIs",
     "SimVerifier",
     "Success",
     "TcbStatusTolerated",
     "TeeIn",
     "UnsafeNoOp",
     "Verdict",
+    "VerifierSettings",
     "report_data",
     "verifier_for",
 ]

@@ -7,7 +7,11 @@ be built from evidence that was not verified: nothing here checks a signature.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from tdapp.attest.binding import REPORT_DATA_SIZE
 from tdapp.errors import RefusedError
@@ -23,10 +27,16 @@ class EvidenceError(RefusedError):
 class Claims:
     """The verified content of one piece of evidence.
 
-    ``measurement`` is lower-case hex (for ``sim`` and ``sgx`` the MRENCLAVE);
-    ``platform`` identifies the attesting platform (for ``sim``, the hex SHA-256
-    of the LAS's raw Ed25519 public key); ``tcb_status`` uses Intel's names
-    (``UpToDate``, ``SWHardeningNeeded``, …; always ``UpToDate`` for ``sim``).
+    ``measurement`` is lower-case hex (for ``sim`` and ``sgx`` the MRENCLAVE, for
+    ``tdx`` MRTD, for ``snp`` MEASUREMENT); ``platform`` identifies the attesting
+    platform (for ``sim``, the hex SHA-256 of the LAS's raw Ed25519 public key; for
+    ``sgx``/``tdx`` the PPID; for ``snp`` the CHIP_ID); ``tcb_status`` uses
+    Intel's names (``UpToDate``, ``SWHardeningNeeded``, …; ``UpToDate`` for
+    ``sim`` and for ``snp``, whose TCB is checked against its VCEK instead).
+    ``values`` holds the TEE's own named claims as the session language names
+    them: sgx ``mrenclave``, ``mrsigner`` (hex), ``isvprodid``, ``isvsvn`` (int);
+    tdx ``mrtd``, ``rtmr0``…``rtmr3``, ``mrconfigid`` (hex); snp ``measurement``,
+    ``host_data`` (hex), ``policy`` (int), and others for display.
     """
 
     tee: str
@@ -37,9 +47,26 @@ class Claims:
     tcb_status: str
     advisories: tuple[str, ...] = ()
     issued_at: float = 0.0
+    values: Mapping[str, str | int] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         # A wrong size here is a verifier bug, not bad evidence: fail loudly.
         if len(self.report_data) != REPORT_DATA_SIZE:
             raise ValueError(f"report_data must be {REPORT_DATA_SIZE} bytes, "
                              f"got {len(self.report_data)}")
+
+
+def base64_field(value: object, what: str, max_chars: int) -> bytes:
+    """The bytes of a canonical base64 evidence field (one value, one encoding)."""
+    if not isinstance(value, str):
+        raise EvidenceError(f"{what} must be a base64 string")
+    if len(value) > max_chars:
+        raise EvidenceError(f"{what} is too long ({len(value)} characters, at most "
+                            f"{max_chars})")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise EvidenceError(f"{what} is not valid base64") from None
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise EvidenceError(f"{what} is not canonical base64 (padding or trailing bits)")
+    return raw

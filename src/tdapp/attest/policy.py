@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -81,6 +81,59 @@ class MeasurementIn(_Shown):
             return Success()
         return Failure(f"measurement {claims.measurement} is not one of the session's "
                        f"mrenclaves ({_expected(self.measurements, 'expected one of')})")
+
+
+class SgxSignerIs(_Shown):
+    """SGX signer-based identity: MRSIGNER and ISVPRODID equal, ISVSVN within bounds."""
+
+    def __init__(self, mrsigner: str, isvprodid: int, *, isvsvn: int | None = None,
+                 isvsvn_min: int | None = None, isvsvn_max: int | None = None) -> None:
+        self.mrsigner, self.isvprodid = mrsigner.lower(), isvprodid
+        self.isvsvn, self.isvsvn_min, self.isvsvn_max = isvsvn, isvsvn_min, isvsvn_max
+
+    def verify(self, claims: Claims) -> Verdict:
+        if claims.tee != "sgx":
+            return Failure(f"{claims.tee} evidence has no SGX signer (the variant names one)")
+        signer = str(claims.values.get("mrsigner", "")).lower()
+        if signer != self.mrsigner:
+            return Failure(f"mrsigner {signer} is not the session's ({self.mrsigner})")
+        product, svn = claims.values.get("isvprodid"), claims.values.get("isvsvn")
+        if product != self.isvprodid:
+            return Failure(f"isvprodid {product} is not the session's ({self.isvprodid})")
+        if not isinstance(svn, int):
+            return Failure("the evidence has no isvsvn")
+        if self.isvsvn is not None and svn != self.isvsvn:
+            return Failure(f"isvsvn {svn} is not the session's ({self.isvsvn})")
+        if self.isvsvn_min is not None and svn < self.isvsvn_min:
+            return Failure(f"isvsvn {svn} is below the session's minimum {self.isvsvn_min}")
+        if self.isvsvn_max is not None and svn > self.isvsvn_max:
+            return Failure(f"isvsvn {svn} is above the session's maximum {self.isvsvn_max}")
+        return Success()
+
+
+class ClaimsMatch(_Shown):
+    """Evidence of TEE ``tee`` whose named claims each take one of the expected values."""
+
+    def __init__(self, tee: str, expected: Mapping[str, Collection[str | int]]) -> None:
+        self.tee = tee
+        self.expected = {name: frozenset(_normal(value) for value in values)
+                         for name, values in expected.items()}
+
+    def verify(self, claims: Claims) -> Verdict:
+        if claims.tee != self.tee:
+            return Failure(f"{claims.tee} evidence does not match a {self.tee} attestation "
+                           "variant")
+        for name, allowed in sorted(self.expected.items()):
+            actual = claims.values.get(name)
+            if actual is None or _normal(actual) not in allowed:
+                shown = ", ".join(str(value) for value in sorted(allowed, key=str)[:_SHOWN])
+                return Failure(f"{self.tee} {name} {actual} is not the session's "
+                               f"(expected {shown})")
+        return Success()
+
+
+def _normal(value: str | int) -> str | int:
+    return value.lower() if isinstance(value, str) else value
 
 
 class ReportDataIs(_Shown):

@@ -11,19 +11,22 @@ it did not check, and must raise nothing but EvidenceError on any input.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tdapp.attest import sim
-from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError
+from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError, base64_field
+from tdapp.attest.dcap import TEES as DCAP_TEES
+from tdapp.attest.dcap import CollateralSource, DcapVerifier
+from tdapp.attest.snp import MILAN_ARK_SHA256, SnpVerifier
+from tdapp.attest.snp import TEE as SNP_TEE
 
 # Far above any honest evidence; bounds the work done before the signature is checked.
 MAX_FIELD_CHARS = 16 * 1024
@@ -40,7 +43,23 @@ class EvidenceVerifier(Protocol):
         ...
 
 
-def verifier_for(evidence: Mapping[str, Any]) -> EvidenceVerifier:
+@dataclass(frozen=True)
+class VerifierSettings:
+    """What hardware verifiers need from their operator.
+
+    ``collateral``: where DCAP collateral comes from when the evidence carries none
+    (a cache file or a PCCS). ``snp_pinned_arks``: SHA-256 fingerprints of the AMD
+    root keys trusted. ``snp_certificates``: configured ``ark``/``ask``/``vcek``
+    DER certificates, used when the evidence carries none.
+    """
+
+    collateral: CollateralSource | None = None
+    snp_pinned_arks: tuple[str, ...] = (MILAN_ARK_SHA256,)
+    snp_certificates: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def verifier_for(evidence: Mapping[str, Any],
+                 settings: VerifierSettings | None = None) -> EvidenceVerifier:
     """The verifier for ``evidence["tee"]``; EvidenceError for anything unknown or unsupported."""
     if not isinstance(evidence, Mapping):
         raise EvidenceError(f"evidence must be a JSON object, got {_kind(evidence)}")
@@ -49,11 +68,15 @@ def verifier_for(evidence: Mapping[str, Any]) -> EvidenceVerifier:
         raise EvidenceError("evidence has no 'tee' field naming its kind")
     if not isinstance(tee, str):
         raise EvidenceError(f"evidence field 'tee' must be a string, got {_kind(tee)}")
+    settings = settings or VerifierSettings()
     if tee == sim.TEE:
         return SimVerifier()
-    if tee in TEE_KINDS:
-        raise EvidenceError(f"{tee} evidence is not supported yet")
-    raise EvidenceError(f"{_show(tee)} evidence is not supported yet "
+    if tee in DCAP_TEES:
+        return DcapVerifier(tee, collateral=settings.collateral)
+    if tee == SNP_TEE:
+        return SnpVerifier(pinned_arks=settings.snp_pinned_arks,
+                           certificates=settings.snp_certificates)
+    raise EvidenceError(f"{_show(tee)} evidence is not supported "
                         f"(known kinds: {', '.join(TEE_KINDS)})")
 
 
@@ -156,18 +179,10 @@ def _exact_fields(document: Mapping[Any, Any], expected: frozenset[str], what: s
 
 
 def _base64_field(evidence: Mapping[str, Any], name: str, size: int | None) -> bytes:
-    value = evidence[name]
     what = f"sim evidence field '{name}'"
-    if not isinstance(value, str):
-        _fail(f"{what} must be a base64 string, got {_kind(value)}")
-    if len(value) > MAX_FIELD_CHARS:
-        _fail(f"{what} is too long ({len(value)} characters, at most {MAX_FIELD_CHARS})")
-    try:
-        raw = base64.b64decode(value.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error):
-        _fail(f"{what} is not valid base64")
-    if sim.b64(raw) != value:
-        _fail(f"{what} is not canonical base64 (padding or trailing bits)")
+    if not isinstance(evidence[name], str):
+        _fail(f"{what} must be a base64 string, got {_kind(evidence[name])}")
+    raw = base64_field(evidence[name], what, MAX_FIELD_CHARS)
     if size is not None and len(raw) != size:
         _fail(f"{what} must hold {size} bytes, got {len(raw)}")
     return raw

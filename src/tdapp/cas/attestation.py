@@ -27,14 +27,18 @@ from jwcrypto import jwe, jwk
 
 from tdapp.attest import (
     AllOf,
+    AnyOf,
     Claims,
+    ClaimsMatch,
     DebugTolerated,
     MeasurementIn,
     PlatformIn,
     Policy,
     ReportDataIs,
+    SgxSignerIs,
     TcbStatusTolerated,
     TeeIn,
+    VerifierSettings,
     report_data,
     verifier_for,
 )
@@ -74,20 +78,31 @@ class AttestationRequest:
 
 class AttestationAuthority:
     def __init__(self, store: Store, sessions: SessionAuthority, nonces: NonceMinter, *,
-                 debug: bool) -> None:
+                 debug: bool, verifiers: VerifierSettings | None = None,
+                 verify_at: float | None = None) -> None:
         self._store = store
         self._sessions = sessions
         self._nonces = nonces
         self._debug = debug
+        self._verifiers = verifiers or VerifierSettings()
+        # Fixed only to replay recorded evidence whose collateral has since expired.
+        self._verify_at = verify_at
 
     # -- nonces -------------------------------------------------------------------
 
-    def issue_nonce(self, session_name: str, service_name: str) -> tuple[str, float]:
+    def issue_nonce(self, session_name: str, service_name: str) -> tuple[str, float, str]:
+        """A fresh nonce, its expiry, and the session's attestation mode (so that a
+        runtime without a TEE knows before it tries whether simulation will do)."""
         session = self._sessions.recently_stored(session_name)
         if session is None or session.service(service_name) is None:
             # Maybe created or extended on another replica since: ask the database.
-            self._service(session_name, service_name, "attest.nonce")
-        return self._nonces.issue(session_name, service_name)
+            session, _ = self._service(session_name, service_name, "attest.nonce")
+        nonce, expires_at = self._nonces.issue(session_name, service_name)
+        try:
+            mode = self.mode_of(session)
+        except RefusedError:
+            mode = "unsupported"
+        return nonce, expires_at, mode
 
     # -- attestation ----------------------------------------------------------------
 
@@ -96,21 +111,25 @@ class AttestationAuthority:
         event = "attest"
         session, service = self._service(request.session, request.service, event)
         nonce = self._spendable(request, event)
+        steps: list[AuditEntry] = []  # what passed, for the audit log
         try:
             public_key = self._public_key(request)
             mode = self.mode_of(session)
             measurement = "none"
             if mode != "none":
                 claims = self._verified_claims(request)
-                verdict = self.policy_for(session, service, mode, request.nonce,
-                                          _der(public_key)).verify(claims)
-                if not verdict.ok:
-                    raise RefusedError(verdict.reason)
+                steps.append(AuditEntry(f"{event}.evidence", "accepted", _describe(claims)))
+                for label, policy in self.checks_for(session, service, mode, request.nonce,
+                                                     _der(public_key)):
+                    verdict = policy.verify(claims)
+                    if not verdict.ok:
+                        raise RefusedError(verdict.reason)
+                    steps.append(AuditEntry(f"{event}.{label}", "accepted", f"{label}: ok"))
                 measurement = claims.measurement
             volumes = self._volumes(session, service, request.session)
         except TdappError as error:
             # A refused attempt spends its nonce: evidence is never judged twice.
-            self._store.spend_nonce(nonce, AuditEntry(event, "refused", error.message))
+            self._store.spend_nonce(nonce, [*steps, AuditEntry(event, "refused", error.message)])
             raise
         token = secrets.token_hex(32)
         token_hash = _token_hash(token)
@@ -125,7 +144,7 @@ class AttestationAuthority:
         accepted = AuditEntry(event, "accepted",
                               f"accepted {mode} attestation of {service.name} (measurement "
                               f"{measurement}); instance {token_hash[:16]}")
-        if not self._store.spend_nonce(nonce, accepted,
+        if not self._store.spend_nonce(nonce, [*steps, accepted],
                                        NewInstance(token_hash, measurement, expires_at)):
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
         return _encrypt_to(public_key, configuration), token_hash
@@ -140,20 +159,32 @@ class AttestationAuthority:
         return str(mode)
 
     @staticmethod
-    def policy_for(session: Session, service: Service, mode: str, nonce: str,
-                   public_key_der: bytes) -> Policy:
+    def checks_for(session: Session, service: Service, mode: str, nonce: str,
+                   public_key_der: bytes) -> list[tuple[str, Policy]]:
+        """The session's checks, in the order they are judged and logged.
+
+        The binding of nonce and key comes last, so a refusal for it shows that the
+        evidence passed every check of the program and the platform first.
+        """
         attestation = session.security.attestation
-        measurements = {m for variant in service.attestation_variants() for m in variant.mrenclave}
-        parts: list[Policy] = [
-            TeeIn(HARDWARE_TEES if mode == "hardware" else ("sim", *HARDWARE_TEES), mode=mode),
-            ReportDataIs(report_data(nonce, public_key_der)),
-            MeasurementIn(measurements),
-            DebugTolerated("debug-mode" in attestation.tolerate),
-            TcbStatusTolerated(attestation.tolerate, _advisories(attestation.ignore_advisories)),
+        checks: list[tuple[str, Policy]] = [
+            ("tee", TeeIn(HARDWARE_TEES if mode == "hardware" else ("sim", *HARDWARE_TEES),
+                          mode=mode)),
+            ("measurement", _variants(service)),
+            ("debug", DebugTolerated("debug-mode" in attestation.tolerate)),
+            ("tcb", TcbStatusTolerated(attestation.tolerate,
+                                       _advisories(attestation.ignore_advisories))),
         ]
         if attestation.platforms:
-            parts.append(PlatformIn(attestation.platforms))
-        return AllOf(parts)
+            checks.append(("platform", PlatformIn(attestation.platforms)))
+        checks.append(("report_data", ReportDataIs(report_data(nonce, public_key_der))))
+        return checks
+
+    @classmethod
+    def policy_for(cls, session: Session, service: Service, mode: str, nonce: str,
+                   public_key_der: bytes) -> Policy:
+        return AllOf(policy for _, policy in cls.checks_for(session, service, mode, nonce,
+                                                             public_key_der))
 
     # -- volume tags ----------------------------------------------------------------
 
@@ -215,11 +246,11 @@ class AttestationAuthority:
             raise InputError("public_key must be an EC P-256 key")
         return key
 
-    @staticmethod
-    def _verified_claims(request: AttestationRequest) -> Claims:
+    def _verified_claims(self, request: AttestationRequest) -> Claims:
         if request.evidence is None:
             raise RefusedError("evidence is required for this session")
-        return verifier_for(request.evidence).verify(request.evidence, at=time.time())
+        at = self._verify_at if self._verify_at is not None else time.time()
+        return verifier_for(request.evidence, self._verifiers).verify(request.evidence, at=at)
 
     def _volumes(self, session: Session, service: Service, name: str) -> list[dict[str, Any]]:
         image = session.image(service.image_name) if service.image_name else None
@@ -244,6 +275,40 @@ class AttestationAuthority:
     def _refuse(self, session: str | None, event: str, error: TdappError) -> NoReturn:
         self._store.record(session, event, None, "refused", error.message)
         raise error
+
+
+def _variants(service: Service) -> Policy:
+    """Any one of the service's attestation variants, each the AllOf of its factors."""
+    variants: list[Policy] = []
+    for variant in service.attestation_variants():
+        factors: list[Policy] = []
+        if variant.mrenclave:
+            factors.append(MeasurementIn(variant.mrenclave))
+        if variant.signer is not None:
+            signer = variant.signer
+            factors.append(SgxSignerIs(signer.mrsigner, signer.isvprodid, isvsvn=signer.isvsvn,
+                                       isvsvn_min=signer.isvsvn_min,
+                                       isvsvn_max=signer.isvsvn_max))
+        if variant.tdx is not None:
+            factors.append(ClaimsMatch("tdx", variant.tdx.expected()))
+        if variant.snp is not None:
+            factors.append(ClaimsMatch("snp", variant.snp.expected()))
+        variants.append(factors[0] if len(factors) == 1 else AllOf(factors))
+    if not variants:
+        return MeasurementIn(())  # refuses, naming that no measurement is listed
+    return variants[0] if len(variants) == 1 else AnyOf(variants)
+
+
+def _describe(claims: Claims) -> str:
+    """The verified evidence in one audit line (no secrets: claims are public values)."""
+    parts = [f"{claims.tee} evidence verified", f"measurement {claims.measurement}",
+             f"TCB {claims.tcb_status}"]
+    if claims.advisories:
+        parts.append(f"advisories {', '.join(claims.advisories)}")
+    if claims.debug:
+        parts.append("debug")
+    parts.append(f"platform {claims.platform[:32]}")
+    return "; ".join(parts)
 
 
 def _advisories(value: object) -> Any:

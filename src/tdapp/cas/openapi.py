@@ -79,9 +79,11 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "A one-time nonce for attesting SESSION/SERVICE (expires)",
                 "requestBody": _json_body({"session": {"type": "string"},
                                            "service": {"type": "string"}}),
-                "responses": {"201": _json({"type": "object", "required": ["nonce", "expires_at"],
+                "responses": {"201": _json({"type": "object",
+                                            "required": ["nonce", "expires_at", "mode"],
                                             "properties": {"nonce": {"type": "string"},
-                                                           "expires_at": {"type": "number"}}},
+                                                           "expires_at": {"type": "number"},
+                                                           "mode": {"type": "string"}}},
                                            "the nonce"),
                               **_errors(400, 403, 404, 413, 503)}}},
             "/v1/attestation": {"post": {

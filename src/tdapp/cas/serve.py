@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
+from tdapp.attest import VerifierSettings
+from tdapp.attest.dcap import collateral_from_file, collateral_from_pccs
+from tdapp.attest.snp import MILAN_ARK_SHA256
 from tdapp.cas.attestation import AttestationAuthority
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
@@ -16,6 +21,7 @@ from tdapp.cas.ratelimit import RateLimit
 from tdapp.cas.server import create_app
 from tdapp.cas.sessions import SessionAuthority
 from tdapp.cas.store import Store, database_url
+from tdapp.errors import InputError
 from tdapp.home import tdapp_home
 
 
@@ -23,9 +29,42 @@ def default_state_dir() -> Path:
     return tdapp_home() / "cas"
 
 
+@dataclass(frozen=True)
+class HardwareOptions:
+    """Where hardware evidence's trust comes from (``tdapp cas serve`` options)."""
+
+    collateral: Path | None = None
+    pccs: str | None = None
+    snp_ark: Path | None = None
+    snp_ask: Path | None = None
+    verify_at: float | None = None
+
+    def settings(self) -> VerifierSettings:
+        collateral = (collateral_from_file(self.collateral) if self.collateral is not None
+                      else collateral_from_pccs(self.pccs) if self.pccs else None)
+        certificates = {name: _read(path) for name, path in
+                        (("ark", self.snp_ark), ("ask", self.snp_ask)) if path is not None}
+        pins: tuple[str, ...] = (MILAN_ARK_SHA256,)
+        if "ark" in certificates:
+            # An operator who names an ARK file trusts it: pin exactly that root.
+            pins = (hashlib.sha256(certificates["ark"]).hexdigest(),)
+        return VerifierSettings(collateral=collateral, snp_pinned_arks=pins,
+                                snp_certificates=certificates)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}") from None
+
+
 def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
               master_key_file: Path | None = None, debug: bool = False,
-              rate_limit: float = 0) -> tuple[web.Application, CasMaterials, Store]:
+              rate_limit: float = 0, hardware: HardwareOptions | None = None
+              ) -> tuple[web.Application, CasMaterials, Store]:
+    hardware = hardware or HardwareOptions()
+    verifiers = hardware.settings()
     materials = CasMaterials.load_or_create(state_dir, hosts=hosts,
                                             master_key_file=master_key_file)
     store = Store(database_url(db, state_dir))
@@ -34,18 +73,20 @@ def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
     store.refusal_listener = metrics.refused
     authority = SessionAuthority(store, materials.master_key)
     attestation = AttestationAuthority(store, authority, NonceMinter(materials.master_key),
-                                       debug=debug)
+                                       debug=debug, verifiers=verifiers,
+                                       verify_at=hardware.verify_at)
     limiter = RateLimit(rate_limit) if rate_limit > 0 else None
     return create_app(authority, attestation, materials, metrics, limiter), materials, store
 
 
 def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
-          master_key_file: Path | None = None, rate_limit: float = 0) -> None:
+          master_key_file: Path | None = None, rate_limit: float = 0,
+          hardware: HardwareOptions | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, materials, store = build_app(state_dir=state_dir, db=db, hosts=(host,),
                                       master_key_file=master_key_file, debug=debug,
-                                      rate_limit=rate_limit)
+                                      rate_limit=rate_limit, hardware=hardware)
     print(f"tdapp CAS on https://{host}:{port} ({'debug' if debug else 'production'} mode)\n"
           f"  certificate {materials.certificate_path}\n"
           f"  fingerprint {materials.fingerprint}\n"

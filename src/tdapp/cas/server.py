@@ -163,8 +163,10 @@ async def issue_nonce(request: web.Request) -> web.Response:
     body = await json_object(request)
     session, service = _string(body, "session"), _string(body, "service")
     assert session is not None and service is not None
-    nonce, expires_at = await _in_thread(request.app[_ATTESTATION].issue_nonce, session, service)
-    return web.json_response({"nonce": nonce, "expires_at": expires_at}, status=201)
+    nonce, expires_at, mode = await _in_thread(request.app[_ATTESTATION].issue_nonce, session,
+                                               service)
+    return web.json_response({"nonce": nonce, "expires_at": expires_at, "mode": mode},
+                             status=201)
 
 
 async def attest(request: web.Request) -> web.Response:

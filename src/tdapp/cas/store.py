@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,17 +219,18 @@ class Store:
 
     # -- attestation: nonces and instances -------------------------------------------
 
-    def spend_nonce(self, nonce: SpentNonce, audit: AuditEntry,
+    def spend_nonce(self, nonce: SpentNonce, audits: Sequence[AuditEntry],
                     instance: NewInstance | None = None) -> bool:
-        """Spend a nonce, write the audit entry and the new instance in one transaction.
+        """Spend a nonce, write the audit entries and the new instance in one transaction.
 
         With an instance, nothing is written and False is returned when the nonce was
         already spent (a replay, possibly racing on another replica); without one (a
-        refusal), the audit entry is written either way.
+        refusal), the audit entries are written either way.
         """
         now = time.time()
-        if audit.outcome == "refused":
-            self._note_refusal(audit.event, audit.reason)
+        for audit in audits:
+            if audit.outcome == "refused":
+                self._note_refusal(audit.event, audit.reason)
         try:
             with self._write() as connection:
                 fresh = connection.execute(self._insert_new(nonces).values(
@@ -243,8 +244,9 @@ class Store:
                         token_hash=instance.token_hash, session=nonce.session,
                         service=nonce.service, measurement=instance.measurement,
                         created_at=now, expires_at=instance.expires_at))
-                _append_audit(connection, now, nonce.session, audit.event, None, audit.reason,
-                              audit.outcome)
+                for audit in audits:
+                    _append_audit(connection, now, nonce.session, audit.event, None,
+                                  audit.reason, audit.outcome)
                 if next(self._spends) % _PRUNE_EVERY == 0:
                     # An expired nonce is refused by its MAC'd expiry; its row can go.
                     connection.execute(delete(nonces).where(nonces.c.expires_at < now - 60))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import click
 
 from tdapp import __version__
+from tdapp.cli.attest import attest
 from tdapp.cli.build import build, image, images, measure
 from tdapp.cli.cas import cas, self_group
 from tdapp.cli.las import las
@@ -52,6 +53,7 @@ cli.add_command(up)
 cli.add_command(las)
 cli.add_command(session)
 cli.add_command(self_group)
+cli.add_command(attest)
 
 
 def _fail(message: str, code: int) -> int:

@@ -32,15 +32,31 @@ def cas() -> None:
               help="Debug CAS: sessions without a security section are treated as 'sim'.")
 @click.option("--rate-limit", default=2000.0, show_default=True, type=click.FloatRange(0),
               help="Requests per second per client address (burst: twice that); 0: no limit.")
+@click.option("--collateral", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="DCAP collateral (QuoteCollateralV3 JSON) for SGX/TDX quotes "
+                                 "that carry none.")
+@click.option("--pccs", metavar="URL", default=None,
+              help="Fetch DCAP collateral from this PCCS when a quote carries none.")
+@click.option("--snp-ark", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="Trust this AMD root key (DER) instead of the built-in Milan "
+                                 "ARK pin.")
+@click.option("--snp-ask", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="AMD ASK (DER) for SEV-SNP reports that carry none.")
+@click.option("--verify-at", type=float, default=None, metavar="UNIX_TIME",
+              help="Verify hardware evidence as of this time instead of now (to replay "
+                   "recorded evidence; never in production).")
 def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: bool,
-          master_key_file: Path | None, rate_limit: float) -> None:
+          master_key_file: Path | None, rate_limit: float, collateral: Path | None,
+          pccs: str | None, snp_ark: Path | None, snp_ask: Path | None,
+          verify_at: float | None) -> None:
     """Run the CAS over HTTPS (its key and certificate are made on first start and kept)."""
     # Imported here: the server stack (aiohttp, SQLAlchemy, Alembic) would slow every command.
-    from tdapp.cas.serve import default_state_dir
+    from tdapp.cas.serve import HardwareOptions, default_state_dir
     from tdapp.cas.serve import serve as run
 
     run(host=host, port=port, db=db, state_dir=state_dir or default_state_dir(), debug=debug,
-        master_key_file=master_key_file, rate_limit=rate_limit)
+        master_key_file=master_key_file, rate_limit=rate_limit,
+        hardware=HardwareOptions(collateral, pccs, snp_ark, snp_ask, verify_at))
 
 
 @cas.command()

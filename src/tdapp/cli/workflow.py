@@ -60,14 +60,19 @@ def decrypt(conf: Path, encrypted: Path, out: Path) -> None:
 @click.option("--push", default=None, metavar="URL", help="Where to upload the output bundle.")
 @click.option("--las", "las_address", default=None, metavar="HOST:PORT",
               help="The local attestation service (default: the announced one).")
+@click.option("--tee", type=click.Choice(("auto", "sim", "tsm", "gramine")), default="auto",
+              show_default=True,
+              help="Where evidence comes from: auto uses a TEE it finds (configfs-tsm in a "
+                   "TDX or SNP guest, Gramine's /dev/attestation in SGX), else the LAS if the "
+                   "session accepts sim.")
 def run(image: str, session_id: str, cas_address: str, url: str, push: str | None,
-        las_address: str | None) -> None:
+        las_address: str | None, tee: str) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.run import RunRequest, run_dapp
 
     result = run_dapp(RunRequest(image=image, session_id=session_id,
                                  cas=Address.parse(cas_address), url=url,
                                  push=push or announced("push"),
-                                 las=las_address or announced("las")),
+                                 las=las_address or announced("las"), tee=tee),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
     click.echo(result)

@@ -22,7 +22,8 @@ from tdapp.attest import report_data
 from tdapp.client.cas_client import CasClient
 from tdapp.errors import IntegrityError
 
-EvidenceSource = Callable[[bytes], Mapping[str, Any]]
+EvidenceSource = Callable[[bytes, str], Mapping[str, Any]]
+"""(report_data, the session's attestation mode as the CAS states it) -> evidence."""
 """Given the 64-byte report_data, return evidence binding it (LAS, TEE attester)."""
 
 
@@ -65,10 +66,11 @@ class ReleasedConfiguration:
 def obtain_configuration(cas: CasClient, session: str, service: str,
                          evidence_for: EvidenceSource) -> ReleasedConfiguration:
     """Attest to the CAS and get this run's configuration, readable only by this process."""
-    nonce = str(cas.request_json("POST", "/v1/attestation/nonce",
-                                 {"session": session, "service": service})["nonce"])
+    issued = cas.request_json("POST", "/v1/attestation/nonce",
+                              {"session": session, "service": service})
+    nonce = str(issued["nonce"])
     key = EphemeralKey()
-    evidence = evidence_for(report_data(nonce, key.public_der))
+    evidence = evidence_for(report_data(nonce, key.public_der), str(issued.get("mode", "")))
     answer = cas.request_json("POST", "/v1/attestation", {
         "session": session, "service": service, "nonce": nonce,
         "public_key": key.public_b64url, "evidence": dict(evidence)})

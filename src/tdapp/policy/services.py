@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from tdapp.policy.base import Frozen
 from tdapp.policy.values import (
     U16,
+    U64,
     AbsolutePath,
     FspfKey,
     FspfTag,
@@ -24,6 +25,8 @@ from tdapp.policy.values import (
     Many,
     Measurements,
     OtpSecret,
+    Register,
+    Registers,
     ServiceName,
     Tags,
     as_text,
@@ -56,17 +59,66 @@ class Signer(Frozen):
         return self
 
 
+class TdxFactors(Frozen):
+    """What a TDX guest's quote must show: MRTD one of ``mrtd``, and each given register."""
+
+    mrtd: Registers = ()
+    rtmr0: Register | None = None
+    rtmr1: Register | None = None
+    rtmr2: Register | None = None
+    rtmr3: Register | None = None
+    mrconfigid: Register | None = None
+
+    @model_validator(mode="after")
+    def _has_mrtd(self) -> TdxFactors:
+        if not self.mrtd:
+            fail("a tdx factor needs mrtd (the measurement of the TD)", "mrtd")
+        return self
+
+    def expected(self) -> dict[str, frozenset[str | int]]:
+        registers = {name: getattr(self, name) for name in
+                     ("rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid")}
+        return {"mrtd": frozenset(self.mrtd),
+                **{name: frozenset({value}) for name, value in registers.items()
+                   if value is not None}}
+
+
+class SnpFactors(Frozen):
+    """What an SEV-SNP guest's report must show: MEASUREMENT one of ``measurement``, and
+    HOST_DATA and the guest POLICY when given."""
+
+    measurement: Registers = ()
+    host_data: Hash | None = None
+    policy: U64 | None = None
+
+    @model_validator(mode="after")
+    def _has_measurement(self) -> SnpFactors:
+        if not self.measurement:
+            fail("an snp factor needs measurement (the launch digest)", "measurement")
+        return self
+
+    def expected(self) -> dict[str, frozenset[str | int]]:
+        result: dict[str, frozenset[str | int]] = {"measurement": frozenset(self.measurement)}
+        if self.host_data is not None:
+            result["host_data"] = frozenset({self.host_data})
+        if self.policy is not None:
+            result["policy"] = frozenset({self.policy})
+        return result
+
+
 class AttestationVariant(Frozen):
     """One way to pass attestation: all of its factors must hold."""
 
     mrenclave: Measurements = ()
     signer: Signer | None = None
+    tdx: TdxFactors | None = None
+    snp: SnpFactors | None = None
 
     @model_validator(mode="after")
     def _has_a_factor(self) -> AttestationVariant:
-        if not self.mrenclave and self.signer is None:
+        if not self.mrenclave and self.signer is None and self.tdx is None and self.snp is None:
             # An empty variant would admit any code at all.
-            fail("an attestation variant needs mrenclave or signer")
+            fail("an attestation variant needs mrenclave, signer, tdx or snp")
         return self
 
 

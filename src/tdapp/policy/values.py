@@ -112,6 +112,7 @@ def int_range(low: int, high: int) -> AfterValidator:
 
 
 U16 = Annotated[Int, int_range(0, 0xFFFF)]
+U64 = Annotated[Int, int_range(0, 2**64 - 1)]
 
 
 def free_form(value: object) -> JsonValue:
@@ -199,6 +200,8 @@ Measurement = Annotated[Text, AfterValidator(hex_string(64, "an enclave measurem
 FspfKey = Annotated[Text, AfterValidator(hex_string(64, "a 32-byte key"))]
 FspfTag = Annotated[Text, AfterValidator(hex_string(32, "a 16-byte tag"))]
 Measurements = Annotated[tuple[Measurement, ...], OneOrMany, SortedSet]
+Register = Annotated[Text, AfterValidator(hex_string(96, "a 48-byte measurement register"))]
+Registers = Annotated[tuple[Register, ...], OneOrMany, SortedSet]
 
 
 def is_binary_hex(value: str) -> bool:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tdapp.attest.attesters import choose_attester
 from tdapp.attest.las import LasClient
 from tdapp.builder import Image, load_image, measure_image
 from tdapp.builder.paths import user_ids
@@ -47,6 +48,7 @@ class RunRequest:
     url: str
     push: str
     las: str
+    tee: str = "auto"
 
 
 def _plaintext_root() -> str | None:
@@ -92,9 +94,14 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         download(request.url, bundle)
         volumes = unpack(bundle, root / "sealed")
         las = LasClient(request.las)
+
+        def evidence(data: bytes, mode: str) -> Mapping[str, Any]:
+            attester = choose_attester(request.tee, las=las, sim_allowed=mode != "hardware")
+            log(f"attester: {attester.name}")
+            return attester.evidence(data, measurement)
+
         released = obtain_configuration(
-            CasClient.connect(request.cas, anonymous=True), session, service,
-            lambda data: las.evidence(data, measurement))
+            CasClient.connect(request.cas, anonymous=True), session, service, evidence)
         config = released.document
         log(f"attested to {request.cas} ({config['mode']} mode)")
         mounts, opened = _open_volumes(config, volumes, root / "plain")
