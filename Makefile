@@ -9,7 +9,7 @@ STAMP       := $(VENV)/.installed
 SYSTEM_PKGS := bubblewrap fuse3 postgresql curl
 BENCH_PKGS  := gocryptfs age fuse3
 
-.PHONY: all install sysdeps bench-deps demo volume-demo test test-fast test-slow lint bench clean
+.PHONY: all install sysdeps bench-deps demo volume-demo test test-fast test-slow lint bench bench-shield clean
 
 all: test
 
@@ -58,6 +58,9 @@ test-slow: install sysdeps
 
 bench: install bench-deps
 	$(BIN)/python benchmarks/volume_throughput.py
+
+bench-shield: install bench-deps
+	$(BIN)/python benchmarks/shield_throughput.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-work

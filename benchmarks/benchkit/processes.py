@@ -1,8 +1,9 @@
-"""Running things: the progress log, deadlines, commands, pipelines and FUSE unmounts."""
+"""Running things: the progress log, deadlines, commands, pipelines, FUSE mounts and unmounts."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -10,9 +11,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
+from typing import IO
 
 COMMAND_TIMEOUT_S = 60.0
 
@@ -69,14 +71,110 @@ def run_pipeline(producer_cmd: list[str], consumer_cmd: list[str], timeout: floa
             raise RuntimeError(f"{name} exited with {code}")
 
 
+def is_mount(path: Path) -> bool:
+    """``os.path.ismount``, but also true for a FUSE mount whose server died (ENOTCONN)."""
+    try:
+        os.lstat(path)
+    except OSError as error:
+        return error.errno == errno.ENOTCONN
+    return os.path.ismount(path)
+
+
 def unmount(mount_point: Path) -> None:
     """Unmount a FUSE mount; lazily if a plain unmount does not take."""
     attempts = [[tool, "-u"] for tool in ("fusermount3", "fusermount") if shutil.which(tool)]
     attempts += [[tool, "-uz"] for tool in ("fusermount3", "fusermount") if shutil.which(tool)]
     for attempt in attempts:
-        if not os.path.ismount(mount_point):
+        if not is_mount(mount_point):
             return
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             run_command([*attempt, str(mount_point)])
-    if os.path.ismount(mount_point):
+    if is_mount(mount_point):
         raise RuntimeError(f"could not unmount {mount_point}")
+
+
+def _tail(output: IO[bytes], limit: int = 300) -> str:
+    output.seek(0)
+    return output.read().decode(errors="replace").strip()[-limit:]
+
+
+class ForegroundMount:
+    """A FUSE file system served by a process in the foreground, for one ``with`` block.
+
+    Entering starts ``command`` and waits until ``mount_point`` is a mount (failing if the
+    process exits first or ``ready_timeout`` passes); it returns the mount point. Leaving
+    unmounts it (``unmount``: fusermount -u, then lazily; SIGTERM if even that fails) and
+    waits for the process to exit, which must be with status 0. Afterwards ``stdout`` holds
+    what the process printed and ``stop_s`` the seconds from the unmount to its exit.
+    """
+
+    def __init__(self, command: list[str], mount_point: Path, *,
+                 env: Mapping[str, str] | None = None, ready_timeout: float = 30.0,
+                 stop_timeout: float = 300.0) -> None:
+        self._command, self._mount_point, self._env = command, mount_point, env
+        self._ready_timeout, self._stop_timeout = ready_timeout, stop_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stdout: IO[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self.stdout = ""
+        self.stop_s = 0.0
+
+    def __enter__(self) -> Path:
+        self._stdout, self._stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self._process = subprocess.Popen(
+            self._command, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr,
+            env=None if self._env is None else dict(self._env), start_new_session=True)
+        try:
+            self._wait_until_mounted(self._process)
+        except BaseException:
+            self._stop(quietly=True)
+            raise
+        return self._mount_point
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._stop(quietly=kind is not None)
+
+    def _wait_until_mounted(self, process: subprocess.Popen[bytes]) -> None:
+        name = os.path.basename(self._command[0])
+        ready_by = time.monotonic() + self._ready_timeout
+        while not os.path.ismount(self._mount_point):
+            if process.poll() is not None:
+                assert self._stderr is not None
+                raise RuntimeError(f"{name} exited with {process.returncode} before mounting "
+                                   f"{self._mount_point}: {_tail(self._stderr)}")
+            if time.monotonic() > ready_by:
+                raise RuntimeError(f"{name} did not mount {self._mount_point} within "
+                                   f"{self._ready_timeout:.0f} s")
+            time.sleep(0.02)
+
+    def _stop(self, quietly: bool) -> None:
+        """Unmount, wait for the exit; raise on a failure unless ``quietly`` (already failing)."""
+        process, stdout, stderr = self._process, self._stdout, self._stderr
+        assert process is not None and stdout is not None and stderr is not None
+        start = time.perf_counter()
+        try:
+            try:
+                unmount(self._mount_point)
+            except RuntimeError:
+                if process.poll() is None:
+                    process.terminate()
+            try:
+                process.wait(self._stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                if not quietly:
+                    raise RuntimeError(f"{self._command[0]} did not exit within "
+                                       f"{self._stop_timeout:.0f} s of the unmount") from None
+            self.stop_s = time.perf_counter() - start
+            self.stdout = _tail(stdout, 100_000)
+            if process.returncode != 0 and not quietly:
+                raise RuntimeError(f"{os.path.basename(self._command[0])} exited with "
+                                   f"{process.returncode}: {_tail(stderr)}")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            stdout.close()
+            stderr.close()

@@ -72,6 +72,7 @@ class Layout:
     workloads: tuple[str, ...]
     file_systems: tuple[str, ...]  # row order; keys that are no FileSystem print as they are
     json_names: Mapping[str, str] = field(default_factory=dict)  # tool -> name in JSON keys
+    count_name: str = "files"  # what a result's count counts: "<count_name>/s" column, JSON
 
 
 def find(results: Results, fs: str, workload: str, tool: str, kind: str) -> Result | None:
@@ -204,7 +205,8 @@ def build_table(title: str, results: Results, layout: Layout,
     table = Table(title=title, show_lines=False)
     for header, justify in (("file system", "left"), ("workload", "left"), ("tool", "left"),
                             ("direction", "left"), ("best s", "right"), ("MB/s", "right"),
-                            ("files/s", "right"), (f"x {layout.reference}", "right"),
+                            (f"{layout.count_name}/s", "right"),
+                            (f"x {layout.reference}", "right"),
                             (f"{layout.subject} x", "right"), ("note", "left")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     rows = ordered(results, layout)
@@ -231,9 +233,40 @@ def build_table(title: str, results: Results, layout: Layout,
     return table
 
 
+def comparison_table(title: str, results: Results, layout: Layout, fs: str) -> Table:
+    """One row per workload and direction on ``fs``: each tool's MB/s (and count/s where a
+    result counts more than one), then the subject's MB/s over each other tool's."""
+    others = [tool for tool in layout.tools if tool != layout.subject]
+    table = Table(title=title, show_lines=False)
+    table.add_column("workload")
+    table.add_column("direction")
+    for tool in layout.tools:
+        table.add_column(f"{tool} MB/s", justify="right")
+    for other in others:
+        table.add_column(f"{layout.subject} / {other}", justify="right")
+    rows = [result for result in ordered(results, layout)
+            if result.fs == fs and result.tool == layout.subject]
+    for row in rows:
+        same = {tool: results.get((fs, row.workload, tool, row.direction))
+                for tool in layout.tools}
+        cells = [_rate_cell(same[tool], layout) for tool in layout.tools]
+        cells += [_format_number(ratio(row, same[other]), 2) for other in others]
+        table.add_row(row.workload_label, row.direction, *cells)
+    return table
+
+
+def _rate_cell(result: Result | None, layout: Layout) -> str:
+    if result is None or result.mbps is None:
+        return "—" if result is None or result.status == "ok" else result.status[:24]
+    cell = _format_number(result.mbps)
+    if result.files > 1:
+        cell += f" ({_format_number(result.files_per_s)} {layout.count_name}/s)"
+    return cell
+
+
 def print_report(console: Console, title: str, definitions: Iterable[str], results: Results,
                  layout: Layout, file_systems: dict[str, FileSystem], skipped: dict[str, str],
-                 checks: list[Check]) -> None:
+                 checks: list[Check], extra_tables: Iterable[Table] = ()) -> None:
     console.print("Definitions:")
     for line in definitions:
         console.print(f"  {line}")
@@ -244,6 +277,8 @@ def print_report(console: Console, title: str, definitions: Iterable[str], resul
     for key, reason in skipped.items():
         console.print(f"  - {key}: SKIPPED — {reason}")
     console.print(build_table(title, results, layout, file_systems))
+    for table in extra_tables:
+        console.print(table)
     console.print("Targets:")
     for check in checks:
         console.print(check.line())
@@ -256,11 +291,11 @@ def figures(results: Results, layout: Layout, fs: str, workload: str) -> dict[st
         if (result.fs, result.workload) != (fs, workload):
             continue
         entry.setdefault("bytes", result.bytes)
-        entry.setdefault("files", result.files)
+        entry.setdefault(layout.count_name, result.files)
         prefix = f"{layout.json_names.get(result.tool, result.tool)}_{result.direction}"
         entry[f"{prefix}_MBps"] = rounded(result.mbps)
         if result.files > 1:
-            entry[f"{prefix}_files_per_s"] = rounded(result.files_per_s, 0)
+            entry[f"{prefix}_{layout.count_name}_per_s"] = rounded(result.files_per_s, 0)
         entry[f"{prefix}_s"] = rounded(result.best, 4)
         entry[f"{prefix}_runs_s"] = [round(run, 4) for run in result.runs]
         if result.status != "ok":

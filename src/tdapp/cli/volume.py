@@ -149,3 +149,40 @@ def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
     with byte_progress("verifying", total) as progress:
         report = opened.verify(progress=progress)
     click.echo(f"ok: {report.files} files, {report.bytes} bytes verified, tag {opened.tag.hex()}")
+
+
+@volume.command()
+@_volume_dir
+@click.argument("mountpoint", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@_key_option
+@_tag_option
+@click.option("--read-only", is_flag=True, help="Refuse every change (EROFS).")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users (and sandboxes in their own user namespace) use the mount.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write {\"tag\", \"failures\"} as JSON to this file when unmounted.")
+def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey, tag: VolumeTag, read_only: bool,
+          allow_other: bool, report: Path | None) -> None:
+    """Mount the volume at MOUNTPOINT, decrypting and verifying as files are read.
+
+    Runs until unmounted (fusermount3 -u MOUNTPOINT) or interrupted; then seals
+    what changed and prints the new tag. A chunk that fails authentication is an
+    I/O error to the reader, and makes this command fail naming the file and chunk.
+    """
+    from tdapp.errors import IntegrityError
+    from tdapp.runtime.shield import serve_volume
+    from tdapp.volume.layout import write_atomically
+
+    # Absolute: libfuse changes the working folder to / once mounted.
+    opened = Volume.open(volume_dir.absolute(), key, tag)
+    click.echo(f"mounted {volume_dir} at {mountpoint}{' (read-only)' if read_only else ''}",
+               err=True)
+    result = serve_volume(opened, mountpoint.absolute(), read_only=read_only,
+                          allow_other=allow_other)
+    if report is not None:
+        write_atomically(report, json.dumps({"tag": result.tag.hex(),
+                                             "failures": result.failures}).encode(), mode=0o600)
+    click.echo(result.tag.hex())
+    if result.failures:
+        more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""
+        raise IntegrityError(f"{result.failures[0]}{more}; the reads were refused")

@@ -65,14 +65,20 @@ def decrypt(conf: Path, encrypted: Path, out: Path) -> None:
               help="Where evidence comes from: auto uses a TEE it finds (configfs-tsm in a "
                    "TDX or SNP guest, Gramine's /dev/attestation in SGX), else the LAS if the "
                    "session accepts sim.")
+@click.option("--shield", type=click.Choice(("auto", "fuse", "tmpfs")), default="auto",
+              show_default=True,
+              help="How the program sees its volumes: fuse decrypts as it reads (volumes larger "
+                   "than memory), tmpfs decrypts them whole into memory first; auto takes fuse "
+                   "for volumes over 64 MiB when /dev/fuse is usable.")
 def run(image: str, session_id: str, cas_address: str, url: str, push: str | None,
-        las_address: str | None, tee: str) -> None:
+        las_address: str | None, tee: str, shield: str) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.run import RunRequest, run_dapp
 
     result = run_dapp(RunRequest(image=image, session_id=session_id,
                                  cas=Address.parse(cas_address), url=url,
                                  push=push or announced("push"),
-                                 las=las_address or announced("las"), tee=tee),
+                                 las=las_address or announced("las"), tee=tee,
+                                 shield=shield),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
     click.echo(result)

@@ -26,7 +26,7 @@ from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import obtain_configuration, report_tag
 from tdapp.client.pins import Address
-from tdapp.errors import InputError, RefusedError
+from tdapp.errors import InputError, IntegrityError, RefusedError, UnavailableError
 from tdapp.runtime.sandbox import (
     Mount,
     SandboxSpec,
@@ -34,6 +34,7 @@ from tdapp.runtime.sandbox import (
     require_success,
     run_sandboxed,
 )
+from tdapp.runtime.shield import AUTO_THRESHOLD, ShieldMount, fuse_usable, sealed_size
 from tdapp.volume import Volume, VolumeKey, VolumeTag
 from tdapp.volume.bundle import pack, unpack
 
@@ -49,6 +50,7 @@ class RunRequest:
     push: str
     las: str
     tee: str = "auto"
+    shield: str = "auto"
 
 
 def _plaintext_root() -> str | None:
@@ -104,16 +106,23 @@ def run_dapp(request: RunRequest, log: Log) -> str:
             CasClient.connect(request.cas, anonymous=True), session, service, evidence)
         config = released.document
         log(f"attested to {request.cas} ({config['mode']} mode)")
-        mounts, opened = _open_volumes(config, volumes, root / "plain")
-        result = run_sandboxed(SandboxSpec(
-            root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
-            cwd=str(config["pwd"]), mounts=mounts, host_paths=_host_paths(image),
-            files=_injected(config), memory_limit=image.heap, stack_limit=image.stack,
-            user=_user(image)))
+        shields: list[ShieldMount] = []
+        try:
+            mounts, opened = _open_volumes(config, volumes, root, request.shield, shields, log)
+            result = run_sandboxed(SandboxSpec(
+                root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
+                cwd=str(config["pwd"]), mounts=mounts, host_paths=_host_paths(image),
+                files=_injected(config), memory_limit=image.heap, stack_limit=image.stack,
+                user=_user(image)))
+            shielded = _finish(shields)
+        finally:
+            for shield in shields:
+                shield.abort()
         require_success(result)
-        changed = _reseal(opened, root, log)
+        changed = {**_reseal(opened, root, log), **shielded}
         output = root / "scone-upload.zip"
-        pack({name: root / "resealed" / name if name in changed else volumes[name]
+        resealed = root / "resealed"
+        pack({name: resealed / name if (resealed / name).is_dir() else volumes[name]
               for name in volumes}, output)
         url = upload(output, request.push)
         client = CasClient.connect(request.cas, anonymous=True)
@@ -148,8 +157,9 @@ class _OpenVolume:
     fingerprint: frozenset[tuple[str, int, int, int]]
 
 
-def _open_volumes(config: dict[str, Any], sealed: dict[str, Path],
-                  plain_root: Path) -> tuple[list[Mount], list[_OpenVolume]]:
+def _open_volumes(config: dict[str, Any], sealed: dict[str, Path], root: Path, shield: str,
+                  shields: list[ShieldMount], log: Log) -> tuple[list[Mount], list[_OpenVolume]]:
+    """Each volume checked against its key and tag, then staged on tmpfs or mounted by FUSE."""
     mounts, opened = [], []
     for volume in config["volumes"]:
         name, tag = str(volume["name"]), volume.get("tag")
@@ -160,11 +170,44 @@ def _open_volumes(config: dict[str, Any], sealed: dict[str, Path],
             raise RefusedError(f"volume {name}: the session gives no key or tag for it")
         key = VolumeKey.from_hex(str(volume["key"]))
         opened_volume = Volume.open(folder, key, VolumeTag.from_hex(str(tag)), name=name)
-        plain = plain_root / name
+        if _use_fuse(shield, folder, name):
+            mount = ShieldMount(name, folder, root / "mnt" / name, key.hex(), str(tag))
+            shields.append(mount)
+            mounts.append(Mount(source=mount.mountpoint, target=str(volume["path"]),
+                                writable=True))
+            log(f"volume {name}: mounted by the FUSE shield")
+            continue
+        plain = root / "plain" / name
         opened_volume.extract(plain)
         mounts.append(Mount(source=plain, target=str(volume["path"]), writable=True))
         opened.append(_OpenVolume(name, key, str(tag), plain, _tree_fingerprint(plain)))
     return mounts, opened
+
+
+def _use_fuse(shield: str, folder: Path, name: str) -> bool:
+    if shield == "tmpfs":
+        return False
+    if shield == "fuse":
+        if not fuse_usable():
+            raise UnavailableError(f"volume {name}: --shield fuse needs /dev/fuse, fusermount3 "
+                                   "and libfuse3 (package fuse3)")
+        return True
+    return fuse_usable() and sealed_size(folder) > AUTO_THRESHOLD
+
+
+def _finish(shields: list[ShieldMount]) -> dict[str, tuple[str | None, str]]:
+    """Unmount every shield; the volumes whose tag moved; refuse if any read was refused."""
+    changed: dict[str, tuple[str | None, str]] = {}
+    failures: list[str] = []
+    for shield in shields:
+        report = shield.finish()
+        failures += [f"volume {shield.name}: {failure}" for failure in report.failures]
+        if report.tag.hex() != shield.tag:
+            changed[shield.name] = (shield.tag, report.tag.hex())
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise IntegrityError(f"{failures[0]}{more}; the program's reads were refused")
+    return changed
 
 
 def _injected(config: dict[str, Any]) -> dict[str, bytes]:

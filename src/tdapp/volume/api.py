@@ -39,6 +39,7 @@ from tdapp.volume.fspf import (
 )
 from tdapp.volume.keys import VolumeKey, VolumeTag
 from tdapp.volume.layout import VolumeFolder, open_regular_file
+from tdapp.volume.live import LiveVolume
 from tdapp.volume.regions import RegionKind, RegionMap
 from tdapp.volume.tree import SourceEntry, Staging, open_source, scan_source
 
@@ -185,6 +186,14 @@ class Volume:
             self._check_still_current()
             self._write(entries, progress)
         return self._tag
+
+    @contextlib.contextmanager
+    def live(self) -> Iterator[LiveVolume]:
+        """The volume as a live file tree (for the file system shield), held exclusively;
+        nothing changes on disk until its ``commit()``."""
+        with self._folder.locked(exclusive=True):
+            self._check_still_current()
+            yield LiveVolume(self._folder, self._key, self._manifest, self._tag)
 
     # -- internals ----------------------------------------------------------------
 

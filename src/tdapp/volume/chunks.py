@@ -57,30 +57,32 @@ class FileSealer:
         self._aad_head = _AAD_PREFIX + _REGION_BYTE[entry.region]
         self._authenticated_only = entry.region is RegionKind.AUTHENTICATED
 
-    def _aad(self, index: int) -> bytes:
-        return self._aad_head + _AAD_TAIL.pack(
-            self._object_id, index, 1 if index == self.chunks - 1 else 0
-        )
+    def _aad(self, index: int, last: bool | None) -> bytes:
+        if last is None:
+            last = index == self.chunks - 1
+        return self._aad_head + _AAD_TAIL.pack(self._object_id, index, 1 if last else 0)
 
     @staticmethod
     def _nonce(index: int) -> bytes:
         return index.to_bytes(12, "big")
 
-    def seal(self, index: int, payload: bytes | memoryview) -> bytes:
+    def seal(self, index: int, payload: bytes | memoryview, *, last: bool | None = None) -> bytes:
+        """Seal chunk ``index``; ``last`` overrides "is it the final chunk" for a file still
+        being written (each index is sealed once per key: the caller's promise)."""
+        aad = self._aad(index, last)
         if self._authenticated_only:
-            mac = self._aead.encrypt(self._nonce(index), b"", self._aad(index) + payload)
+            mac = self._aead.encrypt(self._nonce(index), b"", aad + payload)
             return bytes(payload) + mac
-        return self._aead.encrypt(self._nonce(index), payload, self._aad(index))
+        return self._aead.encrypt(self._nonce(index), payload, aad)
 
-    def open(self, index: int, stored: bytes | memoryview) -> bytes:
+    def open(self, index: int, stored: bytes | memoryview, *, last: bool | None = None) -> bytes:
+        aad = self._aad(index, last)
         try:
             if self._authenticated_only:
                 payload = bytes(stored[:-TAG_SIZE])
-                self._aead.decrypt(
-                    self._nonce(index), stored[-TAG_SIZE:], self._aad(index) + payload
-                )
+                self._aead.decrypt(self._nonce(index), stored[-TAG_SIZE:], aad + payload)
                 return payload
-            return self._aead.decrypt(self._nonce(index), stored, self._aad(index))
+            return self._aead.decrypt(self._nonce(index), stored, aad)
         except InvalidTag:
             raise IntegrityError(
                 f"chunk {index} of {self.path} failed authentication"

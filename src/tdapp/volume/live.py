@@ -1,0 +1,481 @@
+"""A volume served as a live file tree (the shield): chunk-wise reads, new versions on write.
+
+:class:`LiveVolume` answers reads of any byte range by authenticating only the
+chunks the range covers, and turns every change into a new version of the file
+under a fresh key and object; the FSPF is rewritten once, by :meth:`commit`,
+which returns the new tag. Its promises: a chunk's plaintext is returned only
+after it authenticated; under one file key each chunk index is sealed at most
+once (a chunk that must change after it was sealed moves the whole version to a
+fresh key first); a chunk is sealed as "not last" only while the file extends
+beyond it; nothing in the volume's FSPF changes before commit. Volumes with
+not-protected regions are not served (their plaintext files live outside the
+FSPF). Errors about the file tree are :class:`OSError` with an errno; a chunk
+that fails authentication is :class:`~tdapp.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+from tdapp.errors import InputError, IntegrityError
+from tdapp.volume.chunks import FileSealer, chunk_count, new_object_id_and_key, stored_size
+from tdapp.volume.fspf import TAG_SIZE, DirEntry, FileEntry, Manifest, seal_fspf
+from tdapp.volume.keys import VolumeKey, VolumeTag
+from tdapp.volume.layout import VolumeFolder, open_regular_file
+from tdapp.volume.regions import RegionKind
+
+T = TypeVar("T")
+CACHED_CHUNKS = 32  # verified plaintext chunks kept for small sequential reads
+DEFAULT_DIR_MODE = 0o755
+
+
+def _fail(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+class _Version:
+    """A new version of one file, being written: fresh key, own object, sealed chunk by chunk."""
+
+    def __init__(self, folder: VolumeFolder, path: str, region: RegionKind, chunk_size: int,
+                 mode: int, base: FileEntry | None, base_chunk: Callable[[int], bytes]) -> None:
+        self._folder, self.path, self.region, self._cs = folder, path, region, chunk_size
+        self.mode, self.mtime_ns = mode, time.time_ns()
+        self._base_chunk = base_chunk
+        self.size = base.size if base is not None else 0
+        self._base_limit = self.size  # base bytes at or beyond this read as zeros
+        self._dirty: dict[int, bytearray] = {}
+        self._sealed: set[int] = set()
+        self.superseded: list[str] = []  # objects of earlier keys of this version
+        self._new_key()
+
+    def _new_key(self) -> None:
+        self.object_id, self._key = new_object_id_and_key()
+        entry = FileEntry(self.region, 0, self.mode, 0, self.object_id, self._key)
+        self._sealer = FileSealer(self.path, entry, self._cs)
+        self._fd = os.open(self._folder.object_path(entry.object_name),
+                           os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    @property
+    def object_name(self) -> str:
+        return self.object_id.hex()
+
+    def _length(self, index: int) -> int:
+        return max(0, min(self._cs, self.size - index * self._cs))
+
+    def _offset(self, index: int) -> int:
+        return index * (self._cs + TAG_SIZE)
+
+    def chunk(self, index: int) -> bytes:
+        """The current plaintext of chunk ``index`` (zeros where nothing was written)."""
+        length = self._length(index)
+        if index in self._dirty:
+            data = bytes(self._dirty[index][:length])
+        elif index in self._sealed:
+            stored = os.pread(self._fd, self._cs + TAG_SIZE, self._offset(index))
+            data = self._sealer.open(index, stored, last=False)
+        elif index * self._cs < self._base_limit:
+            data = self._base_chunk(index)[:self._base_limit - index * self._cs][:length]
+        else:
+            data = b""
+        return data + bytes(length - len(data))
+
+    def write(self, offset: int, data: bytes) -> None:
+        position, view = offset, memoryview(data)
+        self.size = max(self.size, offset + len(data))
+        while view:
+            index, within = divmod(position, self._cs)
+            count = min(self._cs - within, len(view))
+            buffer = self._editable(index)
+            if len(buffer) < within:
+                buffer.extend(bytes(within - len(buffer)))
+            buffer[within:within + count] = view[:count]
+            position, view = position + count, view[count:]
+        self.mtime_ns = time.time_ns()
+        self._seal_full_chunks()
+
+    def truncate(self, length: int) -> None:
+        if length < self.size:
+            last = chunk_count(length, self._cs) - 1
+            if last in self._sealed:
+                self._rekey(keep=last)
+            self._sealed = {index for index in self._sealed if index < last}
+            self._dirty = {index: buffer for index, buffer in self._dirty.items()
+                           if index <= last}
+            if last in self._dirty:
+                del self._dirty[last][length - last * self._cs:]
+            self._base_limit = min(self._base_limit, length)
+        self.size = length
+        self.mtime_ns = time.time_ns()
+
+    def _editable(self, index: int) -> bytearray:
+        if index not in self._dirty:
+            if index in self._sealed:
+                self._rekey(keep=index)
+            else:
+                self._dirty[index] = bytearray(self.chunk(index))
+        return self._dirty[index]
+
+    def _seal_full_chunks(self) -> None:
+        for index in [i for i, buffer in self._dirty.items()
+                      if len(buffer) >= self._cs and (i + 1) * self._cs < self.size]:
+            # Not the last chunk, and the file goes on past it: sealed once, as "not last".
+            sealed = self._sealer.seal(index, bytes(self._dirty.pop(index)[:self._cs]),
+                                       last=False)
+            os.pwrite(self._fd, sealed, self._offset(index))
+            self._sealed.add(index)
+
+    def _rekey(self, keep: int) -> None:
+        """Move every sealed chunk under a fresh key, keeping chunk ``keep`` editable."""
+        old_fd, old_sealer, old_name = self._fd, self._sealer, self.object_name
+        sealed, self._sealed = sorted(self._sealed), set()
+        self._new_key()
+        try:
+            for index in sealed:
+                stored = os.pread(old_fd, self._cs + TAG_SIZE, self._offset(index))
+                plaintext = old_sealer.open(index, stored, last=False)
+                if index == keep:
+                    self._dirty[index] = bytearray(plaintext)
+                else:
+                    os.pwrite(self._fd, self._sealer.seal(index, plaintext, last=False),
+                              self._offset(index))
+                    self._sealed.add(index)
+        finally:
+            os.close(old_fd)
+            self.superseded.append(old_name)
+
+    def seal(self) -> FileEntry:
+        """Seal what is left and close: the version's entry for the FSPF."""
+        chunks = chunk_count(self.size, self._cs)
+        try:
+            for index in range(chunks):
+                if index not in self._sealed:
+                    sealed = self._sealer.seal(index, self.chunk(index),
+                                               last=index == chunks - 1)
+                    os.pwrite(self._fd, sealed, self._offset(index))
+            os.ftruncate(self._fd, stored_size(self.size, self._cs))
+        finally:
+            os.close(self._fd)
+        return FileEntry(self.region, self.size, self.mode, self.mtime_ns, self.object_id,
+                         self._key)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self.superseded.append(self.object_name)
+
+
+class LiveVolume:
+    """The file tree of one opened volume, changed in place and committed once."""
+
+    def __init__(self, folder: VolumeFolder, key: VolumeKey, manifest: Manifest,
+                 tag: VolumeTag) -> None:
+        if any(not kind.protected for _, kind in manifest.regions.as_list()):
+            raise InputError(f"{folder.root} has not-protected regions, which the file system "
+                             "shield does not serve; use the tmpfs shield")
+        self._folder, self._key, self._manifest, self.tag = folder, key, manifest, tag
+        self._cs = manifest.chunk_size
+        # A bundle does not carry empty folders: an empty volume arrives without objects/.
+        folder.objects.mkdir(exist_ok=True)
+        self._files: dict[str, FileEntry] = dict(manifest.files)
+        self._dirs: dict[str, DirEntry] = dict(manifest.dirs)
+        self._pending: dict[str, _Version] = {}
+        self._obsolete: set[str] = set()
+        self._changed = False
+        self._readers: dict[str, tuple[int, FileSealer]] = {}
+        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    @property
+    def folder_root(self) -> Path:
+        return self._folder.root
+
+    # -- the tree ---------------------------------------------------------------------
+
+    @staticmethod
+    def _relative(path: str) -> str:
+        return path.strip("/")
+
+    def _children(self, folder: str) -> Iterator[tuple[str, bool]]:
+        prefix = f"{folder}/" if folder else ""
+        for names, is_dir in ((self._files, False), (self._pending, False), (self._dirs, True)):
+            for path in names:
+                if path.startswith(prefix) and path != folder:
+                    rest = path[len(prefix):]
+                    yield rest.split("/", 1)[0], is_dir or "/" in rest
+
+    def is_dir(self, path: str) -> bool:
+        relative = self._relative(path)
+        return relative == "" or relative in self._dirs or any(self._children(relative))
+
+    def is_file(self, path: str) -> bool:
+        relative = self._relative(path)
+        return relative in self._pending or relative in self._files
+
+    def stat(self, path: str) -> tuple[bool, int, int, int]:
+        """(is a folder, size, permission bits, mtime in ns) of ``path``; ENOENT if absent."""
+        relative = self._relative(path)
+        if relative in self._pending:
+            version = self._pending[relative]
+            return False, version.size, version.mode, version.mtime_ns
+        if relative in self._files:
+            entry = self._files[relative]
+            return False, entry.size, entry.mode, entry.mtime_ns
+        if self.is_dir(relative):
+            folder = self._dirs.get(relative)
+            mode = folder.mode if folder is not None else DEFAULT_DIR_MODE
+            return True, 0, mode, folder.mtime_ns if folder is not None else 0
+        raise _fail(errno.ENOENT, path)
+
+    def listdir(self, path: str) -> list[str]:
+        if not self.is_dir(path):
+            raise _fail(errno.ENOTDIR if self.is_file(path) else errno.ENOENT, path)
+        return sorted({name for name, _ in self._children(self._relative(path))})
+
+    # -- reading ------------------------------------------------------------------------
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        relative = self._relative(path)
+        version = self._pending.get(relative)
+        entry = self._files.get(relative)
+        if version is None and entry is None:
+            raise _fail(errno.EISDIR if self.is_dir(relative) else errno.ENOENT, path)
+        total = version.size if version is not None else entry.size  # type: ignore[union-attr]
+        end = min(offset + size, total)
+        if offset >= end:
+            return b""
+        pieces = []
+        for index in range(offset // self._cs, (end - 1) // self._cs + 1):
+            plaintext = (version.chunk(index) if version is not None
+                         else self._committed_chunk(relative, entry, index))  # type: ignore[arg-type]
+            start = index * self._cs
+            pieces.append(plaintext[max(offset - start, 0):end - start])
+        return b"".join(pieces)
+
+    def _committed_chunk(self, path: str, entry: FileEntry, index: int) -> bytes:
+        key = (entry.object_name, index)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        fd, sealer = self._reader(path, entry)
+        length = min(self._cs, entry.size - index * self._cs) + TAG_SIZE
+        stored = os.pread(fd, length, index * (self._cs + TAG_SIZE))
+        plaintext = sealer.open(index, stored)
+        self._cache[key] = plaintext
+        if len(self._cache) > CACHED_CHUNKS:
+            self._cache.popitem(last=False)
+        return plaintext
+
+    def _reader(self, path: str, entry: FileEntry) -> tuple[int, FileSealer]:
+        opened = self._readers.get(entry.object_name)
+        if opened is None:
+            try:
+                fd = open_regular_file(self._folder.object_path(entry.object_name))
+            except FileNotFoundError:
+                raise IntegrityError(f"{path} is missing from the volume (stored object "
+                                     "deleted)") from None
+            actual, expected = os.fstat(fd).st_size, stored_size(entry.size, self._cs)
+            if actual != expected:
+                os.close(fd)
+                change = "truncated" if actual < expected else "extended"
+                raise IntegrityError(f"{path} was {change} (stored {actual} bytes, expected "
+                                     f"{expected})")
+            opened = (fd, FileSealer(path, entry, self._cs))
+            self._readers[entry.object_name] = opened
+        return opened
+
+    # -- changing -----------------------------------------------------------------------
+
+    def _region(self, path: str) -> RegionKind:
+        return self._manifest.regions.kind_of(path)
+
+    def _check_parent(self, relative: str, path: str) -> None:
+        parent = relative.rpartition("/")[0]
+        if self.is_file(parent):
+            raise _fail(errno.ENOTDIR, path)
+        if not self.is_dir(parent):
+            raise _fail(errno.ENOENT, path)
+
+    def create(self, path: str, mode: int) -> None:
+        relative = self._relative(path)
+        if self.is_file(relative) or self.is_dir(relative):
+            raise _fail(errno.EEXIST, path)
+        self._check_parent(relative, path)
+        self._begin(relative, mode & 0o7777, base=None)
+
+    def _begin(self, relative: str, mode: int, base: FileEntry | None) -> _Version:
+        def base_chunk(index: int) -> bytes:
+            assert base is not None
+            return self._committed_chunk(relative, base, index)
+
+        version = _Version(self._folder, relative, self._region(relative), self._cs, mode,
+                           base, base_chunk)
+        self._pending[relative] = version
+        self._changed = True
+        return version
+
+    def _writable(self, path: str) -> _Version:
+        relative = self._relative(path)
+        version = self._pending.get(relative)
+        if version is not None:
+            return version
+        entry = self._files.get(relative)
+        if entry is None:
+            raise _fail(errno.EISDIR if self.is_dir(relative) else errno.ENOENT, path)
+        return self._begin(relative, entry.mode, base=entry)
+
+    def write(self, path: str, offset: int, data: bytes) -> int:
+        self._writable(path).write(offset, data)
+        return len(data)
+
+    def truncate(self, path: str, length: int) -> None:
+        version = self._writable(path)
+        if length != version.size:
+            version.truncate(length)
+
+    def release(self, path: str) -> None:
+        """The last handle on ``path`` closed: seal its new version, if it has one."""
+        relative = self._relative(path)
+        version = self._pending.pop(relative, None)
+        if version is None:
+            return
+        replaced = self._files.get(relative)
+        if replaced is not None:
+            self._obsolete.add(replaced.object_name)
+        self._files[relative] = version.seal()
+        self._obsolete.update(version.superseded)
+
+    def set_mode(self, path: str, mode: int) -> None:
+        self._set_meta(path, mode & 0o7777, None)
+
+    def set_mtime(self, path: str, mtime_ns: int) -> None:
+        self._set_meta(path, None, mtime_ns)
+
+    def _set_meta(self, path: str, mode: int | None, mtime_ns: int | None) -> None:
+        relative = self._relative(path)
+        version, entry = self._pending.get(relative), self._files.get(relative)
+        if version is not None:
+            version.mode = version.mode if mode is None else mode
+            version.mtime_ns = version.mtime_ns if mtime_ns is None else mtime_ns
+        elif entry is not None:
+            self._files[relative] = replace(
+                entry, mode=entry.mode if mode is None else mode,
+                mtime_ns=entry.mtime_ns if mtime_ns is None else mtime_ns)
+        elif self.is_dir(relative):
+            folder = self._dirs.get(relative) or DirEntry(DEFAULT_DIR_MODE, time.time_ns())
+            self._dirs[relative] = DirEntry(folder.mode if mode is None else mode,
+                                            folder.mtime_ns if mtime_ns is None else mtime_ns)
+        else:
+            raise _fail(errno.ENOENT, path)
+        self._changed = True
+
+    def mkdir(self, path: str, mode: int) -> None:
+        relative = self._relative(path)
+        if self.is_file(relative) or self.is_dir(relative):
+            raise _fail(errno.EEXIST, path)
+        self._check_parent(relative, path)
+        self._dirs[relative] = DirEntry(mode & 0o7777, time.time_ns())
+        self._changed = True
+
+    def _keep_parent(self, relative: str) -> None:
+        """A folder stays when its last entry goes: it becomes an explicit folder."""
+        parent = relative.rpartition("/")[0]
+        if parent and parent not in self._dirs:
+            self._dirs[parent] = DirEntry(DEFAULT_DIR_MODE, time.time_ns())
+
+    def unlink(self, path: str) -> None:
+        relative = self._relative(path)
+        if not self.is_file(relative):
+            raise _fail(errno.EISDIR if self.is_dir(relative) else errno.ENOENT, path)
+        self._keep_parent(relative)
+        self._drop_file(relative)
+        self._changed = True
+
+    def _drop_file(self, relative: str) -> None:
+        version = self._pending.pop(relative, None)
+        if version is not None:
+            version.discard()
+            self._obsolete.update(version.superseded)
+        entry = self._files.pop(relative, None)
+        if entry is not None:
+            self._obsolete.add(entry.object_name)
+
+    def rmdir(self, path: str) -> None:
+        relative = self._relative(path)
+        if relative == "" or not self.is_dir(relative):
+            raise _fail(errno.ENOTDIR if self.is_file(relative) else errno.ENOENT, path)
+        if any(self._children(relative)):
+            raise _fail(errno.ENOTEMPTY, path)
+        self._keep_parent(relative)
+        self._dirs.pop(relative, None)
+        self._changed = True
+
+    def rename(self, old: str, new: str) -> None:
+        source, target = self._relative(old), self._relative(new)
+        if source == target:
+            return
+        if self._region(source) is not self._region(target):
+            raise _fail(errno.EXDEV, new)  # another region seals differently: copy instead
+        if self.is_file(source):
+            if self.is_dir(target):
+                raise _fail(errno.EISDIR, new)
+            self._check_parent(target, new)
+            self._keep_parent(source)
+            self._drop_file(target)
+            self._move(source, target)
+        elif self.is_dir(source):
+            if target.startswith(f"{source}/") or self.is_file(target):
+                raise _fail(errno.EINVAL if not self.is_file(target) else errno.ENOTDIR, new)
+            if self.is_dir(target) and any(self._children(target)):
+                raise _fail(errno.ENOTEMPTY, new)
+            self._check_parent(target, new)
+            self._keep_parent(source)
+            self._dirs.pop(target, None)
+            _move_prefix(self._files, source, target)
+            _move_prefix(self._pending, source, target)
+            _move_prefix(self._dirs, source, target)
+        else:
+            raise _fail(errno.ENOENT, old)
+        self._changed = True
+
+    def _move(self, source: str, target: str) -> None:
+        if source in self._pending:
+            self._pending[target] = self._pending.pop(source)
+        if source in self._files:
+            self._files[target] = self._files.pop(source)
+
+    # -- ending -------------------------------------------------------------------------
+
+    def commit(self) -> VolumeTag:
+        """Seal every open version and write the FSPF if anything changed; the new tag."""
+        for path in list(self._pending):
+            self.release(path)
+        self._close_readers()
+        if not self._changed:
+            return self.tag
+        manifest = replace(self._manifest, generation=self._manifest.generation + 1,
+                           files=dict(self._files), dirs=dict(self._dirs))
+        data, tag = seal_fspf(manifest, self._key)
+        self._folder.commit_fspf(data)
+        self._folder.remove_objects(self._obsolete)
+        self._manifest, self.tag, self._changed = manifest, tag, False
+        self._obsolete = set()
+        return tag
+
+    def _close_readers(self) -> None:
+        for fd, _ in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
+        self._cache.clear()
+
+
+def _move_prefix(table: dict[str, T], source: str, target: str) -> None:
+    for path in [p for p in table if p == source or p.startswith(f"{source}/")]:
+        table[target + path[len(source):]] = table.pop(path)
