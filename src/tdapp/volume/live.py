@@ -15,22 +15,22 @@ that fails authentication is :class:`~tdapp.errors.IntegrityError`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 from tdapp.errors import InputError, IntegrityError
-from tdapp.volume.chunks import FileSealer, chunk_count, new_object_id_and_key, stored_size
+from tdapp.volume.chunks import FileSealer, stored_size
 from tdapp.volume.fspf import TAG_SIZE, DirEntry, FileEntry, Manifest, seal_fspf
 from tdapp.volume.keys import VolumeKey, VolumeTag
 from tdapp.volume.layout import VolumeFolder, open_regular_file
 from tdapp.volume.regions import RegionKind
+from tdapp.volume.version import NewVersion
 
 T = TypeVar("T")
 CACHED_CHUNKS = 32  # verified plaintext chunks kept for small sequential reads
@@ -39,137 +39,6 @@ DEFAULT_DIR_MODE = 0o755
 
 def _fail(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
-
-
-class _Version:
-    """A new version of one file, being written: fresh key, own object, sealed chunk by chunk."""
-
-    def __init__(self, folder: VolumeFolder, path: str, region: RegionKind, chunk_size: int,
-                 mode: int, base: FileEntry | None, base_chunk: Callable[[int], bytes]) -> None:
-        self._folder, self.path, self.region, self._cs = folder, path, region, chunk_size
-        self.mode, self.mtime_ns = mode, time.time_ns()
-        self._base_chunk = base_chunk
-        self.size = base.size if base is not None else 0
-        self._base_limit = self.size  # base bytes at or beyond this read as zeros
-        self._dirty: dict[int, bytearray] = {}
-        self._sealed: set[int] = set()
-        self.superseded: list[str] = []  # objects of earlier keys of this version
-        self._new_key()
-
-    def _new_key(self) -> None:
-        self.object_id, self._key = new_object_id_and_key()
-        entry = FileEntry(self.region, 0, self.mode, 0, self.object_id, self._key)
-        self._sealer = FileSealer(self.path, entry, self._cs)
-        self._fd = os.open(self._folder.object_path(entry.object_name),
-                           os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-
-    @property
-    def object_name(self) -> str:
-        return self.object_id.hex()
-
-    def _length(self, index: int) -> int:
-        return max(0, min(self._cs, self.size - index * self._cs))
-
-    def _offset(self, index: int) -> int:
-        return index * (self._cs + TAG_SIZE)
-
-    def chunk(self, index: int) -> bytes:
-        """The current plaintext of chunk ``index`` (zeros where nothing was written)."""
-        length = self._length(index)
-        if index in self._dirty:
-            data = bytes(self._dirty[index][:length])
-        elif index in self._sealed:
-            stored = os.pread(self._fd, self._cs + TAG_SIZE, self._offset(index))
-            data = self._sealer.open(index, stored, last=False)
-        elif index * self._cs < self._base_limit:
-            data = self._base_chunk(index)[:self._base_limit - index * self._cs][:length]
-        else:
-            data = b""
-        return data + bytes(length - len(data))
-
-    def write(self, offset: int, data: bytes) -> None:
-        position, view = offset, memoryview(data)
-        self.size = max(self.size, offset + len(data))
-        while view:
-            index, within = divmod(position, self._cs)
-            count = min(self._cs - within, len(view))
-            buffer = self._editable(index)
-            if len(buffer) < within:
-                buffer.extend(bytes(within - len(buffer)))
-            buffer[within:within + count] = view[:count]
-            position, view = position + count, view[count:]
-        self.mtime_ns = time.time_ns()
-        self._seal_full_chunks()
-
-    def truncate(self, length: int) -> None:
-        if length < self.size:
-            last = chunk_count(length, self._cs) - 1
-            if last in self._sealed:
-                self._rekey(keep=last)
-            self._sealed = {index for index in self._sealed if index < last}
-            self._dirty = {index: buffer for index, buffer in self._dirty.items()
-                           if index <= last}
-            if last in self._dirty:
-                del self._dirty[last][length - last * self._cs:]
-            self._base_limit = min(self._base_limit, length)
-        self.size = length
-        self.mtime_ns = time.time_ns()
-
-    def _editable(self, index: int) -> bytearray:
-        if index not in self._dirty:
-            if index in self._sealed:
-                self._rekey(keep=index)
-            else:
-                self._dirty[index] = bytearray(self.chunk(index))
-        return self._dirty[index]
-
-    def _seal_full_chunks(self) -> None:
-        for index in [i for i, buffer in self._dirty.items()
-                      if len(buffer) >= self._cs and (i + 1) * self._cs < self.size]:
-            # Not the last chunk, and the file goes on past it: sealed once, as "not last".
-            sealed = self._sealer.seal(index, bytes(self._dirty.pop(index)[:self._cs]),
-                                       last=False)
-            os.pwrite(self._fd, sealed, self._offset(index))
-            self._sealed.add(index)
-
-    def _rekey(self, keep: int) -> None:
-        """Move every sealed chunk under a fresh key, keeping chunk ``keep`` editable."""
-        old_fd, old_sealer, old_name = self._fd, self._sealer, self.object_name
-        sealed, self._sealed = sorted(self._sealed), set()
-        self._new_key()
-        try:
-            for index in sealed:
-                stored = os.pread(old_fd, self._cs + TAG_SIZE, self._offset(index))
-                plaintext = old_sealer.open(index, stored, last=False)
-                if index == keep:
-                    self._dirty[index] = bytearray(plaintext)
-                else:
-                    os.pwrite(self._fd, self._sealer.seal(index, plaintext, last=False),
-                              self._offset(index))
-                    self._sealed.add(index)
-        finally:
-            os.close(old_fd)
-            self.superseded.append(old_name)
-
-    def seal(self) -> FileEntry:
-        """Seal what is left and close: the version's entry for the FSPF."""
-        chunks = chunk_count(self.size, self._cs)
-        try:
-            for index in range(chunks):
-                if index not in self._sealed:
-                    sealed = self._sealer.seal(index, self.chunk(index),
-                                               last=index == chunks - 1)
-                    os.pwrite(self._fd, sealed, self._offset(index))
-            os.ftruncate(self._fd, stored_size(self.size, self._cs))
-        finally:
-            os.close(self._fd)
-        return FileEntry(self.region, self.size, self.mode, self.mtime_ns, self.object_id,
-                         self._key)
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        self.superseded.append(self.object_name)
 
 
 class LiveVolume:
@@ -186,7 +55,7 @@ class LiveVolume:
         folder.objects.mkdir(exist_ok=True)
         self._files: dict[str, FileEntry] = dict(manifest.files)
         self._dirs: dict[str, DirEntry] = dict(manifest.dirs)
-        self._pending: dict[str, _Version] = {}
+        self._pending: dict[str, NewVersion] = {}
         self._obsolete: set[str] = set()
         self._changed = False
         self._readers: dict[str, tuple[int, FileSealer]] = {}
@@ -310,18 +179,18 @@ class LiveVolume:
         self._check_parent(relative, path)
         self._begin(relative, mode & 0o7777, base=None)
 
-    def _begin(self, relative: str, mode: int, base: FileEntry | None) -> _Version:
+    def _begin(self, relative: str, mode: int, base: FileEntry | None) -> NewVersion:
         def base_chunk(index: int) -> bytes:
             assert base is not None
             return self._committed_chunk(relative, base, index)
 
-        version = _Version(self._folder, relative, self._region(relative), self._cs, mode,
+        version = NewVersion(self._folder, relative, self._region(relative), self._cs, mode,
                            base, base_chunk)
         self._pending[relative] = version
         self._changed = True
         return version
 
-    def _writable(self, path: str) -> _Version:
+    def _writable(self, path: str) -> NewVersion:
         relative = self._relative(path)
         version = self._pending.get(relative)
         if version is not None:
