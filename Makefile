@@ -48,13 +48,13 @@ lint: install
 	$(BIN)/mypy --strict src
 
 test: install sysdeps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not large"
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not large"
 
 test-slow: install sysdeps
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow or large"
 
 bench: install bench-deps
 	$(BIN)/python benchmarks/volume_throughput.py

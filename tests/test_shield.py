@@ -210,3 +210,17 @@ def test_a_flipped_bit_in_an_input_chunk_fails_the_run_naming_file_and_chunk(
     assert ("volume encrypted-input-files: chunk 1 of data.txt failed authentication"
             in done.stderr.strip().splitlines()[-1])
     assert output_tag(walk, monkeypatch) == before
+
+
+def test_sigterm_unmounts_and_seals_what_was_written(
+        volume: tuple[Path, VolumeKey, VolumeTag, bytes], tmp_path: Path) -> None:
+    folder, key, tag, _ = volume
+    mnt = tmp_path / "mnt"
+    mounted = Mounted(folder, mnt, key, tag)
+    (mnt / "late.txt").write_text("written before SIGTERM\n")
+    mounted.process.terminate()
+    out, err = mounted.process.communicate(timeout=120)
+    assert mounted.process.returncode == 0, err
+    assert not os.path.ismount(mnt)
+    reopened = Volume.open(folder, key, VolumeTag.from_hex(out.strip()))
+    assert b"".join(reopened.read("late.txt")) == b"written before SIGTERM\n"

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from ctypes.util import find_library
 from pathlib import Path
 
 import pytest
@@ -44,19 +45,19 @@ COMMAND_TIMEOUT_S = 1800
 SHM = Path("/dev/shm")
 
 # Tabs and runs of spaces, case to fold, a two-byte letter. The page is 119 bytes (odd), so
-# words fall across the 64 KiB chunks and the program's 1 MiB reads at ever other places.
+# words fall across the 64 KiB chunks and the program's 1 MiB reads at ever different places.
 PAGE = ("Trusted DApps keep their secrets\n"
         "trusted\tcode,  TRUSTED data: été\n"
         "KEEP calm and count every word été Été\n"
         "secrets\n")
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.large,
     pytest.mark.timeout(2 * COMMAND_TIMEOUT_S),
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing"),
     pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK)
-                       or shutil.which("fusermount3") is None,
-                       reason="FUSE is not usable here (/dev/fuse, fusermount3)"),
+                       or shutil.which("fusermount3") is None or find_library("fuse3") is None,
+                       reason="FUSE is not usable here (/dev/fuse, fusermount3, libfuse3)"),
 ]
 
 

@@ -17,6 +17,7 @@ from types import FrameType, TracebackType
 from typing import IO
 
 COMMAND_TIMEOUT_S = 60.0
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def log(message: str) -> None:
@@ -121,12 +122,22 @@ class ForegroundMount:
 
     def __enter__(self) -> Path:
         self._stdout, self._stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self._process = subprocess.Popen(
-            self._command, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr,
-            env=None if self._env is None else dict(self._env), start_new_session=True)
+        # SIGTERM and SIGINT wait until the process is known (and so can be stopped): an
+        # exception raised by their handlers inside Popen would leave a server nobody stops.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            try:
+                self._process = subprocess.Popen(
+                    self._command, stdin=subprocess.DEVNULL, stdout=self._stdout,
+                    stderr=self._stderr, env=None if self._env is None else dict(self._env),
+                    start_new_session=True,
+                    preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, previous))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             self._wait_until_mounted(self._process)
         except BaseException:
+            if self._process is not None and not is_mount(self._mount_point):
+                self._process.terminate()  # never mounted: nothing to unmount or wait for
             self._stop(quietly=True)
             raise
         return self._mount_point
@@ -151,7 +162,11 @@ class ForegroundMount:
     def _stop(self, quietly: bool) -> None:
         """Unmount, wait for the exit; raise on a failure unless ``quietly`` (already failing)."""
         process, stdout, stderr = self._process, self._stdout, self._stderr
-        assert process is not None and stdout is not None and stderr is not None
+        assert stdout is not None and stderr is not None
+        if process is None:  # it did not start
+            stdout.close()
+            stderr.close()
+            return
         start = time.perf_counter()
         try:
             try:
@@ -165,7 +180,7 @@ class ForegroundMount:
                 process.kill()
                 process.wait()
                 if not quietly:
-                    raise RuntimeError(f"{self._command[0]} did not exit within "
+                    raise RuntimeError(f"{os.path.basename(self._command[0])} did not exit within "
                                        f"{self._stop_timeout:.0f} s of the unmount") from None
             self.stop_s = time.perf_counter() - start
             self.stdout = _tail(stdout, 100_000)
@@ -176,5 +191,7 @@ class ForegroundMount:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+            with contextlib.suppress(RuntimeError):
+                unmount(self._mount_point)  # mounted late, or left by a server that died
             stdout.close()
             stderr.close()

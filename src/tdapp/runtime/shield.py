@@ -12,16 +12,18 @@ its own what is trusted, and never let a failed chunk pass.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ctypes.util import find_library
 from dataclasses import dataclass, field
 from functools import wraps
@@ -65,8 +67,9 @@ def _translated(method: F) -> F:
         except OSError as error:
             raise _fuse().FuseOSError(error.errno or errno.EIO) from None
         except TdappError as error:
-            self.failures.append(error.message)
-            print(f"tdapp shield: {error.message}", file=sys.stderr, flush=True)
+            if error.message not in self.failures:  # the kernel may retry the same read
+                self.failures.append(error.message)
+                print(f"tdapp shield: {error.message}", file=sys.stderr, flush=True)
             raise _fuse().FuseOSError(errno.EIO) from None
     return call  # type: ignore[return-value]
 
@@ -79,10 +82,12 @@ class ShieldOperations:
     def __init__(self, live: LiveVolume, *, read_only: bool) -> None:
         self.live, self.read_only = live, read_only
         self.failures: list[str] = []
+        self.mounted = False
         self._handles: dict[str, int] = {}
         self._uid, self._gid = os.getuid(), os.getgid()
 
     def init_with_config(self, conn_info: Any, config: Any) -> None:
+        self.mounted = True
         if conn_info is not None:
             conn_info.max_write = MAX_IO
             conn_info.max_read = MAX_IO  # must equal the max_read mount option
@@ -211,6 +216,33 @@ class ShieldOperations:
             "f_favail", "f_namemax")}
 
 
+_ENDING_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _unmount_on_signal(mountpoint: Path) -> Iterator[None]:
+    """SIGTERM, SIGINT or SIGHUP unmount cleanly, so that what was written is sealed.
+
+    The FUSE loop holds the main thread in C, where a Python handler would not
+    run; so the signals are blocked and one thread waits for them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING_SIGNALS)
+
+    def wait() -> None:
+        signal.sigwait(_ENDING_SIGNALS)
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False,
+                       capture_output=True, timeout=60)
+
+    threading.Thread(target=wait, daemon=True, name="tdapp-shield-signals").start()
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def serve_volume(volume: Volume, mountpoint: Path, *, read_only: bool = False,
                  allow_other: bool = False, ready: threading.Event | None = None) -> ShieldReport:
     """Mount ``volume`` at ``mountpoint`` until it is unmounted; commit; report."""
@@ -227,9 +259,13 @@ def serve_volume(volume: Volume, mountpoint: Path, *, read_only: bool = False,
         if ready is not None:
             ready.set()
         try:
-            fuse.FUSE(operations, str(mountpoint), **options)
+            with _unmount_on_signal(mountpoint):
+                fuse.FUSE(operations, str(mountpoint), **options)
         except RuntimeError as error:
-            raise UnavailableError(f"cannot mount {mountpoint}: {error}") from None
+            # libfuse also reports an ending by SIGTERM or SIGINT as an error; once mounted,
+            # that is an unmount like any other, and what was written is sealed below.
+            if not operations.mounted:
+                raise UnavailableError(f"cannot mount {mountpoint}: {error}") from None
         tag = live.tag if read_only else live.commit()
     return ShieldReport(tag, operations.failures)
 
