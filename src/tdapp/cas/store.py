@@ -106,8 +106,9 @@ class Store:
         # "database is locked" instead of retrying it.
         self._write_lock = threading.Lock() if self._sqlite else None
         self._spends = itertools.count(1)
-        # A local file cannot drop a connection: only PostgreSQL's are checked on checkout.
-        options: dict[str, Any] = {"pool_pre_ping": not self._sqlite}
+        # No ping on checkout (a round trip per request): a connection that turns out to be
+        # dead fails that one request with 503, and SQLAlchemy then discards the whole pool.
+        options: dict[str, Any] = {"pool_pre_ping": False}
         if self._sqlite:
             options["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
@@ -244,9 +245,10 @@ class Store:
                         token_hash=instance.token_hash, session=nonce.session,
                         service=nonce.service, measurement=instance.measurement,
                         created_at=now, expires_at=instance.expires_at))
-                for audit in audits:
-                    _append_audit(connection, now, nonce.session, audit.event, None,
-                                  audit.reason, audit.outcome)
+                # One executemany: each attestation logs several steps.
+                connection.execute(insert(audit_log), [
+                    {"at": now, "session": nonce.session, "event": audit.event, "actor": None,
+                     "outcome": audit.outcome, "reason": audit.reason} for audit in audits])
                 if next(self._spends) % _PRUNE_EVERY == 0:
                     # An expired nonce is refused by its MAC'd expiry; its row can go.
                     connection.execute(delete(nonces).where(nonces.c.expires_at < now - 60))
