@@ -18,6 +18,8 @@ import pytest
 from oci_images import Entry, write_docker_archive, write_oci_archive, write_oci_layout
 from walk_fixtures import Walk, push, running_up
 
+from tdapp.runtime.shield import fuse_usable
+
 REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = "image-of-the-dapp\n"
 pytestmark = [
@@ -73,9 +75,9 @@ def build(walk: Walk, reference: str, name: str) -> str:
     return done.stdout.strip()
 
 
-def run_and_decrypt(walk: Walk, name: str, files: dict[str, str]) -> Path:
+def run_and_decrypt(walk: Walk, name: str, files: dict[str, str], *extra: str) -> Path:
     command = push(walk, files, name, f"{name}.yml")
-    url = walk.tdapp("run", name, *command, "--push", walk.push).stdout.strip()
+    url = walk.tdapp("run", name, *command, "--push", walk.push, *extra).stdout.strip()
     zips = walk.example / "ZIP"
     subprocess.run(["curl", "--silent", "--show-error", "--fail", "--output",
                     str(zips / "out.zip"), url], check=True, timeout=60)
@@ -144,13 +146,16 @@ def test_one_image_one_measurement_whatever_its_packaging_and_any_change_shows(
         seen.add(other)
 
 
+@pytest.mark.parametrize("shield", ["tmpfs", "fuse"])
 def test_the_program_sees_only_the_image_and_its_volumes(
-        walk: Walk, programs: dict[str, bytes], tmp_path: Path) -> None:
+        walk: Walk, programs: dict[str, bytes], tmp_path: Path, shield: str) -> None:
+    if shield == "fuse" and not fuse_usable():
+        pytest.skip("FUSE is not usable here")
     layers = [base_layer(), [Entry("lister", data=programs["lister"], mode=0o755)]]
     config = {"config": {"Entrypoint": ["/lister"], "User": "app"}}
     write_docker_archive(tmp_path / "lister.tar", layers, config, repo_tag="lister:latest")
     build(walk, f"docker-archive:{tmp_path / 'lister.tar'}", "lister")
-    outputs = run_and_decrypt(walk, "lister", {"in.txt": "x\n"})
+    outputs = run_and_decrypt(walk, "lister", {"in.txt": "x\n"}, "--shield", shield)
     listing = (outputs / "listing.txt").read_text().split()
     assert listing == sorted(["dev", "encryptedInputs", "encryptedOutputs", "etc", "lister",
                               "proc", "tmp"])

@@ -17,14 +17,17 @@ from tdapp.home import tdapp_home
 @click.option("--cas-port", default=8081, show_default=True)
 @click.option("--las-port", default=18766, show_default=True)
 @click.option("--transfer-port", default=8090, show_default=True)
+@click.option("--max-upload", default=1 << 30, show_default=True, type=click.IntRange(1),
+              help="Largest bundle the transfer service accepts, in bytes.")
 def up(state_dir: Path | None, host: str, cas_port: int, las_port: int,
-       transfer_port: int) -> None:
+       transfer_port: int, max_upload: int) -> None:
     """Run CAS (debug mode), LAS and transfer service until Ctrl-C; pin the CAS for this user."""
-    asyncio.run(_serve(state_dir or tdapp_home(), host, cas_port, las_port, transfer_port))
+    asyncio.run(_serve(state_dir or tdapp_home(), host, cas_port, las_port, transfer_port,
+                       max_upload))
 
 
 async def _serve(state: Path, host: str, cas_port: int, las_port: int,
-                 transfer_port: int) -> None:
+                 transfer_port: int, max_upload: int) -> None:
     from aiohttp import web
 
     from tdapp.attest.las import build_las_app, platform_of
@@ -37,7 +40,7 @@ async def _serve(state: Path, host: str, cas_port: int, las_port: int,
     cas_app, materials, store = build_app(state_dir=state / "cas", db=None, hosts=(host,),
                                           debug=True)
     las_app = build_las_app(state / "las")
-    transfer_app = build_transfer_app(state / "transfer",
+    transfer_app = build_transfer_app(state / "transfer", max_size=max_upload,
                                       public_url=f"http://{host}:{transfer_port}")
     cas = Address(host, cas_port)
 
