@@ -84,3 +84,8 @@ def test_snp_sample_needs_the_debug_toleration() -> None:
     refused = DebugTolerated(False).verify(claims)
     assert not refused.ok and refused.reason == "debug-mode evidence needs tolerate: [debug-mode]"
     assert DebugTolerated(True).verify(claims).ok
+
+
+def test_a_quote_without_collateral_is_a_usage_error(cli: Cli) -> None:
+    result = cli("attest", "verify", DCAP / "sgx_quote", "--tee", "sgx")
+    assert result.code == ExitCode.USAGE and "--collateral" in result.err

@@ -180,12 +180,6 @@ class AttestationAuthority:
         checks.append(("report_data", ReportDataIs(report_data(nonce, public_key_der))))
         return checks
 
-    @classmethod
-    def policy_for(cls, session: Session, service: Service, mode: str, nonce: str,
-                   public_key_der: bytes) -> Policy:
-        return AllOf(policy for _, policy in cls.checks_for(session, service, mode, nonce,
-                                                             public_key_der))
-
     # -- volume tags ----------------------------------------------------------------
 
     def update_tag(self, token: str, session_name: str, volume: str, old: str | None,

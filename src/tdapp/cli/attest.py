@@ -78,6 +78,9 @@ def _verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path |
     from tdapp.attest.dcap import DcapVerifier, collateral_from_file
 
     evidence = _document_or(raw, tee, {"tee": tee, "quote": _b64(raw)})
+    if collateral is None and "collateral" not in evidence:
+        raise UsageError(f"--tee {tee} needs --collateral FILE (the quote's QuoteCollateralV3 "
+                         "JSON), unless the evidence document carries it")
     source = collateral_from_file(collateral) if collateral is not None else None
     return DcapVerifier(tee, collateral=source).verify(evidence, at=at)
 
