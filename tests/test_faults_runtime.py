@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 from walk_fixtures import PYTHON_HOST, Walk, output_tag, push, running_up, transfer_objects
 
+from tdapp.runtime.shield import fuse_usable
+
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
 
 SHM = Path("/dev/shm")  # where tdapp run keeps plaintext
@@ -88,10 +90,12 @@ def sleepy(walk: Walk, tmp_path_factory: pytest.TempPathFactory) -> Sleepy:
     return Sleepy(marker, script)
 
 
-def start_run(walk: Walk, command: list[str], push_url: str, log: Path) -> subprocess.Popen[bytes]:
+def start_run(walk: Walk, command: list[str], push_url: str, log: Path,
+              *extra: str) -> subprocess.Popen[bytes]:
     with log.open("wb") as output:
         return subprocess.Popen(
-            [sys.executable, "-m", "tdapp", "run", "sleepy", *command, "--push", push_url],
+            [sys.executable, "-m", "tdapp", "run", "sleepy", *command, "--push", push_url,
+             *extra],
             cwd=walk.example, env=walk.env, stdin=subprocess.DEVNULL, stdout=output,
             stderr=output, start_new_session=True)
 
@@ -215,5 +219,35 @@ def test_run_killed_while_it_uploads_publishes_nothing_and_moves_no_tag(
     stalling.drain.set()
     assert stalling.closed.wait(15), "the killed runtime's connection stayed open"
     assert output_tag(walk, monkeypatch) == before_tag, "a tag moved before the upload finished"
+    assert transfer_objects(walk) == before_objects
+    rerun_succeeds(walk, monkeypatch, before_tag, before_objects, sleepy.marker)
+
+
+def shield_mounts() -> list[str]:
+    with open("/proc/mounts") as mounts:
+        return [line.split()[1] for line in mounts if "tdapp-run-" in line.split()[1]]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not fuse_usable(), reason="FUSE is not usable")
+def test_sigkilled_run_with_the_fuse_shield_leaves_no_mount(
+        walk: Walk, sleepy: Sleepy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    command = push(walk, {"slow": "", "data.txt": "first\n"}, "sleepy", "sleepy.yml")
+    before_tag, before_objects = output_tag(walk, monkeypatch), transfer_objects(walk)
+    log = tmp_path / "run.log"
+    run = start_run(walk, command, walk.push, log, "--shield", "fuse")
+    try:
+        def started() -> bool:
+            assert run.poll() is None, log.read_text(errors="replace")
+            return any(Path(mount, sleepy.marker).exists() for mount in shield_mounts())
+
+        wait_for(started, 60, "the program did not start within 60 s")
+        assert len(shield_mounts()) == 2  # both volumes through the shield
+    finally:
+        kill_group(run)  # the shield's processes are not in this group
+    wait_for(lambda: not shield_mounts(), 30, f"mounts outlived the run: {shield_mounts()}")
+    wait_for(lambda: not processes_mentioning("--die-with-parent"), 30,
+             "a shield process outlived the run")
+    assert output_tag(walk, monkeypatch) == before_tag
     assert transfer_objects(walk) == before_objects
     rerun_succeeds(walk, monkeypatch, before_tag, before_objects, sleepy.marker)

@@ -161,8 +161,10 @@ def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
               help="Let other users (and sandboxes in their own user namespace) use the mount.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write {\"tag\", \"failures\"} as JSON to this file when unmounted.")
+@click.option("--die-with-parent", is_flag=True, hidden=True,
+              help="Unmount when the parent process dies (for tdapp run).")
 def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey, tag: VolumeTag, read_only: bool,
-          allow_other: bool, report: Path | None) -> None:
+          allow_other: bool, report: Path | None, die_with_parent: bool) -> None:
     """Mount the volume at MOUNTPOINT, decrypting and verifying as files are read.
 
     Runs until unmounted (fusermount3 -u MOUNTPOINT) or interrupted; then seals
@@ -170,9 +172,11 @@ def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey, tag: VolumeTag, re
     I/O error to the reader, and makes this command fail naming the file and chunk.
     """
     from tdapp.errors import IntegrityError
-    from tdapp.runtime.shield import serve_volume
+    from tdapp.runtime.shield import end_with_parent, serve_volume
     from tdapp.volume.layout import write_atomically
 
+    if die_with_parent:
+        end_with_parent()
     # Absolute: libfuse changes the working folder to / once mounted.
     opened = Volume.open(volume_dir.absolute(), key, tag)
     click.echo(f"mounted {volume_dir} at {mountpoint}{' (read-only)' if read_only else ''}",

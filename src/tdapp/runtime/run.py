@@ -34,7 +34,13 @@ from tdapp.runtime.sandbox import (
     require_success,
     run_sandboxed,
 )
-from tdapp.runtime.shield import AUTO_THRESHOLD, ShieldMount, fuse_usable, sealed_size
+from tdapp.runtime.shield import (
+    AUTO_THRESHOLD,
+    ShieldMount,
+    fuse_usable,
+    sealed_size,
+    unmount_abandoned,
+)
 from tdapp.volume import Volume, VolumeKey, VolumeTag
 from tdapp.volume.bundle import pack, unpack
 
@@ -74,6 +80,7 @@ def _remove_abandoned(root: Path) -> None:
         try:
             os.kill(int(pid_text), 0)
         except ProcessLookupError:
+            unmount_abandoned(folder)
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:
             continue  # another user's live run

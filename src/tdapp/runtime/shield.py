@@ -13,6 +13,7 @@ its own what is trusted, and never let a failed chunk pass.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -217,6 +218,7 @@ class ShieldOperations:
 
 
 _ENDING_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
@@ -241,6 +243,16 @@ def _unmount_on_signal(mountpoint: Path) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def end_with_parent() -> None:
+    """Get SIGTERM (and so unmount) when the parent dies: a runtime killed with SIGKILL
+    must not leave its volumes mounted."""
+    parent = os.getppid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request took effect
+        raise UnavailableError("the process that asked for the mount has ended")
 
 
 def serve_volume(volume: Volume, mountpoint: Path, *, read_only: bool = False,
@@ -282,6 +294,14 @@ def fuse_usable() -> bool:
             and find_library("fuse3") is not None)
 
 
+def unmount_abandoned(work: Path) -> None:
+    """Take down mounts left under a killed run's work folder, before it is removed."""
+    for mountpoint in (work / "mnt").glob("*"):
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False,
+                           capture_output=True, timeout=60)
+
+
 def sealed_size(folder: Path) -> int:
     return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
 
@@ -298,7 +318,7 @@ class ShieldMount:
         with self._log.open("wb") as log:
             self._process = subprocess.Popen(  # keys in the environment, not in argv
                 [sys.executable, "-m", "tdapp", "volume", "mount", str(folder), str(mountpoint),
-                 "--allow-other", "--report", str(self._report)],
+                 "--allow-other", "--die-with-parent", "--report", str(self._report)],
                 env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=log, start_new_session=True)
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
