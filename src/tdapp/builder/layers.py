@@ -42,6 +42,7 @@ import shutil
 import stat
 import tarfile
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -110,11 +111,12 @@ class _TarInfo(tarfile.TarInfo):
         return info
 
 
-class _Stream:
+class _Stream(ABC):
     """A forward-only readable stream; gzip and tarfile also want these methods on one."""
 
+    @abstractmethod
     def read(self, size: int = -1, /) -> bytes:
-        raise NotImplementedError
+        """Up to ``size`` bytes (all that is left for -1); b"" at the end."""
 
     def write(self, data: bytes, /) -> int:
         raise io.UnsupportedOperation("read-only")
@@ -126,7 +128,7 @@ class _Stream:
         raise io.UnsupportedOperation("not seekable")
 
     def close(self) -> None:
-        pass  # the source belongs to whoever opened it
+        return None  # the source belongs to whoever opened it
 
 
 class _Hashed(_Stream):

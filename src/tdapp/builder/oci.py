@@ -29,6 +29,7 @@ import platform
 import re
 import stat
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -119,14 +120,15 @@ def unpack_image(reference: str, rootfs: Path,
     return UnpackedImage(reference, plan.digest, plan.config, len(plan.layers))
 
 
-class _Source:
+class _Source(ABC):
     """Files of an image by name: a folder's, or the regular-file members of a tar."""
 
     def __init__(self, where: str) -> None:
         self.where = where
 
+    @abstractmethod
     def open(self, name: str) -> AbstractContextManager[Readable]:
-        raise NotImplementedError
+        """The file called ``name``, opened for reading; InputError if it is not there."""
 
     def read(self, name: str, what: str) -> bytes:
         with self.open(name) as handle:

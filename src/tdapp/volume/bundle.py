@@ -38,6 +38,7 @@ def unpack(source: Path, target: Path) -> dict[str, Path]:
     """Unzip a bundle into ``target``; returns volume name -> folder."""
     try:
         return _unpack(source, target)
+    # zipfile raises NotImplementedError for a compression method it does not know.
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as error:
         raise InputError(f"{source} is not a valid volume bundle: {error}") from None
     except FileExistsError as error:
