@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from ctypes.util import find_library
 from dataclasses import dataclass, field
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +41,10 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@functools.cache
 def _fuse() -> Any:
+    """mfusepy over libfuse 3, loaded once: every refused lookup raises through it, and
+    ``find_library`` runs ldconfig."""
     # mfusepy takes libfuse 2 when both are installed; tdapp needs libfuse 3 (and CI has only it).
     if find_library("fuse3"):
         os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
@@ -61,7 +64,7 @@ class ShieldReport:
 
 def _translated(method: F) -> F:
     """OSError -> its errno; a chunk that failed authentication -> EIO, recorded."""
-    @wraps(method)
+    @functools.wraps(method)
     def call(self: ShieldOperations, *args: Any) -> Any:
         try:
             return method(self, *args)
@@ -288,6 +291,7 @@ AUTO_THRESHOLD = 64 * 1024 * 1024  # sealed bytes above which auto mounts instea
 MOUNT_TIMEOUT_S = 30.0
 
 
+@functools.cache
 def fuse_usable() -> bool:
     """Whether this machine can mount FUSE file systems (device, helper and library)."""
     return (os.access("/dev/fuse", os.R_OK | os.W_OK) and shutil.which("fusermount3") is not None
