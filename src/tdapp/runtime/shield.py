@@ -315,6 +315,7 @@ class ShieldMount:
 
     def __init__(self, name: str, folder: Path, mountpoint: Path, key: str, tag: str) -> None:
         self.name, self.folder, self.mountpoint, self.tag = name, folder, mountpoint, tag
+        self._finished = False
         self._report = mountpoint.with_name(f"{mountpoint.name}.report.json")
         self._log = mountpoint.with_name(f"{mountpoint.name}.log")
         mountpoint.mkdir(parents=True)
@@ -349,10 +350,13 @@ class ShieldMount:
         if not self._report.exists():
             raise UnavailableError(f"volume {self.name}: the shield failed: {self._last_line()}")
         document = json.loads(self._report.read_text())
+        self._finished = True
         return ShieldReport(VolumeTag.from_hex(document["tag"]), list(document["failures"]))
 
     def abort(self) -> None:
         """Take the mount down whatever state it is in (nothing of it is published)."""
+        if self._finished:
+            return  # unmounted and sealed: nothing to take down
         subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False,
                        capture_output=True, timeout=60)
         if self._process.poll() is None:
