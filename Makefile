@@ -46,6 +46,7 @@ volume-demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy --strict src
+	$(BIN)/lint-imports
 
 test: install sysdeps lint
 	$(BIN)/python -m pytest -q -m "not large"

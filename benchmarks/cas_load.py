@@ -373,7 +373,8 @@ def _accepts_tls(port: int) -> bool:
 def certify_identity(home: Path, cas: CasProcess) -> tuple[Path, Path]:
     """A tdapp identity in ``home`` certified by ``cas``: (its key, the CAS-issued cert)."""
     from tdapp.client.cas_client import CasClient
-    from tdapp.client.pins import Address, PinStore
+    from tdapp.client.pins import PinStore
+    from tdapp.core.address import Address
     from tdapp.tls import fingerprint
 
     home.mkdir(mode=0o700, parents=True)

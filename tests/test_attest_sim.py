@@ -27,7 +27,8 @@ from tdapp.attest import (
     report_data,
     verifier_for,
 )
-from tdapp.attest.sim import SimPlatform, canonical_json, platform_id, sign_evidence
+from tdapp.attest.sim import SimPlatform, platform_id, sign_evidence
+from tdapp.core.canonical import canonical_json
 from tdapp.errors import ExitCode, RefusedError
 
 KEY = Ed25519PrivateKey.generate()

@@ -40,7 +40,7 @@ from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.sealing import MasterKey
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import EphemeralKey, obtain_configuration, report_tag
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 from tdapp.errors import ConflictError, RefusedError
 
 OTHER = "ab" * 32

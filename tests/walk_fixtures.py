@@ -85,7 +85,7 @@ def transfer_objects(walk: Walk) -> set[Path]:
 
 def output_tag(walk: Walk, monkeypatch: pytest.MonkeyPatch) -> str:
     from tdapp.client.cas_client import CasClient
-    from tdapp.client.pins import Address
+    from tdapp.core.address import Address
 
     state = json.loads((walk.example / "KEYS" / "tdapp-session.json").read_text())
     monkeypatch.setenv("TDAPP_HOME", str(walk.home))

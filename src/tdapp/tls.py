@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tdapp.core.atomic import WriteMode, write_atomically
 from tdapp.errors import InputError
-from tdapp.volume.layout import write_atomically
 
 PrivateKey = ec.EllipticCurvePrivateKey
 _VALIDITY = datetime.timedelta(days=3650)
@@ -132,14 +132,17 @@ def pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def save_private_key(key: PrivateKey, path: Path) -> None:
+def save_private_key(key: PrivateKey, path: Path, *,
+                     mode: WriteMode = WriteMode.CREATE_ONLY) -> None:
+    """Write ``key`` (mode 0600); by default refuse to replace an existing key file."""
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    write_atomically(path, data, mode=0o600)
+    write_atomically(path, data, mode=mode, permissions=0o600)
 
 
-def save_certificate(certificate: x509.Certificate, path: Path) -> None:
-    write_atomically(path, pem(certificate))
+def save_certificate(certificate: x509.Certificate, path: Path, *,
+                     mode: WriteMode = WriteMode.REPLACE) -> None:
+    write_atomically(path, pem(certificate), mode=mode)
 
 
 def load_private_key(path: Path) -> PrivateKey:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
+
+from tdapp.core.canonical import canonical_json
+from tdapp.errors import InputError
 
 REPORT_DATA_SIZE = 64
 
@@ -28,8 +30,7 @@ def report_data(nonce: str, public_key_der: bytes) -> bytes:
     gets the same bytes; a JSON object rather than plain concatenation so that
     no (nonce, key) pair can collide with another.
     """
+    if not nonce.isascii():
+        raise InputError("a nonce is ASCII; this one is not")
     document = {"nonce": nonce, "pubkey": _b64url(public_key_der)}
-    # ensure_ascii stays at json's default (on), as docs/attestation.md fixes it: a
-    # non-ASCII nonce is written as \u escapes, so every string can be encoded.
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha512(canonical.encode("utf-8")).digest()
+    return hashlib.sha512(canonical_json(document)).digest()

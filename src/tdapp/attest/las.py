@@ -24,7 +24,7 @@ import httpx
 from aiohttp import web
 
 from tdapp.attest.sim import SimPlatform, b64
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 from tdapp.errors import (
     InputError,
     RefusedError,

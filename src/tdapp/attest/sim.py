@@ -9,7 +9,7 @@ Wire format (a JSON object)::
 
 Body fields: ``measurement`` (64 hex), ``report_data`` (128 hex), ``platform``
 (64 hex), ``debug`` (boolean), ``issued_at`` (seconds since the epoch). Canonical
-JSON is ``json.dumps(sort_keys=True, separators=(",", ":"))`` in UTF-8.
+JSON is :func:`tdapp.core.canonical.canonical_json`.
 The platform id is the hex SHA-256 of the raw public key. A simulated platform
 signs whatever measurement it is asked to, so its evidence protects nothing
 against the host's root; it is for development. This module owns the format
@@ -22,8 +22,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +31,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdapp.attest.binding import REPORT_DATA_SIZE
+from tdapp.core.atomic import WriteMode, write_atomically
+from tdapp.core.canonical import canonical_json
 from tdapp.errors import InputError
 from tdapp.tls import ensure_private_file_mode
-from tdapp.volume.layout import fsync_directory
 
 TEE = "sim"
 EVIDENCE_FIELDS = frozenset({"tee", "body", "public_key", "signature"})
@@ -44,11 +43,6 @@ PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 KEY_FILE = "platform.key"
 HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def canonical_json(document: Any) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
 
 
 def b64(data: bytes) -> str:
@@ -121,17 +115,7 @@ def _create_key_file(path: Path) -> None:
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
-    temporary = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # link() rather than rename(): when two LAS processes start at once, the
-        # second finds the first one's key instead of replacing it.
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_directory(path.parent)
+    # Create-only: when two LAS processes start at once, the second finds the
+    # first one's key instead of replacing it.
+    with contextlib.suppress(FileExistsError):
+        write_atomically(path, pem, mode=WriteMode.CREATE_ONLY, permissions=0o600)

@@ -27,6 +27,7 @@ from tdapp.attest.dcap import TEES as DCAP_TEES
 from tdapp.attest.dcap import CollateralSource, DcapVerifier
 from tdapp.attest.snp import MILAN_ARK_SHA256, SnpVerifier
 from tdapp.attest.snp import TEE as SNP_TEE
+from tdapp.core.canonical import canonical_json
 
 # Far above any honest evidence; bounds the work done before the signature is checked.
 MAX_FIELD_CHARS = 16 * 1024
@@ -140,7 +141,7 @@ def _body_claims(body: bytes) -> Claims:
         _fail(f"sim evidence body must be a JSON object, got {_kind(document)}")
     # One byte string, one meaning: a signed body must be in the canonical form.
     try:
-        canonical = sim.canonical_json(document)
+        canonical = canonical_json(document)
     except (ValueError, RecursionError):
         canonical = b""
     if canonical != body:

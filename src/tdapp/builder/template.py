@@ -11,12 +11,12 @@ that ``tdapp.policy.parse_session`` would read differently after filling.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from tdapp.builder.manifest import join_command
 from tdapp.builder.store import Image
+from tdapp.core.atomic import write_atomically
 from tdapp.errors import InputError
 
 INPUT_VOLUME = "encrypted-input-files"
@@ -106,14 +106,10 @@ def session_template(image: Image) -> str:
 
 
 def write_template(image: Image, target: Path) -> None:
-    """Write the template to ``target`` in one step (a temporary file renamed over it)."""
+    """Write the template to ``target`` in one step (see :mod:`tdapp.core.atomic`)."""
     if target.is_dir():
         raise InputError(f"{target} is a folder; -o needs a file name")
-    temporary = target.with_name(f".{target.name}.{os.urandom(6).hex()}.tmp")
     try:
-        temporary.write_text(session_template(image), encoding="utf-8")
-        os.replace(temporary, target)
+        write_atomically(target, session_template(image).encode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"cannot write {target}: its folder does not exist") from None
-    finally:
-        temporary.unlink(missing_ok=True)

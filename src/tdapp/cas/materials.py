@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 from cryptography import x509
 
 from tdapp.cas.sealing import MasterKey
+from tdapp.core.atomic import WriteMode
+from tdapp.errors import InputError
 from tdapp.tls import (
     PrivateKey,
     ensure_private_file_mode,
@@ -77,10 +80,28 @@ class CasMaterials:
 
 def _ensure_pair(key_path: Path, cert_path: Path,
                  make: Callable[[PrivateKey], x509.Certificate]) -> None:
+    """Make the key and its certificate once; a replica starting at the same time keeps them.
+
+    The key is written create-only. Whoever wins writes the certificate; a
+    process that lost the race waits for it rather than writing its own, which
+    would not match the key.
+    """
     if key_path.exists() and cert_path.exists():
         ensure_private_file_mode(key_path)
         return
     key = new_private_key()
-    certificate = make(key)
-    save_private_key(key, key_path)
-    save_certificate(certificate, cert_path)
+    try:
+        save_private_key(key, key_path)
+    except FileExistsError:
+        _wait_for(cert_path)
+        ensure_private_file_mode(key_path)
+        return
+    save_certificate(make(key), cert_path, mode=WriteMode.CREATE_ONLY)
+
+
+def _wait_for(path: Path, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise InputError(f"{path} is missing next to its key; remove the key to make both anew")
+        time.sleep(0.05)

@@ -9,6 +9,7 @@ sealed value cannot be moved to another row. Must never log or return the key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tdapp.core.atomic import WriteMode, write_atomically
 from tdapp.errors import InputError, IntegrityError
-from tdapp.volume.layout import write_atomically
 
 _FORMAT = b"\x01"
 _SALT_SIZE = 32
@@ -39,9 +40,16 @@ class MasterKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> MasterKey:
-        """Read the key file, or make one (mode 0600) the first time the CAS starts."""
+        """Read the key file, or make one (mode 0600) the first time the CAS starts.
+
+        Made create-only: when two replicas start at once on a new state folder,
+        one key wins and both use it (a replaced key would make the other's
+        sealed rows unreadable).
+        """
         if not path.exists():
-            write_atomically(path, os.urandom(32).hex().encode() + b"\n", mode=0o600)
+            with contextlib.suppress(FileExistsError):
+                write_atomically(path, os.urandom(32).hex().encode() + b"\n",
+                                 mode=WriteMode.CREATE_ONLY, permissions=0o600)
         if path.stat().st_mode & 0o077:
             raise InputError(f"{path} is readable by other users; run: chmod 600 {path}")
         try:

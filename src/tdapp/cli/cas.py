@@ -9,7 +9,8 @@ import click
 
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
-from tdapp.client.pins import DEFAULT_CAS, Address, PinStore, fetch_presented_certificate
+from tdapp.client.pins import DEFAULT_CAS, PinStore, fetch_presented_certificate
+from tdapp.core.address import Address
 from tdapp.errors import RefusedError
 from tdapp.tls import fingerprint
 

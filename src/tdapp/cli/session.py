@@ -11,7 +11,7 @@ import click
 from tdapp.client.announce import announced
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 from tdapp.errors import InputError, UnavailableError, UsageError
 from tdapp.policy import fill_template, parse_session, session_hash
 

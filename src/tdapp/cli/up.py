@@ -33,7 +33,8 @@ async def _serve(state: Path, host: str, cas_port: int, las_port: int,
     from tdapp.attest.las import build_las_app, platform_of
     from tdapp.cas.serve import build_app
     from tdapp.client.announce import announce, withdraw
-    from tdapp.client.pins import Address, PinStore
+    from tdapp.client.pins import PinStore
+    from tdapp.core.address import Address
     from tdapp.serving import serve_until_signalled
     from tdapp.transfer.server import build_transfer_app
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from tdapp.cli._progress import byte_progress
+from tdapp.core.progress import byte_progress
 from tdapp.errors import UsageError
 from tdapp.volume import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, RegionMap, Volume, VolumeKey, VolumeTag
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tdapp.client.announce import announced
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 
 
 @click.command(context_settings={"ignore_unknown_options": False})

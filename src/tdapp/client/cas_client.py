@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tdapp.client.identity import ClientIdentity
-from tdapp.client.pins import Address, PinStore, fetch_presented_certificate
+from tdapp.client.pins import PinStore, fetch_presented_certificate
+from tdapp.core.address import Address
 from tdapp.errors import (
     ConflictError,
     InputError,

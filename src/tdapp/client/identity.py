@@ -8,9 +8,11 @@ fingerprint. Must never write the private key readable by others.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tdapp.core.atomic import WriteMode
 from tdapp.home import private_dir
 from tdapp.tls import (
     PrivateKey,
@@ -53,15 +55,17 @@ class ClientIdentity:
     def load_or_create(cls) -> ClientIdentity:
         folder = private_dir("identity")
         key_path = folder / "client.key"
-        if key_path.exists():
-            ensure_private_file_mode(key_path)
-            key = load_private_key(key_path)
-        else:
-            key = new_private_key()
-            save_private_key(key, key_path)
+        if not key_path.exists():
+            # Create-only: two commands starting at once must not each make an
+            # identity; the loser uses the winner's key.
+            with contextlib.suppress(FileExistsError):
+                save_private_key(new_private_key(), key_path)
+        ensure_private_file_mode(key_path)
+        key = load_private_key(key_path)
         identity = cls(folder, key)
         if not identity.certificate_path.exists():
-            save_certificate(self_signed(key, identity.identity, client=True),
-                             identity.certificate_path)
+            with contextlib.suppress(FileExistsError):
+                save_certificate(self_signed(key, identity.identity, client=True),
+                                 identity.certificate_path, mode=WriteMode.CREATE_ONLY)
         (folder / "cas").mkdir(mode=0o700, exist_ok=True)
         return identity

@@ -8,53 +8,17 @@ other certificate fails the TLS handshake. Must never pin silently.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
-from tdapp.errors import RefusedError, UnavailableError, UsageError
+from tdapp.core.address import Address
+from tdapp.core.atomic import write_atomically
+from tdapp.errors import RefusedError, UnavailableError
 from tdapp.home import private_dir
 from tdapp.tls import fingerprint, pem
-from tdapp.volume.layout import write_atomically
 
 DEFAULT_CAS = "127.0.0.1:8081"
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, default_port: int = 8081) -> Address:
-        value = text.strip()
-        for prefix in ("https://", "http://"):
-            value = value.removeprefix(prefix)
-        value = value.rstrip("/")
-        if value.startswith("["):
-            host, _, rest = value[1:].partition("]")
-            port_text = rest.removeprefix(":")
-        elif value.count(":") == 1:
-            host, _, port_text = value.partition(":")
-        else:
-            host, port_text = value, ""
-        if not host:
-            raise UsageError(f"address {text!r} has no host; expected HOST:PORT")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError:
-            raise UsageError(f"address {text!r}: port {port_text!r} is not a number") from None
-        if not 0 < port < 65536:
-            raise UsageError(f"address {text!r}: port {port} is out of range")
-        return cls(host, port)
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"https://{self}"
 
 
 def fetch_presented_certificate(address: Address) -> x509.Certificate:

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tdapp.client.cas_client import CasClient
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 from tdapp.errors import InputError
 from tdapp.policy import fill_template, parse_session
 from tdapp.tls import fingerprint

@@ -14,7 +14,7 @@ but :class:`SessionError` for a bad document.
 
 from tdapp.policy.access import AccessPolicy, Action, Identity, certificate_identity
 from tdapp.policy.errors import SessionError
-from tdapp.policy.hashing import canonical_json, session_hash
+from tdapp.policy.hashing import session_hash
 from tdapp.policy.model import Image, ImageVolume, InjectionFile, Session, Volume
 from tdapp.policy.parse import parse_session
 from tdapp.policy.secrets import Secret
@@ -38,7 +38,6 @@ __all__ = [
     "SessionError",
     "Signer",
     "Volume",
-    "canonical_json",
     "certificate_identity",
     "fill_template",
     "parse_session",

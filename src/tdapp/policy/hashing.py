@@ -11,17 +11,10 @@ form: the CAS, the client and the audit log all compare these values.
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any
 
+from tdapp.core.canonical import canonical_json
 from tdapp.policy.access import Identity
 from tdapp.policy.model import Session
-
-
-def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON bytes: sorted keys, no whitespace, UTF-8, no NaN."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
 
 
 def session_hash(session: Session, creator: Identity) -> str:

@@ -25,7 +25,7 @@ from tdapp.builder import Image, load_image, measure_image
 from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import obtain_configuration, report_tag
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 from tdapp.errors import InputError, IntegrityError, RefusedError, UnavailableError
 from tdapp.runtime.sandbox import (
     Mount,

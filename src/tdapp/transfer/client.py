@@ -9,7 +9,6 @@ server failed) or InputError (missing file, refused, 404).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from tdapp.core.atomic import atomic_path
 from tdapp.errors import InputError, UnavailableError, UsageError
 
 CHUNK = 256 * 1024
@@ -41,7 +41,7 @@ class Backend(Protocol):
 
 
 def _default_progress(description: str, total: int | None) -> AbstractContextManager[Advance]:
-    from tdapp.cli._progress import byte_progress  # imported here: no cli import at load
+    from tdapp.core.progress import byte_progress  # imported here: rich loads only when used
 
     return byte_progress(description, total)
 
@@ -235,7 +235,7 @@ class FileBackend:
         if not path.parent.is_dir():
             raise InputError(f"upload of {source.name} to {destination} failed: "
                              f"no such folder {path.parent}")
-        with _temporary_sibling(path) as temporary, \
+        with atomic_path(path) as temporary, \
                 progress(f"upload {source.name}", size) as advance, \
                 source.open("rb") as reader, temporary.open("wb") as writer:
             _copy(reader, writer, advance)
@@ -268,19 +268,6 @@ def backend_for(url: str) -> Backend:
     return backend
 
 
-@contextlib.contextmanager
-def _temporary_sibling(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target``, renamed over it on success, removed on failure."""
-    temporary = target.with_name(f".{target.name}.{os.urandom(6).hex()}.part")
-    try:
-        yield temporary
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
-
-
 def upload(source: Path, destination: str, *,
            progress: ProgressFactory = _default_progress) -> str:
     """Upload ``source`` to ``destination`` (an upload URL, s3:// or file://); its download URL."""
@@ -297,5 +284,5 @@ def download(url: str, target: Path, *, progress: ProgressFactory = _default_pro
     def shown(_: str, total: int | None) -> AbstractContextManager[Advance]:
         return progress(f"download {target.name}", total)  # the target's name, not the temp's
 
-    with _temporary_sibling(target) as temporary:
+    with atomic_path(target) as temporary:
         backend.download(url, temporary, shown)

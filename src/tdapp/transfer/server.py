@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from aiohttp import BodyPartReader, StreamReader, web
 
-from tdapp.client.pins import Address
+from tdapp.core.address import Address
 from tdapp.home import private_dir
 from tdapp.serving import serve_until_signalled
 from tdapp.transfer.store import (

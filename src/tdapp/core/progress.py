@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -16,7 +16,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from tdapp.volume import Progress as ProgressCallback
+ProgressCallback = Callable[[int], None]
+"""Told the number of bytes done since its last call."""
 
 
 def _ignore(_: int) -> None:
