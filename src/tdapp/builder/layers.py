@@ -10,7 +10,9 @@ must never create, change or remove anything outside the root folder: it never
 resolves a path through a symbolic link (each folder is opened with
 ``O_NOFOLLOW`` relative to its parent), never follows a link when it creates,
 removes or links an entry, and never makes a device, FIFO or socket, a setuid
-or setgid file, or a link that leads out of the image root.
+or setgid file, or a link that leads out of the image root. That folder walk,
+:func:`open_folder`, is also the only way the store's staging writes
+(:class:`tdapp.builder.store.Staging`).
 
 Decisions, for the reader of an unpacked tree:
 
@@ -62,7 +64,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1024 * 1024
 _ONLY = "an image may hold only files, folders and links"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 
@@ -374,12 +376,56 @@ def _check_entry(member: tarfile.TarInfo, label: str) -> _Entry:
     return _Entry(name, parts, "hardlink", target=target, target_parts=target_parts)
 
 
+def open_folder(root_fd: int, parts: tuple[str, ...], create: bool,
+                refuse: Callable[[str], NoReturn], doing: str) -> int | None:
+    """The folder ``parts`` below ``root_fd``, opened; never reached through a symbolic link.
+
+    Each component is opened ``O_NOFOLLOW | O_DIRECTORY`` relative to its parent,
+    so nothing outside ``root_fd`` is ever reached. A missing folder is made
+    (mode 0755) with ``create`` and gives None without it; a symbolic link on the
+    way, or a non-folder with ``create``, is passed to ``refuse``. The caller
+    closes the returned descriptor.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for depth, part in enumerate(parts):
+            try:
+                info = os.lstat(part, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    os.close(fd)
+                    return None
+                # An archive need not list the folders it writes into.
+                os.mkdir(part, 0o700, dir_fd=fd)
+                info = os.lstat(part, dir_fd=fd)
+                implied = True
+            else:
+                implied = False
+            where = "/".join(parts[:depth + 1])
+            if stat.S_ISLNK(info.st_mode):
+                refuse(f"would be {doing} through the symbolic link {where!r}")
+            if not stat.S_ISDIR(info.st_mode):
+                if not create:
+                    os.close(fd)
+                    return None
+                refuse(f"would be {doing} inside {where!r}, which is not a folder")
+            child = os.open(part, FOLDER_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if implied:
+                os.fchmod(fd, 0o755)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Root:
     """The root folder being filled; every change goes through a folder opened O_NOFOLLOW."""
 
     def __init__(self, path: Path) -> None:
         try:
-            self._fd = os.open(path, _DIR_FLAGS)
+            self._fd = os.open(path, FOLDER_FLAGS)
         except OSError as error:
             raise InputError(f"cannot open {path} as the root folder (an existing folder, not "
                              f"a symbolic link): {error.strerror}") from None
@@ -403,49 +449,14 @@ class Root:
             raise InputError(f"{label}: cannot unpack entry {entry.name!r}: "
                              f"{error.strerror or error}") from None
 
-    def _folder(self, parts: tuple[str, ...], create: bool, refuse: Callable[[str], NoReturn],
-                doing: str) -> int | None:
-        """The open folder ``parts`` (None if missing and not ``create``); never via a link."""
-        fd = os.dup(self._fd)
-        try:
-            for depth, part in enumerate(parts):
-                try:
-                    info = os.lstat(part, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        os.close(fd)
-                        return None
-                    # A layer need not list the folders it writes into.
-                    os.mkdir(part, 0o700, dir_fd=fd)
-                    info = os.lstat(part, dir_fd=fd)
-                    implied = True
-                else:
-                    implied = False
-                where = "/".join(parts[:depth + 1])
-                if stat.S_ISLNK(info.st_mode):
-                    refuse(f"would be {doing} through the symbolic link {where!r}")
-                if not stat.S_ISDIR(info.st_mode):
-                    if not create:
-                        os.close(fd)
-                        return None
-                    refuse(f"would be {doing} inside {where!r}, which is not a folder")
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-                if implied:
-                    os.fchmod(fd, 0o755)
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
-
     def _refuser(self, entry: _Entry, label: str) -> Callable[[str], NoReturn]:
         def refuse(reason: str) -> NoReturn:
             raise IntegrityError(f"{label}: entry {entry.name!r} {reason}; refused")
         return refuse
 
     def _parent(self, entry: _Entry, label: str) -> int:
-        fd = self._folder(entry.parts[:-1], True, self._refuser(entry, label), "written")
+        fd = open_folder(self._fd, entry.parts[:-1], True, self._refuser(entry, label),
+                         "written")
         assert fd is not None  # created when missing
         return fd
 
@@ -466,8 +477,8 @@ class Root:
 
     def whiteout(self, entry: _Entry, label: str) -> None:
         with self._os(entry, label):
-            folder = self._folder(entry.parts[:-1], False, self._refuser(entry, label),
-                                  "removed")
+            folder = open_folder(self._fd, entry.parts[:-1], False,
+                                 self._refuser(entry, label), "removed")
             if folder is None:
                 return  # nothing below to hide
             try:
@@ -485,7 +496,7 @@ class Root:
             try:
                 if not self._clear(parent, entry.parts[-1], keep_dir=True):
                     os.mkdir(entry.parts[-1], 0o700, dir_fd=parent)
-                fd = os.open(entry.parts[-1], _DIR_FLAGS, dir_fd=parent)
+                fd = os.open(entry.parts[-1], FOLDER_FLAGS, dir_fd=parent)
                 try:
                     os.fchmod(fd, entry.mode)
                 finally:
@@ -527,7 +538,7 @@ class Root:
         missing = f"is a hard link to {entry.target!r}, which is not a regular file unpacked " \
                   "before it"
         with self._os(entry, label):
-            source = self._folder(entry.target_parts[:-1], False, refuse, "linked")
+            source = open_folder(self._fd, entry.target_parts[:-1], False, refuse, "linked")
             if source is None:
                 refuse(missing)
             try:

@@ -5,7 +5,9 @@ replaced, whole and in one step. A new image is assembled in a hidden staging
 folder inside the store and renamed into place under the store's lock; a
 replaced image is swapped with its successor atomically (``renameat2`` with
 ``RENAME_EXCHANGE``) and only then deleted. Must never leave a half-written
-image under an image's name, nor report an image it has not read.
+image under an image's name, nor report an image it has not read, nor create
+anything outside its staging folder while assembling one: the staging folder is
+written only through folders opened ``O_NOFOLLOW``, never through a link.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
+from tdapp.builder.layers import FOLDER_FLAGS, open_folder
 from tdapp.builder.manifest import (
     Config,
     DirRecord,
@@ -28,6 +32,7 @@ from tdapp.builder.manifest import (
     LinkRecord,
     Manifest,
     Source,
+    check_image_path,
     check_link_target,
     check_name,
 )
@@ -156,13 +161,24 @@ def normalized_mode(mode: int) -> int:
 
 
 class Staging:
-    """A new image being assembled inside the store, invisible until :meth:`publish`."""
+    """A new image being assembled inside the store, invisible until :meth:`publish`.
+
+    Every entry is written relative to folders opened ``O_NOFOLLOW |
+    O_DIRECTORY`` from the staging root (:func:`tdapp.builder.layers.open_folder`):
+    a path is never resolved through a symbolic link, so nothing is ever created
+    outside the staging folder, whatever links it already holds.
+    """
 
     def __init__(self) -> None:
         self.path = image_store_dir() / f"{STAGING_PREFIX}{os.urandom(8).hex()}"
         self.path.mkdir(mode=0o700)
         self.root = self.path / ROOT_FOLDER
-        self.root.mkdir(mode=0o755)
+        try:
+            self.root.mkdir(mode=0o755)
+            self._root_fd = os.open(self.root, FOLDER_FLAGS)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         self._published = False
 
     def __enter__(self) -> Staging:
@@ -170,41 +186,70 @@ class Staging:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        os.close(self._root_fd)
         if not self._published:
             shutil.rmtree(self.path, ignore_errors=True)
 
+    def _parent(self, relative: str) -> tuple[int, str]:
+        """The open folder that holds ``relative`` (made when missing), and its last name."""
+        parts = tuple(check_image_path(relative, InputError).split("/"))
+
+        def refuse(reason: str) -> NoReturn:
+            raise InputError(f"image path {relative!r} {reason}")
+
+        fd = open_folder(self._root_fd, parts[:-1], True, refuse, "written")
+        assert fd is not None  # created when missing
+        return fd, parts[-1]
+
     def make_dir(self, relative: str, mode: int = 0o755) -> None:
         """Folder ``relative`` and its missing parents, with explicit modes (no umask)."""
-        current = self.root
-        for part in relative.split("/"):
-            current = current / part
+        parent, name = self._parent(relative)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent)
             try:
-                current.mkdir()
-            except FileExistsError:
-                if current.is_symlink() or not current.is_dir():
-                    raise InputError(f"image path {relative!r} crosses a non-folder") from None
-                continue
-            current.chmod(0o755)
-        current.chmod(mode)
+                fd = os.open(name, FOLDER_FLAGS, dir_fd=parent)
+            except OSError as error:
+                if error.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                raise InputError(f"image path {relative!r} is already something else than "
+                                 "a folder") from None
+            try:
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent)
 
     def create_file(self, relative: str, mode: int) -> int:
-        """A new file at ``relative`` under the root (parents made); returns a write fd."""
-        target = self.root / relative
-        parent = relative.rpartition("/")[0]
-        if parent and (target.parent.is_symlink() or not target.parent.is_dir()):
-            self.make_dir(parent)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        os.fchmod(fd, mode)
+        """A new file at ``relative`` under the root (parents made); returns a write fd.
+
+        Raises :class:`FileExistsError` when something is already there.
+        """
+        parent, name = self._parent(relative)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def make_link(self, relative: str, target: str) -> None:
-        """Symbolic link ``relative`` -> ``target`` (checked by the manifest's rules)."""
+        """Symbolic link ``relative`` -> ``target`` (checked by the manifest's rules).
+
+        Raises :class:`FileExistsError` when something is already there.
+        """
         check_link_target(relative, target, InputError)
-        parent = relative.rpartition("/")[0]
-        if parent and not (self.root / parent).is_dir():
-            self.make_dir(parent)
-        os.symlink(target, self.root / relative)
+        parent, name = self._parent(relative)
+        try:
+            os.symlink(target, name, dir_fd=parent)
+        finally:
+            os.close(parent)
 
     def copy_file(self, relative: str, source: str, mode: int) -> None:
         try:
