@@ -42,12 +42,16 @@ class DirSpec:
     mode: int
 
 
-_chars = st.characters(codec="utf-8", exclude_characters="/\x00")
+# Every name a volume holds: no "/", no control characters (Cc), no line or paragraph
+# separators (Zl, Zp), no bidirectional controls (refused, see test_attack_volume.py).
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_chars = st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zl", "Zp"),
+                       exclude_characters="/" + _BIDI_CONTROLS)
 names = st.one_of(
     st.text(_chars, min_size=1, max_size=8),
     st.text(_chars, min_size=40, max_size=63),  # at most 63 * 4 = 252 bytes
     st.sampled_from(["a", "A", ".hidden", "with space", "ünïcödé", "日本語", "🔑", "x" * 255,
-                     "é" * 127 + "x", "line\nbreak", "-dash", "=eq"]),
+                     "é" * 127 + "x", "name (1)", "-dash", "=eq"]),
 ).filter(lambda name: name not in (".", "..") and len(name.encode()) <= 255)
 
 file_specs = st.builds(
@@ -63,7 +67,7 @@ def _dirs(children: st.SearchStrategy[FileSpec | DirSpec]) -> st.SearchStrategy[
                      mode=st.sampled_from(DIR_MODES))
 
 
-short_names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"),
+short_names = st.text(_chars,
                       min_size=1, max_size=10).filter(lambda name: name not in (".", ".."))
 
 

@@ -5,15 +5,17 @@ opening one with its key *and* the tag the caller expects, so every use of a
 volume starts from authenticated, fresh state. Each file is written under a
 fresh random key and object name; the FSPF is replaced last, atomically. This
 module must never return plaintext from a chunk that did not authenticate, nor
-leave a volume half-written.
+leave a volume half-written. ``verify`` and ``extract`` accept exactly the same
+volumes: anything in the stored folder the FSPF does not account for (an extra
+entry or object, a link, a folder or file under ``plain/`` outside a
+not-protected region, a file/folder clash) is refused by both before anything
+is written. No setuid, setgid or sticky bit is ever sealed or extracted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from tdapp.volume.fspf import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    PERMISSION_BITS,
     DirEntry,
     FileEntry,
     Manifest,
@@ -38,8 +41,9 @@ from tdapp.volume.fspf import (
     seal_fspf,
 )
 from tdapp.volume.keys import VolumeKey, VolumeTag
-from tdapp.volume.layout import VolumeFolder, open_regular_file
+from tdapp.volume.layout import PlainEntry, VolumeFolder, copy_content
 from tdapp.volume.live import LiveVolume
+from tdapp.volume.paths import escape_path, find_clash
 from tdapp.volume.regions import RegionKind, RegionMap
 from tdapp.volume.tree import SourceEntry, Staging, open_source, scan_source
 
@@ -166,11 +170,19 @@ class Volume:
         """Write the plaintext tree into ``target``; nothing appears there unless all verified."""
         with self._folder.locked(exclusive=False):
             self._check_still_current()
-            self._check_folder_content()
-            staging = Staging(target)
+            plain = self._check_folder_content()
             try:
-                total = self._extract_into(staging, progress)
+                staging = Staging(target)
+            except OSError as error:
+                raise InputError(f"cannot extract into {target}: {error.strerror}") from None
+            try:
+                total = self._extract_into(staging, plain, progress)
                 staging.publish()
+            except OSError as error:  # the target's file system: too long a name, full, …
+                staging.discard()
+                where = f" ({escape_path(str(error.filename))})" if error.filename else ""
+                raise InputError(f"cannot extract into {target}: {error.strerror}{where}") \
+                    from None
             except BaseException:
                 staging.discard()
                 raise
@@ -208,7 +220,7 @@ class Volume:
     def _open_chunks(self, path: str, entry: FileEntry) -> Iterator[bytes]:
         sealer = FileSealer(path, entry, self.chunk_size)
         try:
-            fd = open_regular_file(self._folder.object_path(entry.object_name))
+            fd = self._folder.open_object(entry.object_name)
         except FileNotFoundError:
             raise IntegrityError(f"{path} is missing from the volume (stored object deleted)") \
                 from None
@@ -219,12 +231,11 @@ class Volume:
         finally:
             os.close(fd)
 
-    def _plain_entries(self) -> list[SourceEntry]:
-        if not self._folder.plain.is_dir():
-            return []
-        return scan_source(self._folder.plain)
+    def _plain_entries(self) -> list[PlainEntry]:
+        return self._folder.plain_entries()
 
-    def _check_folder_content(self) -> None:
+    def _check_folder_content(self) -> list[PlainEntry]:
+        """Refuse anything in the folder the FSPF does not account for; the plain entries."""
         unexpected = self._folder.unexpected_entries()
         if unexpected:
             raise IntegrityError(f"unexpected entry {unexpected[0]!r} in the volume folder")
@@ -232,19 +243,30 @@ class Volume:
         extra = sorted(self._folder.stored_objects() - referenced)
         if extra:
             raise IntegrityError(
-                f"unexpected stored object objects/{extra[0]} not listed in volume.fspf "
-                "(a file was added)"
+                f"unexpected stored object objects/{escape_path(extra[0])} not listed in "
+                "volume.fspf (a file was added)"
             )
-        for entry in self._plain_entries():
-            # Folders under plain/ may be parents of a nested not-protected region.
-            if not entry.is_dir and self._manifest.regions.kind_of(entry.relative).protected:
-                raise IntegrityError(
-                    f"plain/{entry.relative} lies in a protected region and is not in the volume"
-                )
-
-    def _extract_into(self, staging: Staging, progress: Progress) -> int:
-        total = 0
+        regions = self._manifest.regions
         plain = self._plain_entries()
+        # A folder in a protected region is there only to hold a nested not-protected
+        # region; anything else there is not accounted for. Files first: they say more.
+        for entry in sorted(plain, key=lambda entry: entry.is_dir):
+            if regions.kind_of(entry.relative).protected and (
+                    not entry.is_dir or not regions.leads_to_unprotected(entry.relative)):
+                what = " (a folder)" if entry.is_dir else ""
+                raise IntegrityError(
+                    f"plain/{escape_path(entry.relative)}{what} lies in a protected region "
+                    "and is not in the volume"
+                )
+        clash = find_clash([*self._manifest.files, *(e.relative for e in plain if not e.is_dir)],
+                           [*self._manifest.dirs, *(e.relative for e in plain if e.is_dir)])
+        if clash is not None:
+            raise IntegrityError(f"plain/ makes {escape_path(clash)} both a file and a folder")
+        return plain
+
+    def _extract_into(self, staging: Staging, plain: list[PlainEntry],
+                      progress: Progress) -> int:
+        total = 0
         staging.make_folders([
             *self._manifest.dirs,
             *(path.rpartition("/")[0] for path in self._manifest.files),
@@ -257,21 +279,34 @@ class Volume:
                     write_all(fd, plaintext)
                     total += len(plaintext)
                     progress(len(plaintext))
-                os.fchmod(fd, entry.mode)
+                os.fchmod(fd, entry.mode & PERMISSION_BITS)
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
             finally:
                 os.close(fd)
-        for source in plain:
-            if not source.is_dir:
-                shutil.copy2(source.absolute, staging.path(source.relative),
-                             follow_symlinks=False)
+        for found in plain:
+            if not found.is_dir:
+                self._copy_plain(found, staging)
         return total
+
+    def _copy_plain(self, found: PlainEntry, staging: Staging) -> None:
+        source = self._folder.open_plain_file(found.relative)
+        try:
+            target = staging.create_file(found.relative)
+            try:
+                copy_content(source, target)
+                info = os.fstat(source)
+                os.fchmod(target, info.st_mode & PERMISSION_BITS)
+                os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
 
     def _apply_dir_metadata(self, target: Path) -> None:
         # Deepest first, so that a read-only parent does not block its children.
         for path, entry in sorted(self._manifest.dirs.items(), reverse=True):
             directory = target / path
-            os.chmod(directory, entry.mode, follow_symlinks=False)
+            os.chmod(directory, entry.mode & PERMISSION_BITS, follow_symlinks=False)
             os.utime(directory, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
 
     def _write(self, entries: Iterable[SourceEntry], progress: Progress) -> None:
@@ -311,28 +346,23 @@ class Volume:
         folders = set(self._manifest.dirs)
         for entry in entries:
             (folders if entry.is_dir else files).add(entry.relative)
-        for path in sorted(files | folders):
-            parent = path.rpartition("/")[0]
-            while parent:
-                folders.add(parent)
-                parent = parent.rpartition("/")[0]
-        clash = sorted(files & folders)
-        if clash:
+        clash = find_clash(files, folders)
+        if clash is not None:
             raise InputError(
-                f"cannot add: {clash[0]} would be both a file and a folder in the volume"
+                f"cannot add: {escape_path(clash)} would be both a file and a folder in "
+                "the volume"
             )
 
     def _seal_file(self, source: SourceEntry, kind: RegionKind, written: set[str],
                    progress: Progress) -> FileEntry:
         object_id, file_key = new_object_id_and_key()
-        entry = FileEntry(region=kind, size=source.size, mode=source.mode,
+        entry = FileEntry(region=kind, size=source.size, mode=source.mode & PERMISSION_BITS,
                           mtime_ns=source.mtime_ns, object_id=object_id, file_key=file_key)
         sealer = FileSealer(source.relative, entry, self.chunk_size)
         source_fd = open_source(source)
         try:
             written.add(entry.object_name)
-            object_fd = os.open(self._folder.object_path(entry.object_name),
-                                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            object_fd = self._folder.create_object(entry.object_name)
             try:
                 seal_stream(source_fd, object_fd, sealer, source.size, progress)
             finally:
@@ -342,19 +372,14 @@ class Volume:
         return entry
 
     def _write_plain(self, source: SourceEntry) -> None:
-        destination = self._folder.plain / source.relative
         if source.is_dir:
-            destination.mkdir(parents=True, exist_ok=True)
+            self._folder.make_plain_folder(source.relative)
             return
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(f".{destination.name}.{os.urandom(6).hex()}.tmp")
+        source_fd = open_source(source)
         try:
-            shutil.copy2(source.absolute, temporary, follow_symlinks=False)
-            os.replace(temporary, destination)
+            self._folder.write_plain_file(source.relative, source_fd, source.mode)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-        os.chmod(destination, stat.S_IMODE(source.mode))
+            os.close(source_fd)
 
 
 _CONSTRUCT = object()

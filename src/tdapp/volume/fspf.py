@@ -4,7 +4,12 @@ This module owns the FSPF byte format (docs/volume-format.md) and the one
 invariant that matters most: a :class:`Manifest` only comes out of
 :func:`open_fspf` after the key was confirmed, the stored tag equalled the
 expected tag, and the AEAD authenticated every byte. It must never return
-partly checked content or put key material in an error message.
+partly checked content or put key material in an error message. A manifest
+that authenticated but is malformed (duplicate JSON keys, deep nesting, unknown
+fields, bad names, a path that is both a file and a folder, a region that does
+not match the path, one object listed twice) is refused as a whole with one
+line. Setuid, setgid and sticky bits are dropped when a manifest is read
+(:data:`PERMISSION_BITS`), so none can come out of any volume.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tdapp.errors import InputError, IntegrityError, WrongKeyError
 from tdapp.volume.keys import VolumeKey, VolumeTag
-from tdapp.volume.paths import check_stored_path
+from tdapp.volume.paths import check_stored_path, escape_path, find_clash
 from tdapp.volume.regions import RegionKind, RegionMap
 
 MAGIC = b"TDAPPVOL"
@@ -38,6 +44,13 @@ FILE_KEY_SIZE = 32
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 64 * 1024
+PERMISSION_BITS = 0o777
+"""The mode bits a volume keeps: setuid, setgid and sticky never survive sealing or extraction."""
+
+_MANIFEST_FIELDS = frozenset({"chunk_size", "generation", "regions", "files", "dirs"})
+_FILE_FIELDS = frozenset({"region", "size", "mode", "mtime_ns", "object", "key"})
+_DIR_FIELDS = frozenset({"mode", "mtime_ns"})
+_LOWER_HEX = re.compile("[0-9a-f]+")
 
 _INFO_KEY_CHECK = b"tdapp/v1 key-check"
 _INFO_FSPF = b"tdapp/v1 fspf"
@@ -85,7 +98,7 @@ class Manifest:
                 path: {
                     "region": entry.region.value,
                     "size": entry.size,
-                    "mode": entry.mode,
+                    "mode": entry.mode & PERMISSION_BITS,
                     "mtime_ns": entry.mtime_ns,
                     "object": entry.object_id.hex(),
                     "key": entry.file_key.hex(),
@@ -93,7 +106,7 @@ class Manifest:
                 for path, entry in sorted(self.files.items())
             },
             "dirs": {
-                path: {"mode": entry.mode, "mtime_ns": entry.mtime_ns}
+                path: {"mode": entry.mode & PERMISSION_BITS, "mtime_ns": entry.mtime_ns}
                 for path, entry in sorted(self.dirs.items())
             },
         }
@@ -103,56 +116,124 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse and validate manifest bytes; a refusal names what is wrong in one line."""
         try:
-            document = json.loads(data.decode("utf-8"))
+            document = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys,
+                                  parse_constant=_no_constant)
             return _manifest_from_document(document)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"volume.fspf content is not a valid manifest: {exc}") from None
+        except RecursionError:
+            raise InputError("volume.fspf content is not a valid manifest: "
+                             "it is nested too deeply") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                InputError) as exc:
+            reason = exc.message if isinstance(exc, InputError) else str(exc)
+            raise InputError(f"volume.fspf content is not a valid manifest: "
+                             f"{escape_path(reason)}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError(f"key {name!r} appears twice in one object")
+        result[name] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _record(value: Any, fields: frozenset[str], what: str) -> Mapping[str, Any]:
+    """A JSON object holding exactly ``fields``."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} is not an object")
+    if value.keys() != fields:
+        odd = sorted(value.keys() ^ fields)[0]
+        state = "is missing" if odd in fields else "is not a known field"
+        raise ValueError(f"{what}: {odd!r} {state}")
+    return value
 
 
 def _int_field(record: Mapping[str, Any], name: str, low: int, high: int) -> int:
     value = record[name]
     if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"{name} {value!r} out of range")
+        raise ValueError(f"{name} {value!r:.40} is not an integer in {low}..{high}")
     return value
 
 
 def _hex_field(record: Mapping[str, Any], name: str, size: int) -> bytes:
     value = record[name]
-    raw = bytes.fromhex(value) if isinstance(value, str) else b""
-    if len(raw) != size:
-        raise ValueError(f"{name} must be {2 * size} hex characters")
-    return raw
+    if not isinstance(value, str) or not _LOWER_HEX.fullmatch(value) or len(value) != 2 * size:
+        raise ValueError(f"{name} must be {2 * size} lower-case hex characters")
+    return bytes.fromhex(value)
+
+
+def _mode_field(record: Mapping[str, Any]) -> int:
+    # An older or careless writer may have recorded setuid, setgid or sticky bits:
+    # they are read, and dropped, so no extraction (often as root) can restore them.
+    return _int_field(record, "mode", 0, 0o7777) & PERMISSION_BITS
+
+
+def _regions(value: Any) -> RegionMap:
+    if not isinstance(value, list):
+        raise TypeError("regions is not a list")
+    pairs: list[tuple[str, RegionKind]] = []
+    seen: set[str] = set()
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2 or not all(
+                isinstance(part, str) for part in item):
+            raise TypeError("a region is not a [prefix, kind] pair of strings")
+        prefix, kind = item
+        if prefix:
+            check_stored_path(prefix)
+        if prefix in seen:
+            raise ValueError(f"region {prefix!r} is listed twice")
+        seen.add(prefix)
+        pairs.append((prefix, RegionKind(kind)))
+    return RegionMap.build(pairs)
 
 
 def _manifest_from_document(document: Any) -> Manifest:
-    if not isinstance(document, dict):
-        raise TypeError("manifest is not an object")
+    document = _record(document, _MANIFEST_FIELDS, "the manifest")
     chunk_size = _int_field(document, "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     generation = _int_field(document, "generation", 0, 2**63 - 1)
-    regions = RegionMap.build(
-        (str(prefix), RegionKind(kind)) for prefix, kind in document["regions"]
-    )
+    regions = _regions(document["regions"])
+    if not isinstance(document["files"], dict) or not isinstance(document["dirs"], dict):
+        raise TypeError("files and dirs must be objects")
     files: dict[str, FileEntry] = {}
-    for path, record in document["files"].items():
+    objects: set[bytes] = set()
+    for path, value in document["files"].items():
+        check_stored_path(path)
+        record = _record(value, _FILE_FIELDS, f"file {path!r}")
         region = RegionKind(record["region"])
-        if not region.protected:
-            raise ValueError(f"{path!r} is listed but lies in a not-protected region")
-        files[check_stored_path(path)] = FileEntry(
+        if not region.protected or region is not regions.kind_of(path):
+            raise ValueError(f"file {path!r} is listed as {region.value} but lies in a "
+                             f"{regions.kind_of(path).value} region")
+        entry = FileEntry(
             region=region,
             size=_int_field(record, "size", 0, 2**63 - 1),
-            mode=_int_field(record, "mode", 0, 0o7777),
+            mode=_mode_field(record),
             mtime_ns=_int_field(record, "mtime_ns", -(2**63), 2**63 - 1),
             object_id=_hex_field(record, "object", OBJECT_ID_SIZE),
             file_key=_hex_field(record, "key", FILE_KEY_SIZE),
         )
-    dirs = {
-        check_stored_path(path): DirEntry(
-            mode=_int_field(record, "mode", 0, 0o7777),
-            mtime_ns=_int_field(record, "mtime_ns", -(2**63), 2**63 - 1),
-        )
-        for path, record in document["dirs"].items()
-    }
+        if entry.object_id in objects:
+            # Replacing one of the files would delete the other's content.
+            raise ValueError(f"object {entry.object_name} is listed for two files")
+        objects.add(entry.object_id)
+        files[path] = entry
+    dirs: dict[str, DirEntry] = {}
+    for path, value in document["dirs"].items():
+        check_stored_path(path)
+        record = _record(value, _DIR_FIELDS, f"folder {path!r}")
+        if not regions.kind_of(path).protected:
+            raise ValueError(f"folder {path!r} is listed but lies in a not-protected region")
+        dirs[path] = DirEntry(mode=_mode_field(record),
+                              mtime_ns=_int_field(record, "mtime_ns", -(2**63), 2**63 - 1))
+    clash = find_clash(files, dirs)
+    if clash is not None:
+        raise ValueError(f"{clash!r} is listed both as a file and as a folder")
     return Manifest(chunk_size, generation, regions, files, dirs)
 
 
@@ -171,10 +252,15 @@ def seal_fspf(manifest: Manifest, key: VolumeKey) -> tuple[bytes, VolumeTag]:
     Every seal draws a fresh salt, so the derived AEAD key is used exactly once
     and the all-zero nonce can never repeat under it.
     """
+    return seal_manifest_bytes(manifest.to_bytes(), key)
+
+
+def seal_manifest_bytes(plaintext: bytes, key: VolumeKey) -> tuple[bytes, VolumeTag]:
+    """Seal manifest bytes as they are (readers validate them; writers use :func:`seal_fspf`)."""
     salt = os.urandom(32)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, key_check(key), salt)
     aead = AESGCM(_hkdf(key, salt=salt, info=_INFO_FSPF, length=32))
-    sealed = aead.encrypt(_ZERO_NONCE, manifest.to_bytes(), header)
+    sealed = aead.encrypt(_ZERO_NONCE, plaintext, header)
     return header + sealed, VolumeTag(sealed[-TAG_SIZE:])
 
 

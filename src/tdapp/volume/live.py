@@ -7,7 +7,9 @@ which returns the new tag. Its promises: a chunk's plaintext is returned only
 after it authenticated; under one file key each chunk index is sealed at most
 once (a chunk that must change after it was sealed moves the whole version to a
 fresh key first); a chunk is sealed as "not last" only while the file extends
-beyond it; nothing in the volume's FSPF changes before commit. Volumes with
+beyond it; nothing in the volume's FSPF changes before commit; no mode keeps a
+setuid, setgid or sticky bit (a DApp's ``chmod 06755`` gives 0755); no name is
+made that the FSPF may not hold (a control or bidi character: EINVAL). Volumes with
 not-protected regions are not served (their plaintext files live outside the
 FSPF). Errors about the file tree are :class:`OSError` with an errno; a chunk
 that fails authentication is :class:`~tdapp.errors.IntegrityError`.
@@ -26,9 +28,10 @@ from typing import TypeVar
 
 from tdapp.errors import InputError, IntegrityError
 from tdapp.volume.chunks import FileSealer, stored_size
-from tdapp.volume.fspf import TAG_SIZE, DirEntry, FileEntry, Manifest, seal_fspf
+from tdapp.volume.fspf import PERMISSION_BITS, TAG_SIZE, DirEntry, FileEntry, Manifest, seal_fspf
 from tdapp.volume.keys import VolumeKey, VolumeTag
-from tdapp.volume.layout import VolumeFolder, open_regular_file
+from tdapp.volume.layout import VolumeFolder
+from tdapp.volume.paths import check_stored_path
 from tdapp.volume.regions import RegionKind
 from tdapp.volume.version import NewVersion
 
@@ -52,7 +55,7 @@ class LiveVolume:
         self._folder, self._key, self._manifest, self.tag = folder, key, manifest, tag
         self._cs = manifest.chunk_size
         # A bundle does not carry empty folders: an empty volume arrives without objects/.
-        folder.objects.mkdir(exist_ok=True)
+        folder.ensure_objects()
         self._files: dict[str, FileEntry] = dict(manifest.files)
         self._dirs: dict[str, DirEntry] = dict(manifest.dirs)
         self._pending: dict[str, NewVersion] = {}
@@ -146,7 +149,7 @@ class LiveVolume:
         opened = self._readers.get(entry.object_name)
         if opened is None:
             try:
-                fd = open_regular_file(self._folder.object_path(entry.object_name))
+                fd = self._folder.open_object(entry.object_name)
             except FileNotFoundError:
                 raise IntegrityError(f"{path} is missing from the volume (stored object "
                                      "deleted)") from None
@@ -162,6 +165,14 @@ class LiveVolume:
 
     # -- changing -----------------------------------------------------------------------
 
+    def _new_name(self, path: str) -> str:
+        """A path about to be made: it must be one the volume can hold (EINVAL otherwise)."""
+        relative = self._relative(path)
+        try:
+            return check_stored_path(relative)
+        except InputError:
+            raise _fail(errno.EINVAL, path) from None
+
     def _region(self, path: str) -> RegionKind:
         return self._manifest.regions.kind_of(path)
 
@@ -173,11 +184,11 @@ class LiveVolume:
             raise _fail(errno.ENOENT, path)
 
     def create(self, path: str, mode: int) -> None:
-        relative = self._relative(path)
+        relative = self._new_name(path)
         if self.is_file(relative) or self.is_dir(relative):
             raise _fail(errno.EEXIST, path)
         self._check_parent(relative, path)
-        self._begin(relative, mode & 0o7777, base=None)
+        self._begin(relative, mode & PERMISSION_BITS, base=None)
 
     def _begin(self, relative: str, mode: int, base: FileEntry | None) -> NewVersion:
         def base_chunk(index: int) -> bytes:
@@ -222,7 +233,7 @@ class LiveVolume:
         self._obsolete.update(version.superseded)
 
     def set_mode(self, path: str, mode: int) -> None:
-        self._set_meta(path, mode & 0o7777, None)
+        self._set_meta(path, mode & PERMISSION_BITS, None)
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:
         self._set_meta(path, None, mtime_ns)
@@ -246,11 +257,11 @@ class LiveVolume:
         self._changed = True
 
     def mkdir(self, path: str, mode: int) -> None:
-        relative = self._relative(path)
+        relative = self._new_name(path)
         if self.is_file(relative) or self.is_dir(relative):
             raise _fail(errno.EEXIST, path)
         self._check_parent(relative, path)
-        self._dirs[relative] = DirEntry(mode & 0o7777, time.time_ns())
+        self._dirs[relative] = DirEntry(mode & PERMISSION_BITS, time.time_ns())
         self._changed = True
 
     def _keep_parent(self, relative: str) -> None:
@@ -287,7 +298,7 @@ class LiveVolume:
         self._changed = True
 
     def rename(self, old: str, new: str) -> None:
-        source, target = self._relative(old), self._relative(new)
+        source, target = self._relative(old), self._new_name(new)
         if source == target:
             return
         if self._region(source) is not self._region(target):
@@ -305,6 +316,9 @@ class LiveVolume:
             if self.is_dir(target) and any(self._children(target)):
                 raise _fail(errno.ENOTEMPTY, new)
             self._check_parent(target, new)
+            for moved in (*self._files, *self._pending, *self._dirs):
+                if moved.startswith(f"{source}/"):
+                    self._new_name(target + moved[len(source):])
             self._keep_parent(source)
             self._dirs.pop(target, None)
             _move_prefix(self._files, source, target)

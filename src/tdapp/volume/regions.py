@@ -75,5 +75,12 @@ class RegionMap:
                 raise AssertionError("the root region is always present")
             candidate = candidate.rpartition("/")[0]
 
+    def leads_to_unprotected(self, folder: str) -> bool:
+        """Whether a not-protected region lies strictly inside ``folder`` (so ``plain/``
+        needs the folder to hold that region's files)."""
+        inside = f"{folder}/" if folder else ""
+        return any(prefix.startswith(inside) and prefix != folder and not kind.protected
+                   for prefix, kind in self.entries.items())
+
     def as_list(self) -> list[tuple[str, RegionKind]]:
         return list(self.entries.items())

@@ -1,7 +1,9 @@
 """Plain file trees on the host side of a volume: reading a source, placing an extraction.
 
 Reading refuses anything that is not a regular file or a folder (symlinks,
-devices, sockets), so a volume never captures something outside its source.
+devices, sockets) and names a volume may not hold, so a volume never captures
+something outside its source; it keeps only permission bits (never setuid,
+setgid or sticky).
 Placing builds the whole extraction in a private staging folder inside the
 target and moves it into place only after every file was verified; it never
 follows a symlink that already sits in the target.
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdapp.errors import InputError
-from tdapp.volume.paths import check_name
+from tdapp.volume.fspf import PERMISSION_BITS
+from tdapp.volume.paths import check_name, check_relative, escape_path
 
 
 @dataclass(frozen=True)
@@ -34,36 +37,41 @@ class SourceEntry:
 
 
 def scan_source(root: Path) -> list[SourceEntry]:
-    """Every folder and regular file under ``root`` (root excluded), sorted by path."""
+    """Every folder and regular file under ``root`` (root excluded), sorted by path.
+
+    Modes keep only the permission bits: a setuid, setgid or sticky bit is dropped.
+    """
     if not root.is_dir():
         raise InputError(f"source {root} is not a folder")
     entries: list[SourceEntry] = []
-    _scan_folder(str(root), "", entries)
+    pending = [(str(root), "")]
+    while pending:  # a loop, not recursion: a source tree may be deeper than Python's stack
+        directory, prefix = pending.pop()
+        for entry in _scan_folder(directory, prefix):
+            entries.append(entry)
+            if entry.is_dir:
+                pending.append((entry.absolute, entry.relative + "/"))
     entries.sort(key=lambda entry: entry.relative)
     return entries
 
 
-def _scan_folder(directory: str, prefix: str, entries: list[SourceEntry]) -> None:
+def _scan_folder(directory: str, prefix: str) -> Iterator[SourceEntry]:
     try:
         with os.scandir(directory) as iterator:
             children = list(iterator)
     except OSError as error:
-        raise InputError(f"cannot read {directory}: {error.strerror}") from None
+        raise InputError(f"cannot read {escape_path(directory)}: {error.strerror}") from None
     for child in children:
-        relative = prefix + check_name(child.name, directory)
+        relative = check_relative(prefix + check_name(child.name, directory), child.path)
         info = child.stat(follow_symlinks=False)
         kind = stat.S_IFMT(info.st_mode)
         if kind == stat.S_IFLNK:
-            raise InputError(
-                f"{child.path} is a symbolic link; volumes hold only files and folders"
-            )
+            raise InputError(f"{escape_path(child.path)} is a symbolic link; "
+                             "volumes hold only files and folders")
         if kind not in (stat.S_IFREG, stat.S_IFDIR):
-            raise InputError(f"{child.path} is not a regular file or folder")
-        is_dir = kind == stat.S_IFDIR
-        entries.append(SourceEntry(relative, child.path, is_dir, info.st_size,
-                                   stat.S_IMODE(info.st_mode), info.st_mtime_ns))
-        if is_dir:
-            _scan_folder(child.path, relative + "/", entries)
+            raise InputError(f"{escape_path(child.path)} is not a regular file or folder")
+        yield SourceEntry(relative, child.path, kind == stat.S_IFDIR, info.st_size,
+                          stat.S_IMODE(info.st_mode) & PERMISSION_BITS, info.st_mtime_ns)
 
 
 def open_source(entry: SourceEntry) -> int:
@@ -71,7 +79,8 @@ def open_source(entry: SourceEntry) -> int:
     try:
         return os.open(entry.absolute, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise InputError(f"cannot read {entry.absolute}: {exc.strerror}") from None
+        raise InputError(f"cannot read {escape_path(entry.absolute)}: {exc.strerror}") \
+            from None
 
 
 class Staging:

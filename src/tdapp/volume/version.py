@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from tdapp.volume.chunks import FileSealer, chunk_count, new_object_id_and_key, stored_size
-from tdapp.volume.fspf import TAG_SIZE, FileEntry
+from tdapp.volume.fspf import PERMISSION_BITS, TAG_SIZE, FileEntry
 from tdapp.volume.layout import VolumeFolder
 from tdapp.volume.regions import RegionKind
 
@@ -27,7 +27,7 @@ class NewVersion:
     def __init__(self, folder: VolumeFolder, path: str, region: RegionKind, chunk_size: int,
                  mode: int, base: FileEntry | None, base_chunk: Callable[[int], bytes]) -> None:
         self._folder, self.path, self.region, self._cs = folder, path, region, chunk_size
-        self.mode, self.mtime_ns = mode, time.time_ns()
+        self.mode, self.mtime_ns = mode & PERMISSION_BITS, time.time_ns()
         self._base_chunk = base_chunk
         self.size = base.size if base is not None else 0
         self._base_limit = self.size  # base bytes at or beyond this read as zeros
@@ -40,8 +40,7 @@ class NewVersion:
         self.object_id, self._key = new_object_id_and_key()
         entry = FileEntry(self.region, 0, self.mode, 0, self.object_id, self._key)
         self._sealer = FileSealer(self.path, entry, self._cs)
-        self._fd = os.open(self._folder.object_path(entry.object_name),
-                           os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fd = self._folder.create_object(entry.object_name, readable=True)
 
     @property
     def object_name(self) -> str:
@@ -143,8 +142,8 @@ class NewVersion:
             os.ftruncate(self._fd, stored_size(self.size, self._cs))
         finally:
             os.close(self._fd)
-        return FileEntry(self.region, self.size, self.mode, self.mtime_ns, self.object_id,
-                         self._key)
+        return FileEntry(self.region, self.size, self.mode & PERMISSION_BITS, self.mtime_ns,
+                         self.object_id, self._key)
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
