@@ -1,13 +1,49 @@
-"""``tdapp up``: a debug CAS, a LAS and a transfer service in one process (laptop or test)."""
+"""``tdapp up``: a debug CAS, a LAS and a transfer service in one process (laptop or test).
+
+Takes its three ports first, then the ``$TDAPP_HOME/up.lock`` lock (one
+``tdapp up`` per home), and only then creates or opens any state and writes
+``up.json``; so a second ``tdapp up`` that cannot start changes nothing of a
+running one. Must never remove an ``up.json`` it did not write.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from tdapp.errors import ConflictError, UnavailableError, UsageError
 from tdapp.home import tdapp_home
+
+LOCK_FILE = "up.lock"
+
+
+@dataclass(frozen=True)
+class _Port:
+    service: str
+    option: str
+    number: int
+
+
+@dataclass(frozen=True)
+class _Bound:
+    host: str
+    cas: socket.socket
+    las: socket.socket
+    transfer: socket.socket
+
+    def port(self, bound: socket.socket) -> int:
+        return int(bound.getsockname()[1])
+
+    def close(self) -> None:
+        for bound in (self.cas, self.las, self.transfer):
+            bound.close()
 
 
 @click.command()
@@ -22,33 +58,93 @@ from tdapp.home import tdapp_home
 def up(state_dir: Path | None, host: str, cas_port: int, las_port: int,
        transfer_port: int, max_upload: int) -> None:
     """Run CAS (debug mode), LAS and transfer service until Ctrl-C; pin the CAS for this user."""
-    asyncio.run(_serve(state_dir or tdapp_home(), host, cas_port, las_port, transfer_port,
-                       max_upload))
+    sockets = _take_ports(host, [_Port("CAS", "--cas-port", cas_port),
+                                 _Port("LAS", "--las-port", las_port),
+                                 _Port("transfer service", "--transfer-port", transfer_port)])
+    bound = _Bound(host, *sockets)
+    try:
+        lock = _lock_home()
+        try:
+            asyncio.run(_serve(state_dir or tdapp_home(), bound, max_upload))
+        finally:
+            os.close(lock)
+    finally:
+        bound.close()
 
 
-async def _serve(state: Path, host: str, cas_port: int, las_port: int,
-                 transfer_port: int, max_upload: int) -> None:
+def _take_ports(host: str, ports: list[_Port]) -> list[socket.socket]:
+    """Bind and listen on every port, or on none (one line naming the port that failed)."""
+    taken: list[socket.socket] = []
+    try:
+        for port in ports:
+            taken.append(_listen(host, port))
+    except BaseException:
+        for bound in taken:
+            bound.close()
+        raise
+    return taken
+
+
+def _listen(host: str, port: _Port) -> socket.socket:
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port.number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise UsageError(f"--host {host}: {error}") from None
+    listening = socket.socket(family, kind, protocol)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+        listening.listen(128)
+        listening.setblocking(False)
+    except OSError as error:
+        listening.close()
+        hint = (f"; another program (perhaps another tdapp up) holds it: stop it or choose "
+                f"another {port.option}" if error.errno == errno.EADDRINUSE else "")
+        raise UnavailableError(f"cannot listen on {host}:{port.number} for the {port.service}: "
+                               f"{error.strerror or error}{hint}") from None
+    return listening
+
+
+def _lock_home() -> int:
+    """Hold ``$TDAPP_HOME/up.lock`` for the life of this process (the kernel drops it at exit)."""
+    home = tdapp_home()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConflictError(f"another tdapp up is already serving {home} (see {home}/up.json); "
+                            "stop it first or use another TDAPP_HOME") from None
+    return fd
+
+
+async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
     from aiohttp import web
 
     from tdapp.attest.las import build_las_app, platform_of
     from tdapp.cas.serve import build_app
-    from tdapp.client.announce import announce, withdraw
+    from tdapp.client.announce import Announcement, announce, withdraw
     from tdapp.client.pins import PinStore
     from tdapp.core.address import Address
     from tdapp.serving import serve_until_signalled
     from tdapp.transfer.server import build_transfer_app
 
+    host = bound.host
+    las_port, transfer_port = bound.port(bound.las), bound.port(bound.transfer)
     cas_app, materials, store = build_app(state_dir=state / "cas", db=None, hosts=(host,),
                                           debug=True)
     las_app = build_las_app(state / "las")
     transfer_app = build_transfer_app(state / "transfer", max_size=max_upload,
                                       public_url=f"http://{host}:{transfer_port}")
-    cas = Address(host, cas_port)
+    cas = Address(host, bound.port(bound.cas))
+    announcements: list[Announcement] = []
 
     def started(_: list[web.AppRunner]) -> None:
         PinStore().pin(cas, materials.certificate)
-        announce({"cas": str(cas), "las": f"{host}:{las_port}",
-                  "push": f"http://{host}:{transfer_port}/upload"})
+        announcements.append(announce({"cas": str(cas), "las": f"{host}:{las_port}",
+                                       "push": f"http://{host}:{transfer_port}/upload"}))
         click.echo(f"tdapp up: CAS (debug) https://{cas}  fingerprint {materials.fingerprint}\n"
                    f"tdapp up: LAS      http://{host}:{las_port}  platform "
                    f"{platform_of(las_app).platform}\n"
@@ -58,10 +154,11 @@ async def _serve(state: Path, host: str, cas_port: int, las_port: int,
 
     try:
         await serve_until_signalled(
-            [(cas_app, host, cas_port, materials.server_context()),
-             (las_app, host, las_port, None), (transfer_app, host, transfer_port, None)],
+            [(cas_app, host, bound.cas, materials.server_context()),
+             (las_app, host, bound.las, None), (transfer_app, host, bound.transfer, None)],
             started)
     finally:
-        withdraw()
+        for announcement in announcements:
+            withdraw(announcement)
         store.close()
         click.echo("tdapp up: stopped", err=True)

@@ -43,12 +43,16 @@ def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
               show_default=True, help="The output zip, or a folder holding exactly one.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("OUTPUTS"),
               show_default=True, help="Where the plaintext files are written.")
-def decrypt(conf: Path, encrypted: Path, out: Path) -> None:
+@click.option("--session", "session_name", default=None, metavar="NAME",
+              help="The session in KEYS whose keys to use (default: the one whose output "
+                   "key opens the bundle).")
+def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None) -> None:
     """Verify the DApp's output against the CAS's current tag and decrypt it into OUTPUTS."""
     from tdapp.client.workflow import decrypt as run_decrypt
 
-    files = run_decrypt(conf=conf, encrypted=encrypted, out=out)
-    click.echo(f"decrypted {files} files into {out}", err=True)
+    result = run_decrypt(conf=conf, encrypted=encrypted, out=out, session=session_name)
+    click.echo(f"decrypted {result.files} files of session {result.session} "
+               f"({result.state_file}) into {out}", err=True)
 
 
 @click.command()

@@ -1,22 +1,35 @@
 """Where this user's services are: what ``tdapp up`` announced, else the defaults.
 
-``tdapp up`` writes ``$TDAPP_HOME/up.json`` with the addresses it serves;
-commands that need a CAS, LAS or transfer service read it when no flag or
-environment variable names one.
+``tdapp up`` writes ``$TDAPP_HOME/up.json`` with the addresses it serves, its
+pid and a random owner token; commands that need a CAS, LAS or transfer
+service read it when no flag or environment variable names one. Only the
+process whose token is in the file may remove it, so a ``tdapp up`` that
+stops never withdraws another one's announcement.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
+import secrets
+from dataclasses import dataclass
 
+from tdapp.core.atomic import write_atomically
 from tdapp.home import tdapp_home
-from tdapp.volume.layout import write_atomically
 
+UP_FILE = "up.json"
 DEFAULTS = {"cas": "127.0.0.1:8081", "las": "127.0.0.1:18766",
             "push": "http://127.0.0.1:8090/upload"}
 _ENVIRONMENT = {"cas": "TDAPP_CAS", "las": "TDAPP_LAS", "push": "TDAPP_PUSH"}
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """The proof that this process wrote ``up.json``: the token inside it."""
+
+    owner: str
 
 
 def announced(service: str) -> str:
@@ -24,21 +37,36 @@ def announced(service: str) -> str:
     from_environment = os.environ.get(_ENVIRONMENT[service])
     if from_environment:
         return from_environment
-    try:
-        recorded = json.loads((tdapp_home() / "up.json").read_text())
-        value = recorded.get(service)
-        if isinstance(value, str) and value:
-            return value
-    except (OSError, ValueError, AttributeError):
-        pass
+    recorded = _read_up_file()
+    value = recorded.get(service) if recorded is not None else None
+    if isinstance(value, str) and value:
+        return value
     return DEFAULTS[service]
 
 
-def announce(addresses: dict[str, str]) -> None:
+def announce(addresses: dict[str, str]) -> Announcement:
+    """Write ``up.json`` for these addresses; the result is needed to withdraw it."""
     tdapp_home().mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomically(tdapp_home() / "up.json", json.dumps(addresses).encode())
+    announcement = Announcement(secrets.token_hex(16))
+    document = {**addresses, "pid": os.getpid(), "owner": announcement.owner}
+    write_atomically(tdapp_home() / UP_FILE, json.dumps(document).encode())
+    return announcement
 
 
-def withdraw() -> None:
+def withdraw(announcement: Announcement) -> None:
+    """Remove ``up.json`` if, and only if, it is still the one ``announcement`` wrote."""
+    recorded = _read_up_file()
+    owner = recorded.get("owner") if recorded is not None else None
+    if not isinstance(owner, str) or not hmac.compare_digest(
+            owner.encode(), announcement.owner.encode()):
+        return
     with contextlib.suppress(FileNotFoundError):
-        (tdapp_home() / "up.json").unlink()
+        (tdapp_home() / UP_FILE).unlink()
+
+
+def _read_up_file() -> dict[str, object] | None:
+    try:
+        recorded = json.loads((tdapp_home() / UP_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return recorded if isinstance(recorded, dict) else None

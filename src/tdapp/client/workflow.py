@@ -3,34 +3,45 @@
 ``encryptedpush`` makes fresh volume keys, seals the inputs and an empty
 output volume, creates the session on the CAS and uploads the volumes;
 ``decrypt`` verifies the output volume against the tag the CAS holds now and
-writes the plaintext. The keys stay in the KEYS folder (mode 0600), never
-anywhere else. Nothing here may accept an output volume that is not the
-latest.
+writes the plaintext. Where each session's keys are kept is
+:mod:`tdapp.client.session_files`.
+
+``decrypt`` uses the session whose output key opens the bundle (or the one
+named), and talks only to the CAS whose certificate fingerprint was recorded
+at push time: a different certificate pinned for that address now is refused
+before anything is sent to it. Nothing here may write keys anywhere but KEYS,
+accept an output volume that is not the latest, or lose a stored session.
 """
 
 from __future__ import annotations
 
-import json
+import hmac
 import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
+from cryptography import x509
+
 from tdapp.client.cas_client import CasClient
+from tdapp.client.identity import ClientIdentity
+from tdapp.client.pins import PinStore
+from tdapp.client.session_files import (
+    INPUT_VOLUME,
+    OUTPUT_VOLUME,
+    SERVICE,
+    KeysFolder,
+    SessionState,
+)
 from tdapp.core.address import Address
-from tdapp.errors import InputError
+from tdapp.errors import InputError, RefusedError, TdappError, WrongKeyError
 from tdapp.policy import fill_template, parse_session
 from tdapp.tls import fingerprint
 from tdapp.volume import Volume, VolumeKey, VolumeTag
 from tdapp.volume.bundle import find_bundle, pack, unpack
-from tdapp.volume.layout import write_atomically
-
-INPUT_VOLUME = "encrypted-input-files"
-OUTPUT_VOLUME = "encrypted-output-files"
-STATE_FILE = "tdapp-session.json"
-SERVICE = "application"
+from tdapp.volume.fspf import open_fspf, read_tag
+from tdapp.volume.layout import VolumeFolder
 
 
 @dataclass(frozen=True)
@@ -45,17 +56,25 @@ class PushResult:
                 f"--url {self.url}")
 
 
+@dataclass(frozen=True)
+class DecryptResult:
+    files: int
+    session: str
+    state_file: Path
+
+
 def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path,
                    cas: Address, push: str, variables: dict[str, str]) -> PushResult:
     from tdapp.transfer import upload
 
     if not inputs.is_dir():
-        raise InputError(f"inputs folder {inputs} does not exist")
-    try:
-        template_text = template.read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"cannot read template {template}: {error.strerror}") from None
-    conf.mkdir(mode=0o700, parents=True, exist_ok=True)
+        raise InputError(f"inputs folder {inputs} "
+                         f"{'is not a folder' if inputs.exists() else 'does not exist'}")
+    template_text = _read_template(template)
+    # Everything that could stop the keys from being kept is checked before the
+    # CAS learns of the session: a session nobody holds the keys of is lost work.
+    keys_folder = KeysFolder(conf)
+    keys_folder.prepare_for_push()
     session_name = f"tdapp-{secrets.token_hex(16)}"
     with tempfile.TemporaryDirectory(prefix="tdapp-push-") as work:
         root = Path(work)
@@ -79,49 +98,121 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
         bundle = root / "scone-upload.zip"
         pack({name: root / name for name in made}, bundle)
         url = upload(bundle, push)
-    state = {
+    keys_folder.save({
         "session": session_name, "service": SERVICE, "application": application,
         "cas": str(cas), "cas_fingerprint": fingerprint(client.pinned),
-        "session_hash": created["hash"], "url": url,
+        "session_hash": created.get("hash"), "url": url,
         "volumes": {name: {"key": keys[name].hex(), "tag": made[name].tag.hex()}
                     for name in made},
-    }
-    write_atomically(conf / STATE_FILE, json.dumps(state, indent=2).encode(), mode=0o600)
+    })
     return PushResult(session_name, str(cas), url)
 
 
-def load_state(conf: Path) -> dict[str, Any]:
-    path = conf / STATE_FILE
+def _read_template(template: Path) -> str:
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist; run tdapp encryptedpush first") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read {path}: {error}") from None
-    if not isinstance(state, dict) or "volumes" not in state:
-        raise InputError(f"{path} is not a tdapp session state file")
-    return state
+        return template.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise InputError(f"template {template} is a folder, not a file") from None
+    except OSError as error:
+        raise InputError(f"cannot read template {template}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"template {template} is not UTF-8 text") from None
 
 
-def decrypt(*, conf: Path, encrypted: Path, out: Path) -> int:
-    """Verify the output volume against the CAS's current tag and extract it; returns files."""
-    state = load_state(conf)
-    output = state["volumes"].get(OUTPUT_VOLUME)
-    if not isinstance(output, dict):
-        raise InputError(f"{conf / STATE_FILE} has no {OUTPUT_VOLUME} volume")
-    client = CasClient.connect(Address.parse(str(state["cas"])))
-    answer = client.request(
-        "GET", f"/v1/volume-tags?session={quote(str(state['session']))}&volume={OUTPUT_VOLUME}")
-    current = answer.get("tag")
-    if not isinstance(current, str):
-        raise InputError(f"the CAS holds no tag for {OUTPUT_VOLUME} of {state['session']}")
+def decrypt(*, conf: Path, encrypted: Path, out: Path,
+            session: str | None = None) -> DecryptResult:
+    """Verify the output volume against the CAS's current tag and extract it."""
+    keys_folder = KeysFolder(conf)
+    named = keys_folder.named(session) if session is not None else None
     bundle = find_bundle(encrypted)
     with tempfile.TemporaryDirectory(prefix="tdapp-decrypt-") as work:
         volumes = unpack(bundle, Path(work))
         folder = volumes.get(OUTPUT_VOLUME)
         if folder is None:
             raise InputError(f"{bundle} holds no {OUTPUT_VOLUME} volume")
-        opened = Volume.open(folder, VolumeKey.from_hex(str(output["key"])),
-                             VolumeTag.from_hex(current), name=OUTPUT_VOLUME)
+        fspf = VolumeFolder(folder).read_fspf()
+        state = _session_for(fspf, bundle, named, keys_folder)
+        client = _client_for_recorded_cas(state)
+        answer = client.request(
+            "GET", f"/v1/volume-tags?session={quote(state.name)}&volume={OUTPUT_VOLUME}")
+        current = answer.get("tag")
+        if not isinstance(current, str):
+            raise InputError(f"the CAS holds no tag for {OUTPUT_VOLUME} of {state.name}")
+        try:
+            tag = VolumeTag.from_hex(current)
+        except TdappError:
+            raise InputError(f"the CAS sent a malformed tag for {state.name}") from None
+        opened = Volume.open(folder, state.output_key, tag, name=OUTPUT_VOLUME)
         report = opened.extract(out)
-    return report.files
+    return DecryptResult(report.files, state.name, state.path)
+
+
+def _session_for(fspf: bytes, bundle: Path, named: SessionState | None,
+                 keys_folder: KeysFolder) -> SessionState:
+    """The session whose output key opens this output volume (the named one, if given)."""
+    try:
+        read_tag(fspf)  # a malformed FSPF is named as such, not as a key no session has
+    except InputError as error:
+        raise InputError(f"{bundle}: {OUTPUT_VOLUME}: {error.message}") from None
+    if named is not None:
+        if not _key_opens(fspf, named.output_key):
+            raise WrongKeyError(f"wrong key: the output key of session {named.name} does not "
+                                f"open the {OUTPUT_VOLUME} volume in {bundle}")
+        return named
+    candidates = keys_folder.all_sessions()
+    if not candidates:
+        raise InputError(f"{keys_folder.root} holds no session; run tdapp encryptedpush first")
+    matching = [state for state in candidates if _key_opens(fspf, state.output_key)]
+    if not matching:
+        raise WrongKeyError(f"wrong key: none of the {len(candidates)} sessions in "
+                            f"{keys_folder.root} opens the {OUTPUT_VOLUME} volume in {bundle}")
+    if len(matching) > 1:
+        names = ", ".join(state.name for state in matching)
+        raise InputError(f"the {OUTPUT_VOLUME} volume in {bundle} opens with the keys of "
+                         f"several sessions ({names}); choose one with --session NAME")
+    return matching[0]
+
+
+def _key_opens(fspf: bytes, key: VolumeKey) -> bool:
+    """Whether the FSPF was sealed with ``key`` (its key commitment); nothing else is trusted.
+
+    The FSPF's own tag is passed only to get past the tag check, and any damage
+    found after the key check still means the key fits: the real opening later
+    checks the CAS's tag and reports that damage.
+    """
+    try:
+        open_fspf(fspf, key, read_tag(fspf))
+    except WrongKeyError:
+        return False
+    except TdappError:
+        return True
+    return True
+
+
+def _client_for_recorded_cas(state: SessionState) -> CasClient:
+    """A client for the CAS the session was pushed to, refusing any other certificate.
+
+    The pin is read once and the same certificate is both compared and used as
+    the client's only trust anchor, so a pin replaced in between cannot slip in.
+    """
+    try:
+        pinned: x509.Certificate | None = PinStore().get(state.cas)
+    except ValueError:
+        raise RefusedError(f"the pinned certificate for the CAS at {state.cas} cannot be read; "
+                           f"session {state.name} was pushed to the CAS with certificate "
+                           f"{state.cas_fingerprint}") from None
+    if pinned is None:
+        raise RefusedError(
+            f"the CAS at {state.cas} is not pinned; session {state.name} was pushed to the CAS "
+            f"with certificate {state.cas_fingerprint}: check it and run: tdapp cas attest "
+            f"{state.cas} --accept {state.cas_fingerprint}")
+    now = fingerprint(pinned)
+    if not hmac.compare_digest(now.encode(), state.cas_fingerprint.encode()):
+        raise RefusedError(
+            f"the CAS pinned for {state.cas} now has certificate {now}, but session "
+            f"{state.name} was pushed to the CAS with certificate {state.cas_fingerprint}; "
+            f"refusing to ask another CAS for its output tag (re-pin the original CAS with: "
+            f"tdapp cas attest {state.cas} --accept {state.cas_fingerprint})")
+    client = CasClient(state.cas, pinned, ClientIdentity.load_or_create())
+    client.ensure_certified()
+    return client
