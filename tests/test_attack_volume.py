@@ -32,7 +32,8 @@ from conftest import CliResult, Made, MakeVolume, assert_error, snapshot, write_
 
 from tdapp.errors import InputError
 from tdapp.runtime.shield import fuse_usable
-from tdapp.volume import RegionKind, VolumeKey, VolumeTag
+from tdapp.volume import RegionKind, Volume, VolumeKey, VolumeTag
+from tdapp.volume.chunks import FileSealer
 from tdapp.volume.fspf import Manifest, open_fspf, seal_manifest_bytes
 
 CliRunner = Callable[..., CliResult]
@@ -411,6 +412,31 @@ def test_source_names_with_controls_are_refused(tmp_path: Path, cli: CliRunner, 
     result = cli("volume", "add", tmp_path / "vol2", source, "--key", key, "--tag", tag.hex())
     assert_error(result, 3, shown)
     assert snapshot(tmp_path / "vol2") == before
+
+
+def test_truncate_then_grow_never_seals_a_chunk_twice_under_one_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DApp's write, truncate, grow: chunk 1 was sealed once; it must not be again under
+    that key (the host, watching the object, would see two ciphertexts under one nonce)."""
+    sealed: list[tuple[bytes, int]] = []
+    original = FileSealer.seal
+
+    def recording(self: FileSealer, index: int, payload: Any, *, last: bool | None = None,
+                  ) -> bytes:
+        sealed.append((self._object_id, index))
+        return original(self, index, payload, last=last)
+
+    monkeypatch.setattr(FileSealer, "seal", recording)
+    key = VolumeKey.generate()
+    volume = Volume.create(tmp_path / "vol", key, chunk_size=4096)
+    with volume.live() as live:
+        live.create("/f", 0o644)
+        live.write("/f", 8191, b"xy")  # chunk 1 is full and not last: sealed at once
+        live.truncate("/f", 0)
+        live.truncate("/f", 4097)
+        tag = live.commit()
+    assert len(sealed) == len(set(sealed)), sealed
+    assert b"".join(Volume.open(tmp_path / "vol", key, tag).read("f")) == bytes(4097)
 
 
 # -- the shield: a DApp's chmod 06755 ------------------------------------------------------------

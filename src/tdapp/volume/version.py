@@ -83,7 +83,11 @@ class NewVersion:
     def truncate(self, length: int) -> None:
         if length < self.size:
             last = chunk_count(length, self._cs) - 1
-            if last in self._sealed:
+            beyond = {index for index in self._sealed if index > last}
+            if last in self._sealed or beyond:
+                # Chunks sealed past the new end must not be sealed again under this key
+                # when the file grows back: drop them, then move the rest to a fresh key.
+                self._sealed -= beyond
                 self._rekey(keep=last)
             self._sealed = {index for index in self._sealed if index < last}
             self._dirty = {index: buffer for index, buffer in self._dirty.items()
