@@ -1,19 +1,26 @@
 """``tdapp run``: one trusted run of a DApp, from encrypted inputs to a published output.
 
-Order matters and is the point of this module: fetch the volumes; measure the
-image that will run (not a label); attest and receive the configuration; open
-every volume against the tag the CAS holds (a rollback fails here); run the
-program sandboxed with the session's command, environment and working folder
-only; re-seal what it changed; upload; and only then move the tags on the
-CAS. If anything fails, no tag moves and no URL is printed. Plaintext lives
-only under /dev/shm (memory) and is removed at the end.
+Order matters and is the point of this module: fetch the bundle; measure the
+image that will run (not a label); attest and receive the configuration;
+unpack only the session's volumes and open each against the tag the CAS holds
+(a rollback fails here); run the program sandboxed with the session's command,
+environment and working folder only, for at most the run's time limit;
+re-seal what it changed (found by content: SHA-256 of every file, with its
+type, mode and link target); upload a bundle of the changed volumes only; and
+only then move their tags on the CAS. If anything fails, no tag moves and no
+URL is printed. Ciphertext lives in an ordinary temporary folder, plaintext
+only in memory, sized from the image's limits (:mod:`tdapp.runtime.workspace`),
+and both are removed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
 import os
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +33,13 @@ from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import obtain_configuration, report_tag
 from tdapp.core.address import Address
-from tdapp.errors import InputError, IntegrityError, RefusedError, UnavailableError
+from tdapp.errors import (
+    InputError,
+    IntegrityError,
+    ProgramFailedError,
+    RefusedError,
+    UnavailableError,
+)
 from tdapp.runtime.sandbox import (
     Mount,
     SandboxSpec,
@@ -34,17 +47,23 @@ from tdapp.runtime.sandbox import (
     require_success,
     run_sandboxed,
 )
-from tdapp.runtime.shield import (
-    AUTO_THRESHOLD,
-    ShieldMount,
-    fuse_usable,
-    sealed_size,
-    unmount_abandoned,
+from tdapp.runtime.shield import AUTO_THRESHOLD, ShieldMount, fuse_usable, sealed_size
+from tdapp.runtime.workspace import (
+    ciphertext_folder,
+    pages,
+    plaintext_folder,
+    remove_abandoned,
+    write_allowance,
 )
 from tdapp.volume import Volume, VolumeKey, VolumeTag
 from tdapp.volume.bundle import pack, unpack
 
 Log = Callable[[str], None]
+Fingerprint = frozenset[tuple[str, int, str]]
+"""(path, st_mode, SHA-256 of a file's content or a link's target) for every entry."""
+
+DEFAULT_RUN_TIMEOUT = 3600.0
+"""Seconds the program may run before it is killed and the run fails."""
 
 
 @dataclass(frozen=True)
@@ -57,33 +76,7 @@ class RunRequest:
     las: str
     tee: str = "auto"
     shield: str = "auto"
-
-
-def _plaintext_root() -> str | None:
-    shm = Path("/dev/shm")  # noqa: S108 - memory, so plaintext never reaches a disk
-    if not shm.is_dir():
-        return None
-    _remove_abandoned(shm)
-    return str(shm)
-
-
-def _remove_abandoned(root: Path) -> None:
-    """Delete work folders of runs that were killed (their process is gone).
-
-    A run killed with SIGKILL cannot clean up after itself; its plaintext would
-    otherwise stay in memory until reboot.
-    """
-    for folder in root.glob("tdapp-run-*"):
-        pid_text = folder.name.split("-")[2]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            unmount_abandoned(folder)
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            continue  # another user's live run
+    timeout: float = DEFAULT_RUN_TIMEOUT
 
 
 def run_dapp(request: RunRequest, log: Log) -> str:
@@ -93,15 +86,16 @@ def run_dapp(request: RunRequest, log: Log) -> str:
     session, _, service = request.session_id.partition("/")
     if not session or not service:
         raise InputError(f"--sessionID {request.session_id!r} must look like SESSION/SERVICE")
+    if not (math.isfinite(request.timeout) and request.timeout > 0):
+        raise InputError(f"the run's time limit must be a positive number of seconds, got "
+                         f"{request.timeout}")
     image = load_image(request.image)
     measurement = measure_image(image.path)
     log(f"image {request.image}: measurement {measurement}")
-    with tempfile.TemporaryDirectory(prefix=f"tdapp-run-{os.getpid()}-",
-                                     dir=_plaintext_root()) as work:
-        root = Path(work)
+    remove_abandoned()
+    with ciphertext_folder() as root:
         bundle = root / "inputs.zip"
         download(request.url, bundle)
-        volumes = unpack(bundle, root / "sealed")
         las = LasClient(request.las)
 
         def evidence(data: bytes, mode: str) -> Mapping[str, Any]:
@@ -113,30 +107,112 @@ def run_dapp(request: RunRequest, log: Log) -> str:
             CasClient.connect(request.cas, anonymous=True), session, service, evidence)
         config = released.document
         log(f"attested to {request.cas} ({config['mode']} mode)")
-        shields: list[ShieldMount] = []
+        wanted = {str(volume["name"]) for volume in config["volumes"]}
+        volumes = unpack(bundle, root / "sealed", wanted)
+        bundle.unlink()
+        staged = _check_volumes(config, volumes, request.shield)
+        changed = _run_program(request, image, config, staged, root, log)
+        output = root / "scone-upload.zip"
+        pack({name: folder for name, (_, _, folder) in changed.items()}, output)
+        for name in sorted(wanted - changed.keys()):
+            log(f"volume {name}: unchanged, not in the output bundle")
+        url = upload(output, request.push)
+        client = CasClient.connect(request.cas, anonymous=True)
+        for name, (old, new, _) in changed.items():
+            report_tag(client, released.token, session, name, old, new)
+            log(f"volume {name}: tag {old} -> {new}")
+    return url
+
+
+Changes = dict[str, tuple[str | None, str, Path]]
+"""Volume name -> (old tag, new tag, its sealed folder now)."""
+
+
+@dataclass
+class _Staged:
+    """A session volume opened against its key and tag, before the program runs."""
+
+    name: str
+    key: VolumeKey
+    tag: str
+    sealed: Path
+    target: str
+    volume: Volume
+    fuse: bool
+
+
+def _check_volumes(config: dict[str, Any], sealed: dict[str, Path],
+                   shield: str) -> list[_Staged]:
+    """Each volume checked against its key and tag; the shield it gets chosen."""
+    staged = []
+    for volume in config["volumes"]:
+        name, tag = str(volume["name"]), volume.get("tag")
+        folder = sealed.get(name)
+        if folder is None:
+            raise InputError(f"the downloaded bundle holds no volume {name!r}")
+        if volume.get("key") is None or tag is None:
+            raise RefusedError(f"volume {name}: the session gives no key or tag for it")
+        key = VolumeKey.from_hex(str(volume["key"]))
+        opened = Volume.open(folder, key, VolumeTag.from_hex(str(tag)), name=name)
+        staged.append(_Staged(name, key, str(tag), folder, str(volume["path"]), opened,
+                              _use_fuse(shield, folder, name)))
+    return staged
+
+
+def _run_program(request: RunRequest, image: Image, config: dict[str, Any],
+                 staged: list[_Staged], root: Path, log: Log) -> Changes:
+    """Mount or decrypt the volumes, run the program, seal what it changed."""
+    in_memory = [volume for volume in staged if not volume.fuse]
+    plaintext = (plaintext_folder(*_plaintext_need(in_memory), write_allowance(image.heap), log)
+                 if in_memory else contextlib.nullcontext(root / "plain"))
+    shields: list[ShieldMount] = []
+    with plaintext as plain_root:
         try:
-            mounts, opened = _open_volumes(config, volumes, root, request.shield, shields, log)
+            mounts, fingerprints = [], {}
+            for volume in staged:
+                if volume.fuse:
+                    mount = ShieldMount(volume.name, volume.sealed, root / "mnt" / volume.name,
+                                        volume.key.hex(), volume.tag)
+                    shields.append(mount)
+                    mounts.append(Mount(source=mount.mountpoint, target=volume.target,
+                                        writable=True))
+                    log(f"volume {volume.name}: mounted by the FUSE shield")
+                    continue
+                plain = plain_root / volume.name
+                volume.volume.extract(plain)
+                mounts.append(Mount(source=plain, target=volume.target, writable=True))
+                fingerprints[volume.name] = _tree_fingerprint(plain)
             result = run_sandboxed(SandboxSpec(
                 root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
                 cwd=str(config["pwd"]), mounts=mounts, host_paths=_host_paths(image),
                 files=_injected(config), memory_limit=image.heap, stack_limit=image.stack,
-                user=_user(image)))
+                user=_user(image), timeout=request.timeout))
             shielded = _finish(shields)
         finally:
             for shield in shields:
                 shield.abort()
+        if result.timed_out:
+            raise ProgramFailedError(f"the program ran past the run's time limit of "
+                                     f"{request.timeout:g} s and was killed")
         require_success(result)
-        changed = {**_reseal(opened, root, log), **shielded}
-        output = root / "scone-upload.zip"
-        resealed = root / "resealed"
-        pack({name: resealed / name if (resealed / name).is_dir() else volumes[name]
-              for name in volumes}, output)
-        url = upload(output, request.push)
-        client = CasClient.connect(request.cas, anonymous=True)
-        for name, (old, new) in changed.items():
-            report_tag(client, released.token, session, name, old, new)
-            log(f"volume {name}: tag {old} -> {new}")
-    return url
+        return {**_reseal(in_memory, fingerprints, plain_root, root, log),
+                **{name: (old, new, _sealed_of(staged, name))
+                   for name, (old, new) in shielded.items()}}
+
+
+def _plaintext_need(volumes: list[_Staged]) -> tuple[int, int]:
+    """(bytes, inodes) the decrypted volumes take on a tmpfs, from their FSPFs."""
+    size, entries = 0, {volume.name for volume in volumes}
+    for volume in volumes:
+        for info in volume.volume.files():
+            size += pages(info.size)
+            parts = f"{volume.name}/{info.path}".split("/")
+            entries.update("/".join(parts[:depth]) for depth in range(2, len(parts) + 1))
+    return size, len(entries)
+
+
+def _sealed_of(staged: list[_Staged], name: str) -> Path:
+    return next(volume.sealed for volume in staged if volume.name == name)
 
 
 def _host_paths(image: Image) -> list[str]:
@@ -153,42 +229,6 @@ def _user(image: Image) -> tuple[int, int] | None:
         raise InputError(f"image {image.name}: user {image.user!r} is not in its /etc/passwd "
                          "or /etc/group")
     return ids
-
-
-@dataclass
-class _OpenVolume:
-    name: str
-    key: VolumeKey
-    tag: str | None
-    plain: Path
-    fingerprint: frozenset[tuple[str, int, int, int]]
-
-
-def _open_volumes(config: dict[str, Any], sealed: dict[str, Path], root: Path, shield: str,
-                  shields: list[ShieldMount], log: Log) -> tuple[list[Mount], list[_OpenVolume]]:
-    """Each volume checked against its key and tag, then staged on tmpfs or mounted by FUSE."""
-    mounts, opened = [], []
-    for volume in config["volumes"]:
-        name, tag = str(volume["name"]), volume.get("tag")
-        folder = sealed.get(name)
-        if folder is None:
-            raise InputError(f"the downloaded bundle holds no volume {name!r}")
-        if volume.get("key") is None or tag is None:
-            raise RefusedError(f"volume {name}: the session gives no key or tag for it")
-        key = VolumeKey.from_hex(str(volume["key"]))
-        opened_volume = Volume.open(folder, key, VolumeTag.from_hex(str(tag)), name=name)
-        if _use_fuse(shield, folder, name):
-            mount = ShieldMount(name, folder, root / "mnt" / name, key.hex(), str(tag))
-            shields.append(mount)
-            mounts.append(Mount(source=mount.mountpoint, target=str(volume["path"]),
-                                writable=True))
-            log(f"volume {name}: mounted by the FUSE shield")
-            continue
-        plain = root / "plain" / name
-        opened_volume.extract(plain)
-        mounts.append(Mount(source=plain, target=str(volume["path"]), writable=True))
-        opened.append(_OpenVolume(name, key, str(tag), plain, _tree_fingerprint(plain)))
-    return mounts, opened
 
 
 def _use_fuse(shield: str, folder: Path, name: str) -> bool:
@@ -222,26 +262,51 @@ def _injected(config: dict[str, Any]) -> dict[str, bytes]:
             for f in config.get("injection_files", [])}
 
 
-def _tree_fingerprint(root: Path) -> frozenset[tuple[str, int, int, int]]:
+def _tree_fingerprint(root: Path) -> Fingerprint:
+    """Every entry's path, type and mode, and a file's SHA-256 or a link's target.
+
+    Content, not size and mtime: a same-size rewrite with its mtime put back is
+    still a change. Links are never followed; a file is read in bounded chunks.
+    """
     entries = set()
-    for path in root.rglob("*"):
-        info = path.lstat()
-        entries.add((path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns,
-                     info.st_mode))
+    for current, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(current, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode):
+                content = _file_digest(path)
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            else:
+                content = ""
+            entries.add((os.path.relpath(path, root), info.st_mode, content))
     return frozenset(entries)
 
 
-def _reseal(opened: list[_OpenVolume], root: Path,
-            log: Log) -> dict[str, tuple[str | None, str]]:
+def _file_digest(path: str) -> str:
+    # O_NONBLOCK: a FIFO swapped in for the file must not hang the runtime.
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:  # sealing it will say why; here it only counts as changed
+        return f"unreadable ({error.strerror})"
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return "not a regular file"
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _reseal(opened: list[_Staged], fingerprints: dict[str, Fingerprint], plain_root: Path,
+            root: Path, log: Log) -> Changes:
     """Seal every volume the program changed into a new version; unchanged ones stay."""
-    changed: dict[str, tuple[str | None, str]] = {}
+    changed: Changes = {}
     for volume in opened:
-        if _tree_fingerprint(volume.plain) == volume.fingerprint:
+        plain = plain_root / volume.name
+        if _tree_fingerprint(plain) == fingerprints[volume.name]:
             continue
         target = root / "resealed" / volume.name
         target.parent.mkdir(exist_ok=True)
-        created = Volume.create(target, volume.key, source=volume.plain)
-        changed[volume.name] = (volume.tag, created.tag.hex())
-        shutil.rmtree(volume.plain, ignore_errors=True)
+        created = Volume.create(target, volume.key, source=plain)
+        changed[volume.name] = (volume.tag, created.tag.hex(), target)
+        shutil.rmtree(plain, ignore_errors=True)
         log(f"volume {volume.name}: sealed the program's changes")
     return changed
