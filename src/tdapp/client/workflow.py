@@ -126,7 +126,7 @@ def decrypt(*, conf: Path, encrypted: Path, out: Path,
     named = keys_folder.named(session) if session is not None else None
     bundle = find_bundle(encrypted)
     with tempfile.TemporaryDirectory(prefix="tdapp-decrypt-") as work:
-        volumes = unpack(bundle, Path(work))
+        volumes = unpack(bundle, Path(work), {OUTPUT_VOLUME})  # the inputs are not needed
         folder = volumes.get(OUTPUT_VOLUME)
         if folder is None:
             raise InputError(f"{bundle} holds no {OUTPUT_VOLUME} volume")
