@@ -154,8 +154,14 @@ def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
 @volume.command()
 @_volume_dir
 @click.argument("mountpoint", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@_key_option
-@_tag_option
+@click.option("--key", "key", type=KEY, envvar="VOLUME_KEY", show_envvar=True,
+              help="Volume key, 64 hex characters (or give --key-fd).")
+@click.option("--tag", "tag", type=TAG, envvar="VOLUME_TAG", show_envvar=True,
+              help="Expected volume tag, 32 hex characters (or give --key-fd).")
+@click.option("--key-fd", "key_fd", type=click.IntRange(min=0), default=None, metavar="FD",
+              help="Read the key and tag from this inherited descriptor instead, as the "
+                   "lines VOLUME_KEY=<hex> and VOLUME_TAG=<hex>; keeps them out of the "
+                   "command line and the environment.")
 @click.option("--read-only", is_flag=True, help="Refuse every change (EROFS).")
 @click.option("--allow-other", is_flag=True,
               help="Let other users (and sandboxes in their own user namespace) use the mount.")
@@ -163,8 +169,9 @@ def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
               help="Also write {\"tag\", \"failures\"} as JSON to this file when unmounted.")
 @click.option("--die-with-parent", is_flag=True, hidden=True,
               help="Unmount when the parent process dies (for tdapp run).")
-def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey, tag: VolumeTag, read_only: bool,
-          allow_other: bool, report: Path | None, die_with_parent: bool) -> None:
+def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey | None, tag: VolumeTag | None,
+          key_fd: int | None, read_only: bool, allow_other: bool, report: Path | None,
+          die_with_parent: bool) -> None:
     """Mount the volume at MOUNTPOINT, decrypting and verifying as files are read.
 
     Runs until unmounted (fusermount3 -u MOUNTPOINT) or interrupted; then seals
@@ -172,9 +179,17 @@ def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey, tag: VolumeTag, re
     I/O error to the reader, and makes this command fail naming the file and chunk.
     """
     from tdapp.errors import IntegrityError
-    from tdapp.runtime.shield import end_with_parent, serve_volume
+    from tdapp.runtime.shield import end_with_parent, read_key_message, serve_volume
     from tdapp.volume.layout import write_atomically
 
+    if key_fd is not None:
+        if key is not None or tag is not None:
+            raise UsageError("give the key and tag either with --key-fd or with --key and --tag "
+                             "(VOLUME_KEY, VOLUME_TAG), not both")
+        key, tag = read_key_message(key_fd)
+    elif key is None or tag is None:
+        missing = "--key (or VOLUME_KEY)" if key is None else "--tag (or VOLUME_TAG)"
+        raise UsageError(f"missing {missing}; or give both with --key-fd")
     if die_with_parent:
         end_with_parent()
     # Absolute: libfuse changes the working folder to / once mounted.

@@ -2,12 +2,25 @@
 
 :func:`run_sandboxed` runs ``spec.argv`` under ``bwrap`` and returns how it ended;
 :func:`require_success` turns a failure into :class:`~tdapp.errors.ProgramFailedError`.
+This module owns what the sandbox is made of (:mod:`tdapp.runtime.bwrap` starts
+it and sees the program to its end); it must never put a secret (an environment
+value, an injected file, a host path) on a command line or in an environment
+outside the sandbox, and never leave a process of the program running after it
+returns.
 
 How the sandbox is built (in this order, bubblewrap applies its options in order):
 
 - ``--unshare-all`` (user, pid, ipc, uts, cgroup and net namespaces; ``--share-net``
   only when ``spec.network`` is true, otherwise the program has just a down
-  loopback), ``--die-with-parent``, ``--new-session``, ``--hostname tdapp``.
+  loopback), ``--unshare-user --disable-userns`` (the program can make no user
+  namespace of its own, so it can mount nothing, not even an unbounded tmpfs),
+  ``--as-pid-1``, ``--die-with-parent``, ``--new-session``, ``--hostname tdapp``.
+- ``--as-pid-1``: the program is pid 1 of its pid namespace and no process of the
+  runtime's making (no bubblewrap monitor) lives there, so ``/proc`` shows only
+  the program's own processes and there is nothing to read or ptrace. Like any
+  init it ignores the signals it sends itself without a handler installed
+  (``raise(SIGKILL)``, ``kill(0, SIGTERM)``); faults (SIGSEGV, SIGBUS, …) and the
+  kernel's OOM kill still end it, and it inherits its orphaned children.
 - ``--clearenv`` then ``--setenv`` for each of ``spec.env``; nothing comes from the
   host. bubblewrap always sets ``PWD`` to the working folder after ``--chdir``
   (it cannot be unset), so the program sees exactly ``spec.env`` plus ``PWD=cwd``.
@@ -15,29 +28,51 @@ How the sandbox is built (in this order, bubblewrap applies its options in order
   create mount points); every top-level entry of the image's rootfs is bound
   read-only at ``/<entry>`` (symlinks are recreated as symlinks; the image's
   ``proc``, ``dev`` and ``tmp`` are replaced by ``--proc /proc``, ``--dev /dev``
-  and a private ``--tmpfs /tmp``). Then, parents before children: the host
+  and a private ``/tmp``). Then, parents before children: the host
   paths (globs expanded on the host, bound read-only at the same place), the
   volumes (``--bind`` or ``--ro-bind`` of caller-prepared plaintext folders that
   live on tmpfs) and the injected files (``--ro-bind-data`` from a pipe, so their
-  content only ever exists in memory). Last, ``--remount-ro /`` makes the tmpfs
-  root itself read-only: the program can write only to ``/tmp`` and writable
-  volumes. The host's home, ``/etc`` and everything else are not there.
-  A mount point that would have to be created inside a read-only image folder
-  is refused up front with :class:`~tdapp.errors.InputError`.
+  content only ever exists in memory). Last, ``--remount-ro`` of ``/dev`` and of
+  ``/`` makes both read-only: the program can write only to ``/tmp``,
+  ``/dev/shm`` and writable volumes. The host's home, ``/etc`` and everything
+  else are not there. A mount point that would have to be created inside a
+  read-only image folder is refused up front with :class:`~tdapp.errors.InputError`.
+- ``/tmp`` and ``/dev/shm`` are each a private tmpfs of ``tmp_size`` bytes
+  (``--size``), so a program that fills them gets ENOSPC instead of the host's
+  memory. When ``spec.tmp_size`` is None it is ``spec.memory_limit`` (the program
+  may keep in files as much as it may hold in memory), or
+  :data:`DEFAULT_TMP_SIZE` when there is no memory limit either. Not bounded
+  by it: ``memfd_create`` files and System V shared memory (only ``RLIMIT_AS``
+  limits how much of them is mapped at once); that needs a memory cgroup.
 - ``argv[0]`` is resolved as the sandbox will see it: a bare name is looked up
   in ``spec.env["PATH"]`` (default ``/usr/local/bin:/usr/bin:/bin``) inside the
   image, the host paths and the volumes; a relative path is taken from ``cwd``.
 
+What other local users can see: every process's command line is public
+(``/proc/PID/cmdline``). bubblewrap is started with an empty environment and
+gets all its options over a pipe (``--args FD``), so its command line is
+``bwrap --args N -- PROGRAM ARGS…``: the session's command, which the program
+shows as its own command line anyway, and nothing else (no environment value,
+no injected file, no host path). Secrets belong in the session's environment or
+injected files, never in its command. Inside, ``/proc/self/mountinfo`` still
+names the host folders that are bound (the image's entries, host paths,
+volumes), as every bind mount does. Descriptor numbers in bubblewrap's
+options are typed references resolved by position, so no value of the session
+is ever rewritten.
+
 Limits: bubblewrap has no rlimit option, so ``memory_limit`` (``RLIMIT_AS``,
 soft and hard) and ``stack_limit`` (``RLIMIT_STACK``) are set by a tiny Python
-launcher (``python -I -S -c …``) that calls ``setrlimit`` and then ``exec``s
-bwrap; the limits are inherited by bwrap and the program across ``exec`` and,
-since bubblewrap drops all capabilities, the program cannot raise them. This
-avoids ``preexec_fn`` (unsafe with threads) and any dependency on ``prlimit``.
+launcher (``python -I -S -c …``, the two numbers its only arguments besides
+bwrap's own command line) that calls ``setrlimit`` and then ``exec``s bwrap; the
+limits are inherited by bwrap and the program across ``exec`` and, since
+bubblewrap drops all capabilities, the program cannot raise them. This avoids
+``preexec_fn`` (unsafe with threads) and any dependency on ``prlimit``.
 ``RLIMIT_AS`` counts address space, not resident memory: a program that maps
-much more than it touches needs a larger limit. ``timeout`` kills bwrap's whole
-process group with SIGKILL; ``--die-with-parent`` and the pid namespace take the
-program and all its children down with it.
+much more than it touches needs a larger limit. At ``timeout`` seconds the
+program (pid 1 of the sandbox, known from bubblewrap's ``--info-fd`` and held by
+a pidfd) gets SIGKILL, which the kernel extends to every process of its pid
+namespace whatever they ignore, stop or fork; bwrap's process group gets SIGKILL
+too. The result says ``timed_out`` and :func:`require_success` names the limit.
 
 Exit status: bubblewrap reports a program killed by signal N as status 128+N
 (like a shell), so statuses 129…192 are reported as ``signal=N``. A failure of
@@ -49,32 +84,28 @@ Output: the program's stdout *and* stderr are copied to the runtime's stderr
 kept in the result for messages.
 
 Host libc trade-off: a dynamically linked ELF program needs a loader and libc.
-When the image has none, :func:`default_host_paths_for` returns the host's
-library folders to bind read-only. Those host files are **not** part of the
-image's measurement: an image relying on them trusts the host's libc. Build
-programs statically (or ship their libraries in the image) to avoid that.
+When the image has none, :func:`default_host_paths_for` (from
+:mod:`tdapp.runtime.hostlibs`) returns the host's library folders to bind
+read-only. Those host files are **not** part of the image's measurement: an
+image relying on them trusts the host's libc. Build programs statically (or
+ship their libraries in the image) to avoid that.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
+import math
 import os
 import posixpath
 import re
-import shutil
 import signal
-import struct
-import subprocess
-import sys
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from tdapp.builder.paths import resolve_in_image
-from tdapp.errors import InputError, ProgramFailedError, UnavailableError
+from tdapp.errors import InputError, ProgramFailedError
+from tdapp.runtime.bwrap import Descriptor, Fd, Option, find_bwrap, run_bwrap
+from tdapp.runtime.hostlibs import default_host_paths_for
 
 __all__ = [
     "Mount",
@@ -85,19 +116,14 @@ __all__ = [
     "run_sandboxed",
 ]
 
-TAIL_BYTES = 64 * 1024
-"""How much of the end of stdout and stderr a :class:`SandboxResult` keeps."""
-
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+DEFAULT_TMP_SIZE = 64 * 1024 * 1024
+"""Bytes of ``/tmp`` (and of ``/dev/shm``) when the spec gives neither a size nor a memory limit."""
+
 _TMP = "/tmp"  # noqa: S108 - the sandbox's own private tmpfs, not the host's
+_SHM = "/dev/shm"  # noqa: S108 - the sandbox's own, not the host's
 _REPLACED_ENTRIES = frozenset({"proc", "dev", "tmp"})
 _ENV_NAME = re.compile(r"^[^=\x00]+$")
-_LAUNCHER = (
-    "import os,resource,sys\n"
-    "for r,v in ((resource.RLIMIT_AS,int(sys.argv[1])),(resource.RLIMIT_STACK,int(sys.argv[2]))):\n"
-    "    if v>=0: resource.setrlimit(r,(v,v))\n"
-    "os.execv(sys.argv[3],sys.argv[3:])\n"
-)
 
 
 @dataclass(frozen=True)
@@ -124,8 +150,11 @@ class SandboxSpec:
     stack_limit: int | None = None
     network: bool = False
     timeout: float | None = None
+    """Seconds after which the program and all its processes are killed; None: no limit."""
     user: tuple[int, int] | None = None
     """(uid, gid) the program runs as inside its user namespace; None keeps the caller's."""
+    tmp_size: int | None = None
+    """Bytes of ``/tmp`` and of ``/dev/shm`` each; None: ``memory_limit`` (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +166,8 @@ class SandboxResult:
     stdout_tail: str
     stderr_tail: str
     timed_out: bool = False
+    time_limit: float | None = None
+    """The limit in seconds the program ran past, when ``timed_out``."""
 
 
 # --------------------------------------------------------------------- checks
@@ -224,40 +255,46 @@ def _resolve_argv0(spec: SandboxSpec, host: list[str]) -> str:
 # -------------------------------------------------------------------- command
 
 
-def _bwrap() -> str:
-    path = shutil.which("bwrap")
-    if path is None:
-        raise UnavailableError(
-            "bubblewrap (bwrap) is not installed; install the 'bubblewrap' package to run programs"
-        )
-    return path
+def tmp_size_of(spec: SandboxSpec) -> int:
+    """Bytes of the sandbox's ``/tmp`` and ``/dev/shm`` (module docstring)."""
+    if spec.tmp_size is not None:
+        return spec.tmp_size
+    return spec.memory_limit if spec.memory_limit is not None else DEFAULT_TMP_SIZE
 
 
-def _build_args(spec: SandboxSpec, bwrap: str) -> tuple[list[str], list[tuple[str, bytes]]]:
-    """The bwrap command line; injected files are returned as (target, content) and
-    referenced in the command as ``{fd:N}`` placeholders, N being their index."""
-    cwd = _check_abs(spec.cwd, "working folder", allow_root=True)
+def _check_spec(spec: SandboxSpec) -> None:
     for name, value in spec.env.items():
         if not _ENV_NAME.match(name) or "\x00" in value:
             raise InputError(f"bad environment variable name or value: {name!r}")
-    for limit, what in ((spec.memory_limit, "memory limit"), (spec.stack_limit, "stack limit")):
+    for arg in spec.argv:
+        if "\x00" in arg:
+            raise InputError("the program's command holds a NUL character")
+    for limit, what in ((spec.memory_limit, "memory limit"), (spec.stack_limit, "stack limit"),
+                        (spec.tmp_size, "size of /tmp")):
         if limit is not None and limit <= 0:
             raise InputError(f"the {what} must be positive, got {limit}")
-    if spec.timeout is not None and spec.timeout <= 0:
-        raise InputError(f"the timeout must be positive, got {spec.timeout}")
+    if spec.timeout is not None and not (math.isfinite(spec.timeout) and spec.timeout > 0):
+        raise InputError(f"the timeout must be a positive number of seconds, got {spec.timeout}")
 
+
+def _build_args(spec: SandboxSpec) -> tuple[list[Option], list[str], list[tuple[str, bytes]]]:
+    """bwrap's options (given over ``--args``), the program's command line as the sandbox
+    sees it, and the injected files as (target, content), referenced by position."""
+    cwd = _check_abs(spec.cwd, "working folder", allow_root=True)
+    _check_spec(spec)
     entries = _image_entries(spec.root)
     entry_names = {e.name for e in entries}
     host = _expand_host_paths(spec.host_paths)
     argv0 = _resolve_argv0(spec, host)
 
-    args = [bwrap, "--unshare-all"]
+    args: list[Option] = ["--unshare-all", "--unshare-user", "--disable-userns"]
     if spec.user is not None:
         uid, gid = spec.user
-        args += ["--unshare-user", "--uid", str(uid), "--gid", str(gid)]
+        args += ["--uid", str(uid), "--gid", str(gid)]
     if spec.network:
         args.append("--share-net")
-    args += ["--die-with-parent", "--new-session", "--hostname", "tdapp", "--clearenv"]
+    args += ["--as-pid-1", "--die-with-parent", "--new-session", "--hostname", "tdapp",
+             "--info-fd", Fd(Descriptor.INFO), "--clearenv"]
     for name, value in spec.env.items():
         args += ["--setenv", name, value]
     args += ["--tmpfs", "/"]
@@ -266,15 +303,17 @@ def _build_args(spec: SandboxSpec, bwrap: str) -> tuple[list[str], list[tuple[st
             args += ["--symlink", os.readlink(entry), f"/{entry.name}"]
         else:
             args += ["--ro-bind", str(entry), f"/{entry.name}"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", _TMP]
+    size = str(tmp_size_of(spec))
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", _SHM,
+             "--size", size, "--tmpfs", _TMP]
 
-    placed: list[tuple[str, list[str]]] = []
+    placed: list[tuple[str, list[Option]]] = []
     targets: dict[str, str] = {}
 
-    def place(target: str, what: str, op: list[str]) -> None:
+    def place(target: str, what: str, op: list[Option]) -> None:
         if target in targets:
             raise InputError(f"{what} and {targets[target]} are both placed at {target}")
-        if target in ("/proc", "/dev", _TMP):
+        if target in ("/proc", "/dev", _TMP, _SHM):
             raise InputError(f"{what} cannot be placed at {target}")
         targets[target] = what
         _check_mount_point(spec.root, entry_names, target, what)
@@ -292,53 +331,16 @@ def _build_args(spec: SandboxSpec, bwrap: str) -> tuple[list[str], list[tuple[st
     for i, (path, content) in enumerate(spec.files.items()):
         target = _check_abs(path, "injected file")
         files.append((target, bytes(content)))
-        place(target, f"injected file {target}", ["--ro-bind-data", f"{{fd:{i}}}", target])
+        place(target, f"injected file {target}",
+              ["--ro-bind-data", Fd(Descriptor.INJECTED_FILE, i), target])
     placed.sort(key=lambda p: (p[0].count("/"), p[0]))
     for _, op in placed:
         args += op
-    args += ["--remount-ro", "/", "--chdir", cwd, "--", argv0, *spec.argv[1:]]
-    return args, files
+    args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", cwd]
+    return args, [argv0, *spec.argv[1:]], files
 
 
 # ------------------------------------------------------------------------ run
-
-
-class _Pump(threading.Thread):
-    """Copies one pipe to the runtime's stderr, keeping its tail."""
-
-    def __init__(self, fd: int, echo: BinaryIO | None, lock: threading.Lock) -> None:
-        super().__init__(daemon=True)
-        self.fd, self.echo, self.lock = fd, echo, lock
-        self.tail = bytearray()
-
-    def run(self) -> None:
-        try:
-            while chunk := os.read(self.fd, 65536):
-                self.tail += chunk
-                if len(self.tail) > TAIL_BYTES:
-                    del self.tail[: len(self.tail) - TAIL_BYTES]
-                if self.echo is not None:
-                    with self.lock, contextlib.suppress(OSError, ValueError):
-                        self.echo.write(chunk)
-                        self.echo.flush()
-        finally:
-            os.close(self.fd)
-
-    def text(self) -> str:
-        return bytes(self.tail).decode("utf-8", errors="replace")
-
-
-def _feed(fd: int, data: bytes) -> None:
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except OSError:
-        pass  # bwrap ended before reading it: its failure is reported by the exit status
-
-
-def _default_echo() -> BinaryIO | None:
-    buf = getattr(sys.stderr, "buffer", None)
-    return buf if buf is not None else None
 
 
 def run_sandboxed(spec: SandboxSpec, *, echo: bool = True) -> SandboxResult:
@@ -349,64 +351,18 @@ def run_sandboxed(spec: SandboxSpec, *, echo: bool = True) -> SandboxResult:
     :class:`InputError` if the spec is unusable or the sandbox cannot be set up.
     With ``echo`` the program's output is copied to this process's stderr.
     """
-    bwrap = _bwrap()
-    args, files = _build_args(spec, bwrap)
-
-    pipes: list[tuple[int, int]] = [os.pipe() for _ in files]
-    try:
-        for i, (r, _) in enumerate(pipes):
-            args[args.index(f"{{fd:{i}}}")] = str(r)
-        cmd = args
-        if spec.memory_limit is not None or spec.stack_limit is not None:
-            cmd = [sys.executable, "-I", "-S", "-c", _LAUNCHER,
-                   str(spec.memory_limit if spec.memory_limit is not None else -1),
-                   str(spec.stack_limit if spec.stack_limit is not None else -1), *args]
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                pass_fds=[r for r, _ in pipes], start_new_session=True, close_fds=True,
-            )
-        except OSError as exc:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            raise UnavailableError(f"cannot start bubblewrap: {exc.strerror}") from exc
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-    finally:
-        for r, _ in pipes:
-            os.close(r)
-    feeders = [threading.Thread(target=_feed, args=(w, data), daemon=True)
-               for (_, w), (_, data) in zip(pipes, files, strict=True)]
-    for t in feeders:
-        t.start()
-    lock = threading.Lock()
-    stream = _default_echo() if echo else None
-    pumps = [_Pump(out_r, stream, lock), _Pump(err_r, stream, lock)]
-    for p in pumps:
-        p.start()
-
-    timed_out = False
-    try:
-        proc.wait(timeout=spec.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for p in pumps:
-        p.join(timeout=5)
-    for t in feeders:
-        t.join(timeout=1)
-
-    stdout, stderr = pumps[0].text(), pumps[1].text()
-    rc = proc.returncode
-    if timed_out:
-        return SandboxResult(128 + signal.SIGKILL, signal.SIGKILL, stdout, stderr, True)
+    find_bwrap()
+    options, program, files = _build_args(spec)
+    rlimits = None
+    if spec.memory_limit is not None or spec.stack_limit is not None:
+        rlimits = (spec.memory_limit if spec.memory_limit is not None else -1,
+                   spec.stack_limit if spec.stack_limit is not None else -1)
+    ended = run_bwrap(program, options, [content for _, content in files], rlimits=rlimits,
+                      timeout=spec.timeout, echo=echo)
+    stdout, stderr, rc = ended.stdout, ended.stderr, ended.returncode
+    if ended.timed_out:
+        return SandboxResult(128 + signal.SIGKILL, signal.SIGKILL, stdout, stderr, True,
+                             spec.timeout)
     if rc < 0:
         return SandboxResult(128 - rc, -rc, stdout, stderr)
     lines = stderr.strip().splitlines()
@@ -427,7 +383,8 @@ def _signal_name(sig: int) -> str:
 def require_success(result: SandboxResult) -> None:
     """Raise :class:`ProgramFailedError` unless the program exited with status 0."""
     if result.timed_out:
-        msg = "the program ran past its time limit and was killed"
+        limit = f" of {result.time_limit:g} s" if result.time_limit is not None else ""
+        msg = f"the program ran past its time limit{limit} and was killed"
     elif result.signal is not None:
         msg = f"the program was killed by signal {result.signal} ({_signal_name(result.signal)})"
     elif result.exit_code != 0:
@@ -441,59 +398,3 @@ def require_success(result: SandboxResult) -> None:
             tail = "…" + tail[-800:]
         msg += f": {tail}"
     raise ProgramFailedError(msg)
-
-
-# ------------------------------------------------------------------ host libc
-
-_HOST_LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64")
-_OWN_LIBC = re.compile(r"^(libc\.so(\..*)?|libc\.musl.*|ld-linux.*\.so.*|ld-musl.*\.so.*)$")
-_PT_INTERP = 3
-
-
-def _is_dynamic_elf(path: Path) -> bool:
-    """Whether ``path`` is an ELF file with a program interpreter (dynamically linked)."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(64)
-            if len(head) < 52 or head[:4] != b"\x7fELF":
-                return False
-            is64, endian = head[4] == 2, "<" if head[5] == 1 else ">"
-            if is64:
-                phoff, = struct.unpack_from(endian + "Q", head, 32)
-                phentsize, phnum = struct.unpack_from(endian + "HH", head, 54)
-            else:
-                phoff, = struct.unpack_from(endian + "I", head, 28)
-                phentsize, phnum = struct.unpack_from(endian + "HH", head, 42)
-            if phentsize < 4 or phnum > 4096:
-                return False
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-    except OSError:
-        return False
-    for i in range(len(table) // phentsize):
-        (p_type,) = struct.unpack_from(endian + "I", table, i * phentsize)
-        if p_type == _PT_INTERP:
-            return True
-    return False
-
-
-def default_host_paths_for(root: Path, host_paths: Sequence[str] = ()) -> list[str]:
-    """The host library folders a dynamically linked ELF program of this image needs.
-
-    Empty if the image has no dynamically linked ELF file or ships its own libc or
-    loader. A host program the image names (an interpreter) is dynamically linked
-    against the host's libc, so it brings the same folders. These host files are
-    not measured (see the module docstring).
-    """
-    dynamic = any(_is_dynamic_elf(Path(p)) for pattern in host_paths
-                  for p in glob.glob(pattern) if Path(p).is_file())
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            if _OWN_LIBC.match(name):
-                return []
-            p = Path(dirpath) / name
-            if not dynamic and not p.is_symlink() and p.is_file() and _is_dynamic_elf(p):
-                dynamic = True
-    if not dynamic:
-        return []
-    return [d for d in _HOST_LIB_DIRS if os.path.exists(d)]

@@ -8,6 +8,11 @@ never wrong bytes. Hard and symbolic links, devices and extended attributes
 are not part of a volume and fail with their proper errno. This module owns
 only the mapping from FUSE calls to the live volume; it must never decide on
 its own what is trusted, and never let a failed chunk pass.
+
+:class:`ShieldMount` runs one ``tdapp volume mount`` child per volume and hands it
+the key and tag over an inherited pipe (``--key-fd``, :func:`key_message`), never
+in its command line or environment, where other local users or any process of
+the same user could read them.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tdapp.errors import TdappError, UnavailableError
+from tdapp.errors import TdappError, UnavailableError, UsageError
 from tdapp.volume import Volume
-from tdapp.volume.keys import VolumeTag
+from tdapp.volume.keys import VolumeKey, VolumeTag
 from tdapp.volume.live import LiveVolume
 
 MAX_IO = 1024 * 1024  # bytes per FUSE read or write request: fewer, larger calls
@@ -306,6 +311,34 @@ def unmount_abandoned(work: Path) -> None:
                            capture_output=True, timeout=60)
 
 
+_KEY_FIELDS = ("VOLUME_KEY", "VOLUME_TAG")
+_KEY_MESSAGE_MAX = 4096
+
+
+def key_message(key: VolumeKey, tag: VolumeTag) -> bytes:
+    """What ``--key-fd`` reads: the lines ``VOLUME_KEY=<hex>`` and ``VOLUME_TAG=<hex>``."""
+    return f"VOLUME_KEY={key.hex()}\nVOLUME_TAG={tag.hex()}\n".encode()
+
+
+def read_key_message(fd: int) -> tuple[VolumeKey, VolumeTag]:
+    """Read a :func:`key_message` from ``fd`` to its end, and close ``fd``."""
+    data = b""
+    try:
+        while len(data) <= _KEY_MESSAGE_MAX and (chunk := os.read(fd, 1024)):
+            data += chunk
+    except OSError as error:
+        raise UsageError(f"cannot read the key from descriptor {fd}: {error.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    lines = data.decode("ascii", errors="replace").splitlines()
+    fields = {name: value for name, _, value in (line.partition("=") for line in lines)}
+    if len(data) > _KEY_MESSAGE_MAX or len(lines) != 2 or sorted(fields) != sorted(_KEY_FIELDS):
+        raise UsageError(f"descriptor {fd} must hold exactly the lines VOLUME_KEY=<64 hex> "
+                         "and VOLUME_TAG=<32 hex>")
+    return VolumeKey.from_hex(fields["VOLUME_KEY"]), VolumeTag.from_hex(fields["VOLUME_TAG"])
+
+
 def sealed_size(folder: Path) -> int:
     return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
 
@@ -318,14 +351,27 @@ class ShieldMount:
         self._finished = False
         self._report = mountpoint.with_name(f"{mountpoint.name}.report.json")
         self._log = mountpoint.with_name(f"{mountpoint.name}.log")
+        message = key_message(VolumeKey.from_hex(key), VolumeTag.from_hex(tag))
         mountpoint.mkdir(parents=True)
-        environment = {**os.environ, "VOLUME_KEY": key, "VOLUME_TAG": tag}
-        with self._log.open("wb") as log:
-            self._process = subprocess.Popen(  # keys in the environment, not in argv
-                [sys.executable, "-m", "tdapp", "volume", "mount", str(folder), str(mountpoint),
-                 "--allow-other", "--die-with-parent", "--report", str(self._report)],
-                env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=log, start_new_session=True)
+        # The key goes over a pipe: argv is public and the environment is readable by every
+        # process of this user; the child must not find a key of the runtime's there either.
+        environment = {name: value for name, value in os.environ.items()
+                       if name not in _KEY_FIELDS}
+        key_read, key_write = os.pipe()
+        try:
+            try:
+                os.write(key_write, message)  # far below a pipe's buffer: never blocks
+            finally:
+                os.close(key_write)
+            with self._log.open("wb") as log:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "tdapp", "volume", "mount", str(folder),
+                     str(mountpoint), "--key-fd", str(key_read), "--allow-other",
+                     "--die-with-parent", "--report", str(self._report)],
+                    env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=log, start_new_session=True, pass_fds=[key_read])
+        finally:
+            os.close(key_read)
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while not os.path.ismount(mountpoint):
             if self._process.poll() is not None or time.monotonic() > deadline:
