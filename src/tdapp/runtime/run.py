@@ -186,7 +186,8 @@ def _run_program(request: RunRequest, image: Image, config: dict[str, Any],
                 root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
                 cwd=str(config["pwd"]), mounts=mounts, host_paths=_host_paths(image),
                 files=_injected(config), memory_limit=image.heap, stack_limit=image.stack,
-                user=_user(image), timeout=request.timeout))
+                user=_user(image), timeout=request.timeout,
+                tmp_size=write_allowance(image.heap)))
             shielded = _finish(shields)
         finally:
             for shield in shields:
