@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -54,6 +55,14 @@ def fspf_variables() -> dict[str, str]:
             "OUTPUT_FSPF_KEY": secrets.token_hex(32), "OUTPUT_FSPF_TAG": secrets.token_hex(16)}
 
 
+_RUN_SECRET = secrets.token_bytes(32)
+
+
+def _per_name(name: str, volume: str, kind: str, size: int) -> str:
+    digest = hmac.new(_RUN_SECRET, f"{name}\0{volume}\0{kind}".encode(), hashlib.sha256)
+    return digest.hexdigest()[:2 * size]
+
+
 @dataclass
 class SessionDoc:
     """A session in SCONE's current (0.3) form; ``text()`` renders it as YAML."""
@@ -63,14 +72,17 @@ class SessionDoc:
     predecessor: str | None = None
     read: list[str] | None = None
     update: list[str] | None = None
-    keys: dict[str, str] = field(default_factory=lambda: {
-        "encrypted-input-files": secrets.token_hex(32),
-        "encrypted-output-files": secrets.token_hex(32)})
-    tags: dict[str, str] = field(default_factory=lambda: {
-        "encrypted-input-files": secrets.token_hex(16),
-        "encrypted-output-files": secrets.token_hex(16)})
+    keys: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
     secret: str | None = None
     injected: str | None = None
+
+    def __post_init__(self) -> None:
+        # Unless given, random per session name: every revision of one session keeps its
+        # volumes' keys and tags (an update may not move a tag), other sessions differ.
+        for volume in ("encrypted-input-files", "encrypted-output-files"):
+            self.keys.setdefault(volume, _per_name(self.name, volume, "key", 32))
+            self.tags.setdefault(volume, _per_name(self.name, volume, "tag", 16))
 
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, "version": "0.3"}

@@ -262,6 +262,9 @@ def test_a_session_named_like_a_sub_resource_is_readable_by_its_name(
         world: World, suffix: str) -> None:
     """Names may contain '/', so ``ns/audit`` is a session name the CAS accepts."""
     doc = SessionDoc(f"{unique_name('ns')}/{suffix}", command="/sub")
+    parts = doc.name.split("/")
+    for depth in range(1, len(parts)):  # a session inside a namespace needs the namespace
+        create(world, SessionDoc("/".join(parts[:depth])))
     create(world, doc)
     answer = read(world, doc.name)
     assert answer["name"] == doc.name

@@ -86,7 +86,12 @@ def test_read_prints_yaml_of_the_same_session(setup: Setup, template: Path) -> N
     result = setup.run(setup.alice, "session", "read", name)
     assert result.code == 0, result.err
     assert yaml.safe_load(result.out)["name"] == name
-    assert session_hash(parse_session(result.out, source="read"), setup.alice.identity) == created
+    # What read prints is the next update's draft: the session, and the current hash as its
+    # one predecessor.
+    draft = parse_session(result.out, source="read")
+    assert result.out.count("predecessor:") == 1 and draft.predecessor == created
+    as_created = draft.model_copy(update={"predecessor": None})
+    assert session_hash(as_created, setup.alice.identity) == created
 
 
 def test_update_with_the_right_predecessor_prints_a_new_hash(

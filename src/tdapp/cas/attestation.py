@@ -5,7 +5,10 @@ configuration leave the CAS only encrypted to the ephemeral key of a program
 whose evidence verified, whose nonce was fresh and unused, whose report_data
 binds that nonce and key, and whose measurement, platform, TEE and TCB the
 session accepts; and that a volume's tag moves only on the word of such an
-instance, by compare-and-swap. Every step's outcome goes to the audit log.
+instance, for a volume its own service's image mounts, by compare-and-swap
+from the current tag to the next version. Instance and tag rows are sealed and
+checked by :class:`~tdapp.cas.records.RecordMacs`: a row the CAS did not write
+releases nothing and moves nothing. Every step's outcome goes to the audit log.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from tdapp.attest import (
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.sessions import NotFoundError, SessionAuthority
 from tdapp.cas.store import AuditEntry, NewInstance, SpentNonce, Store
-from tdapp.errors import ConflictError, InputError, RefusedError, TdappError
+from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Service, Session
 
 INSTANCE_LIFETIME = 24 * 3600.0
@@ -82,6 +85,7 @@ class AttestationAuthority:
                  verify_at: float | None = None) -> None:
         self._store = store
         self._sessions = sessions
+        self._records = sessions.records
         self._nonces = nonces
         self._debug = debug
         self._verifiers = verifiers or VerifierSettings()
@@ -144,8 +148,9 @@ class AttestationAuthority:
         accepted = AuditEntry(event, "accepted",
                               f"accepted {mode} attestation of {service.name} (measurement "
                               f"{measurement}); instance {token_hash[:16]}")
-        if not self._store.spend_nonce(nonce, [*steps, accepted],
-                                       NewInstance(token_hash, measurement, expires_at)):
+        instance = NewInstance(token_hash, measurement, expires_at, self._records.instance_mac(
+            token_hash, session.name, service.name, measurement, expires_at))
+        if not self._store.spend_nonce(nonce, [*steps, accepted], instance):
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
         return _encrypt_to(public_key, configuration), token_hash
 
@@ -184,29 +189,52 @@ class AttestationAuthority:
 
     def update_tag(self, token: str, session_name: str, volume: str, old: str | None,
                    new: str) -> None:
+        """Move a volume's tag from ``old`` to ``new`` on the word of an attested instance."""
         event = "volume.tag"
-        instance = self._store.instance(_token_hash(token))
+        token_hash = _token_hash(token)
+        instance = self._store.instance(token_hash)
         if instance is None:
             self._refuse(session_name, event, RefusedError(
                 "the token is not one of an attested instance"))
-        owner_session, _service, expires_at = instance
-        if owner_session != session_name:
+        try:
+            self._records.check_instance(instance)
+        except IntegrityError as error:
+            self._refuse(session_name, event, error)
+        if instance.session != session_name:
             self._refuse(session_name, event, RefusedError(
                 f"the token belongs to an instance of another session, not {session_name!r}"))
-        if expires_at < time.time():
+        if instance.expires_at < time.time():
             self._refuse(session_name, event, RefusedError("the instance's token has expired"))
         if len(new) != 32 or not _is_hex(new):
             self._refuse(session_name, event, InputError("the new tag must be 32 hex characters"))
-        known, current = self._store.volume_tag(session_name, volume)
-        if not known:
+        self._check_mounts(session_name, instance.service, volume, event)
+        current = self._store.volume_tag(session_name, volume)
+        if current is None:
             self._refuse(session_name, event, NotFoundError(
                 f"session {session_name!r} has no volume {volume!r}"))
-        if not self._store.swap_volume_tag(
-                session_name, volume, old, new,
-                (event, None, f"{volume}: {old} -> {new}")):
-            self._refuse(session_name, event, ConflictError(
-                f"volume {volume!r}: the old tag {old} is no longer current (now {current}); "
-                "another run has changed the volume"))
+        try:
+            self._records.check_tag(current)
+        except IntegrityError as error:
+            self._refuse(session_name, event, error)
+        if current.tag != old:
+            self._refuse(session_name, event, _stale(volume, old, current.tag))
+        moved = self._records.next_tag(current, new)
+        if not self._store.swap_volume_tag(current, moved, (
+                event, None, f"{volume}: {old} -> {new} (version {moved.version}) by instance "
+                             f"{token_hash[:16]} of service {instance.service!r}")):
+            latest = self._store.volume_tag(session_name, volume)
+            self._refuse(session_name, event,
+                         _stale(volume, old, latest.tag if latest is not None else None))
+
+    def _check_mounts(self, session_name: str, service_name: str, volume: str,
+                      event: str) -> None:
+        """An instance reports tags only for the volumes its own service's image mounts."""
+        session, service = self._service(session_name, service_name, event)
+        image = session.image(service.image_name) if service.image_name else None
+        if image is None or all(mount.name != volume for mount in image.volumes):
+            self._refuse(session_name, event, RefusedError(
+                f"an instance of service {service_name!r} may not move volume {volume!r}: "
+                "its image does not mount it"))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -252,10 +280,12 @@ class AttestationAuthority:
         result = []
         for mount in image.volumes if image is not None else ():
             volume = session.volume(mount.name)
-            if volume is None or mount.name not in tags:
+            row = tags.get(mount.name)
+            if volume is None or row is None:
                 raise RefusedError(f"the expected tag of volume {mount.name!r} is not known")
+            # A row the CAS did not write (IntegrityError) releases nothing.
             result.append({"name": mount.name, "path": mount.path, "key": volume.fspf_key,
-                           "tag": tags[mount.name]})
+                           "tag": self._records.check_tag(row).tag})
         return result
 
     @staticmethod
@@ -308,6 +338,11 @@ def _describe(claims: Claims) -> str:
 def _advisories(value: object) -> Any:
     return "*" if value == "*" or (isinstance(value, tuple) and "*" in value) else tuple(
         value if isinstance(value, tuple) else ())
+
+
+def _stale(volume: str, old: str | None, current: str | None) -> ConflictError:
+    return ConflictError(f"volume {volume!r}: the old tag {old} is no longer current (now "
+                         f"{current}); another run has changed the volume")
 
 
 def _is_hex(text: str) -> bool:

@@ -33,6 +33,10 @@ volume_tags = Table(
     Column("volume", String(128), primary_key=True),
     Column("tag", String(32), nullable=True),
     Column("updated_at", Float, nullable=False),
+    # Sealed tags (migration 0003): the version grows by one with each accepted change,
+    # the MAC binds session, volume, tag and version to the master key (cas.records).
+    Column("version", Integer, nullable=False, server_default="0"),
+    Column("mac", String(64), nullable=True),
 )
 
 audit_log = Table(
@@ -64,4 +68,5 @@ instances = Table(
     Column("measurement", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
+    Column("mac", String(64), nullable=True),
 )

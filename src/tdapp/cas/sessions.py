@@ -3,6 +3,14 @@
 One class, :class:`SessionAuthority`, owns the invariant that only a parsed,
 validated session whose change its caller is entitled to make ever reaches the
 store, and that a reader only ever sees a session its access policy allows.
+A session inside a namespace (``ns/child``) is created only when ``ns`` exists
+and its ``access_policy.create_sessions`` allows the creator, so nobody can
+claim a name below a namespace before its owner creates it.
+An update never moves a volume's tag: a volume the session already has keeps
+its tag row (the document may restate the current tag, nothing else), and a
+volume it adds starts at the tag the document gives; tags move only by
+instances (:mod:`tdapp.cas.attestation`). Every tag row it reads or writes is
+checked or sealed by :class:`~tdapp.cas.records.RecordMacs`.
 Every decision, accepted or refused, goes to the audit log with its reason.
 It never stores a session unsealed.
 """
@@ -12,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NoReturn
 
+from tdapp.cas.records import RecordMacs
 from tdapp.cas.sealing import MasterKey
-from tdapp.cas.store import AuditEvent, Store, StoredSession
+from tdapp.cas.store import AuditEvent, Store, StoredSession, StoredTag
 from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
 
@@ -37,6 +46,7 @@ class SessionAuthority:
     def __init__(self, store: Store, master_key: MasterKey) -> None:
         self._store = store
         self._master_key = master_key
+        self.records = RecordMacs(master_key)
         # Sessions already unsealed and checked, by their exact stored record: a
         # sealed record is unique (random salt), so a hit is the same verified bytes.
         self._opened: dict[tuple[str, str, str, bytes], Session] = {}
@@ -76,9 +86,11 @@ class SessionAuthority:
         self._check_namespace(session.name, creator)
         digest = session_hash(session, creator)
         record = StoredSession(session.name, digest, creator, 1, self._seal(session, creator))
+        tags = [self.records.first_tag(session.name, volume.name, volume.fspf_tag)
+                for volume in session.volumes]
         try:
-            self._store.insert_session(record, _initial_tags(session),
-                                       ("session.create", creator, f"created with hash {digest}"))
+            self._store.insert_session(record, tags, (
+                "session.create", creator, f"created with hash {digest}{_describe_tags(tags)}"))
         except ConflictError as error:
             self._refuse(session.name, "session.create", who, error)
         return digest
@@ -97,31 +109,64 @@ class SessionAuthority:
             self._refuse(session.name, "session.update", who, ConflictError(
                 f"stale predecessor {session.predecessor}: session {session.name!r} is now at "
                 f"{current.hash}; read it again and reapply your change"))
+        added = self._added_tags(session, actor)
         digest = session_hash(session, current.creator)
         record = StoredSession(session.name, digest, current.creator, current.revision + 1,
                                self._seal(session, current.creator))
         if not self._store.replace_session(
-                record, current.hash, _initial_tags(session),
-                ("session.update", actor, f"updated {current.hash} -> {digest}")):
+                record, current.hash, added,
+                ("session.update", actor,
+                 f"updated {current.hash} -> {digest}{_describe_tags(added)}")):
             self._refuse(session.name, "session.update", who, ConflictError(
                 f"session {session.name!r} changed concurrently; its predecessor "
                 f"{current.hash} is no longer current"))
         return digest
 
-    def _check_namespace(self, name: str, creator: Identity) -> None:
-        """A session inside ``ns/…`` needs the nearest existing namespace's create_sessions."""
-        parent = name
-        while "/" in parent:
-            parent = parent.rpartition("/")[0]
-            stored = self._store.get_session(parent)
-            if stored is None:
+    def _added_tags(self, session: Session, actor: Identity) -> list[StoredTag]:
+        """The tag rows an update adds; refuses one that would move an existing tag.
+
+        A volume with a row keeps it: the document may leave its fspf_tag out or give
+        the current one. A row that fails its MAC stops the update (naming it) rather
+        than being carried on.
+        """
+        stored = self._store.volume_tags(session.name)
+        added: list[StoredTag] = []
+        for volume in session.volumes:
+            row = stored.get(volume.name)
+            if row is None:
+                added.append(self.records.first_tag(session.name, volume.name, volume.fspf_tag))
                 continue
-            if not self._unseal(stored).access_policy.allows(
-                    "create_sessions", creator, stored.creator):
-                self._refuse(name, "session.create", creator, RefusedError(
-                    f"identity {creator} may not create sessions in namespace {parent!r} "
-                    "(access_policy.create_sessions)"))
+            try:
+                self.records.check_tag(row)
+            except IntegrityError as error:
+                self._refuse(session.name, "session.update", actor, error)
+            if volume.fspf_tag is not None and volume.fspf_tag != row.tag:
+                self._refuse(session.name, "session.update", actor, ConflictError(
+                    f"volume {volume.name!r}: the document gives fspf_tag {volume.fspf_tag}, "
+                    f"but its current tag is {row.tag}; an update cannot move a tag (only "
+                    "the session's instances do): read the session again "
+                    "(tdapp session read) and reapply your change"))
+        return added
+
+    def _check_namespace(self, name: str, creator: Identity) -> None:
+        """A session inside ``ns/…`` needs ``ns`` to exist and allow the creator to create.
+
+        The parent must exist: otherwise whoever came first could claim names below a
+        namespace before its owner creates it, and keep creating below them afterwards.
+        """
+        if "/" not in name:
             return
+        parent = name.rpartition("/")[0]
+        stored = self._store.get_session(parent)
+        if stored is None:
+            self._refuse(name, "session.create", creator, RefusedError(
+                f"namespace {parent!r} does not exist: a session inside a namespace needs "
+                "the namespace's access_policy.create_sessions (create the namespace first)"))
+        if not self._unseal(stored).access_policy.allows(
+                "create_sessions", creator, stored.creator):
+            self._refuse(name, "session.create", creator, RefusedError(
+                f"identity {creator} may not create sessions in namespace {parent!r} "
+                "(access_policy.create_sessions)"))
 
     # -- reads ----------------------------------------------------------------------
 
@@ -153,11 +198,15 @@ class SessionAuthority:
         return self._last_opened.get(name) or self.stored(name)
 
     def volume_tag(self, name: str, volume: str, who: Identity | None) -> str | None:
+        """The volume's current tag, for a reader of the session (checked against its MAC)."""
         self.read(name, who)
-        known, tag = self._store.volume_tag(name, volume)
-        if not known:
+        row = self._store.volume_tag(name, volume)
+        if row is None:
             raise NotFoundError(f"session {name!r} has no volume {volume!r}")
-        return tag
+        try:
+            return self.records.check_tag(row).tag
+        except IntegrityError as error:
+            self._refuse(name, "volume.read", who, error)
 
     def audit(self, name: str, who: Identity | None) -> list[AuditEvent]:
         self.read(name, who)
@@ -217,8 +266,12 @@ def _context(name: str, creator: Identity) -> bytes:
     return b"tdapp/v1 session\x00" + name.encode("utf-8") + b"\x00" + creator.encode("ascii")
 
 
-def _initial_tags(session: Session) -> dict[str, str | None]:
-    return {volume.name: volume.fspf_tag for volume in session.volumes}
+def _describe_tags(rows: list[StoredTag]) -> str:
+    """The tag rows written, for the audit log (an operator compares versions with it)."""
+    if not rows:
+        return ""
+    return "; volume tags " + ", ".join(
+        f"{row.volume}={row.tag or 'none'} (version {row.version})" for row in rows)
 
 
 def _describe(who: Identity | None) -> str:

@@ -4,8 +4,11 @@ SQLite under the CAS's state folder by default, PostgreSQL for a
 ``postgresql://`` URL; the schema is created and upgraded by Alembic on start.
 Every change is one transaction, and every update is a compare-and-swap on the
 value it replaces, so concurrent writers (threads or CAS replicas) can never
-lose an update. This module stores what it is given: it makes no trust
-decision and never sees a plaintext secret (documents arrive sealed).
+lose an update. A volume's tag row, once written, is only ever swapped for its
+successor (an update of the session adds rows, never replaces or removes one).
+This module stores what it is given: it makes no trust decision, never sees a
+plaintext secret (documents arrive sealed) and neither makes nor checks the
+MACs of tag and instance rows (:mod:`tdapp.cas.records` does).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +55,32 @@ class SpentNonce:
 
 
 @dataclass(frozen=True)
+class StoredTag:
+    """One volume's current tag row: the tag, its version and the MAC over both."""
+
+    session: str
+    volume: str
+    tag: str | None
+    version: int
+    mac: str | None
+
+
+@dataclass(frozen=True)
 class NewInstance:
     token_hash: str
     measurement: str
     expires_at: float
+    mac: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    token_hash: str
+    session: str
+    service: str
+    measurement: str
+    expires_at: float
+    mac: str | None
 
 
 @dataclass(frozen=True)
@@ -154,7 +179,7 @@ class Store:
         return StoredSession(row.name, row.hash, row.creator, row.revision,
                              bytes(row.sealed_document))
 
-    def insert_session(self, record: StoredSession, tags: Mapping[str, str | None],
+    def insert_session(self, record: StoredSession, tags: Sequence[StoredTag],
                        audit: tuple[str, str | None, str]) -> None:
         """Create a session; ConflictError if the name is taken."""
         now = time.time()
@@ -170,52 +195,61 @@ class Store:
             raise ConflictError(f"a session named {record.name!r} already exists") from None
 
     def replace_session(self, record: StoredSession, expected_hash: str,
-                        tags: Mapping[str, str | None],
+                        added_tags: Sequence[StoredTag],
                         audit: tuple[str, str | None, str]) -> bool:
-        """Swap in a new revision if the stored hash is still ``expected_hash``."""
+        """Swap in a new revision if the stored hash is still ``expected_hash``.
+
+        ``added_tags`` are the rows of volumes that have none yet; every other tag row
+        stays as it is (tags move only by :meth:`swap_volume_tag`).
+        """
         now = time.time()
-        with self._write() as connection:
-            result = connection.execute(
-                update(sessions)
-                .where(sessions.c.name == record.name, sessions.c.hash == expected_hash)
-                .values(hash=record.hash, revision=record.revision,
-                        sealed_document=record.sealed_document, updated_at=now))
-            if result.rowcount != 1:
-                return False
-            connection.execute(volume_tags.delete().where(volume_tags.c.session == record.name))
-            _put_tags(connection, record.name, tags, now)
-            _append_audit(connection, now, record.name, *audit, "accepted")
+        try:
+            with self._write() as connection:
+                result = connection.execute(
+                    update(sessions)
+                    .where(sessions.c.name == record.name, sessions.c.hash == expected_hash)
+                    .values(hash=record.hash, revision=record.revision,
+                            sealed_document=record.sealed_document, updated_at=now))
+                if result.rowcount != 1:
+                    return False
+                _put_tags(connection, record.name, added_tags, now)
+                _append_audit(connection, now, record.name, *audit, "accepted")
+        except SqlIntegrityError:
+            return False  # a row appeared meanwhile: whoever wrote it changed the session
         return True
 
     # -- volume tags ------------------------------------------------------------
 
-    def volume_tag(self, session: str, volume: str) -> tuple[bool, str | None]:
-        """(known, tag): whether the volume has a row, and its current tag."""
+    def volume_tag(self, session: str, volume: str) -> StoredTag | None:
+        """The volume's tag row, or None when it has none."""
         with self._read() as connection:
-            row = connection.execute(select(volume_tags.c.tag).where(
+            row = connection.execute(_TAG_ROWS.where(
                 volume_tags.c.session == session, volume_tags.c.volume == volume)).first()
-        return (False, None) if row is None else (True, row.tag)
+        return None if row is None else _stored_tag(row)
 
-    def volume_tags(self, session: str) -> dict[str, str | None]:
-        """Every volume of the session that has a row, with its current tag."""
+    def volume_tags(self, session: str) -> dict[str, StoredTag]:
+        """Every volume of the session that has a row, by name."""
         with self._read() as connection:
-            rows = connection.execute(select(volume_tags.c.volume, volume_tags.c.tag).where(
-                volume_tags.c.session == session)).all()
-        return {row.volume: row.tag for row in rows}
+            rows = connection.execute(_TAG_ROWS.where(volume_tags.c.session == session)).all()
+        return {row.volume: _stored_tag(row) for row in rows}
 
-    def swap_volume_tag(self, session: str, volume: str, old: str | None, new: str,
+    def swap_volume_tag(self, current: StoredTag, new: StoredTag,
                         audit: tuple[str, str | None, str]) -> bool:
-        """Compare-and-swap one volume's tag; False if ``old`` is no longer current."""
+        """Replace the row ``current`` by ``new``; False if ``current`` is no longer the row."""
         now = time.time()
         with self._write() as connection:
-            current = volume_tags.c.tag.is_(None) if old is None else volume_tags.c.tag == old
+            same_tag = (volume_tags.c.tag.is_(None) if current.tag is None
+                        else volume_tags.c.tag == current.tag)
             result = connection.execute(
                 update(volume_tags)
-                .where(volume_tags.c.session == session, volume_tags.c.volume == volume, current)
-                .values(tag=new, updated_at=now))
+                .where(volume_tags.c.session == current.session,
+                       volume_tags.c.volume == current.volume, same_tag,
+                       volume_tags.c.version == current.version,
+                       volume_tags.c.mac == current.mac)
+                .values(tag=new.tag, version=new.version, mac=new.mac, updated_at=now))
             if result.rowcount != 1:
                 return False
-            _append_audit(connection, now, session, *audit, "accepted")
+            _append_audit(connection, now, current.session, *audit, "accepted")
         return True
 
     # -- attestation: nonces and instances -------------------------------------------
@@ -244,7 +278,7 @@ class Store:
                     connection.execute(insert(instances).values(
                         token_hash=instance.token_hash, session=nonce.session,
                         service=nonce.service, measurement=instance.measurement,
-                        created_at=now, expires_at=instance.expires_at))
+                        created_at=now, expires_at=instance.expires_at, mac=instance.mac))
                 # One executemany: each attestation logs several steps.
                 connection.execute(insert(audit_log), [
                     {"at": now, "session": nonce.session, "event": audit.event, "actor": None,
@@ -261,12 +295,15 @@ class Store:
         dialect_insert = sqlite_insert if self._sqlite else postgresql_insert
         return dialect_insert(table).on_conflict_do_nothing()
 
-    def instance(self, token_hash: str) -> tuple[str, str, float] | None:
-        """(session, service, expires_at) of the instance holding this token."""
+    def instance(self, token_hash: str) -> StoredInstance | None:
+        """The row of the instance holding this token, if any."""
         with self._read() as connection:
             row = connection.execute(
                 select(instances).where(instances.c.token_hash == token_hash)).first()
-        return None if row is None else (row.session, row.service, row.expires_at)
+        if row is None:
+            return None
+        return StoredInstance(row.token_hash, row.session, row.service, row.measurement,
+                              row.expires_at, row.mac)
 
     # -- audit ------------------------------------------------------------------
 
@@ -291,11 +328,22 @@ class Store:
                 for r in reversed(rows)]
 
 
-def _put_tags(connection: Connection, session: str, tags: Mapping[str, str | None],
+_TAG_ROWS = select(volume_tags.c.session, volume_tags.c.volume, volume_tags.c.tag,
+                  volume_tags.c.version, volume_tags.c.mac)
+
+
+def _stored_tag(row: Any) -> StoredTag:
+    return StoredTag(row.session, row.volume, row.tag, row.version, row.mac)
+
+
+def _put_tags(connection: Connection, session: str, tags: Sequence[StoredTag],
               now: float) -> None:
-    for volume, tag in tags.items():
+    for row in tags:
+        if row.session != session:
+            raise ValueError(f"a tag row of session {row.session!r} stored with {session!r}")
         connection.execute(insert(volume_tags).values(
-            session=session, volume=volume, tag=tag, updated_at=now))
+            session=session, volume=row.volume, tag=row.tag, version=row.version,
+            mac=row.mac, updated_at=now))
 
 
 def _append_audit(connection: Connection, at: float, session: str | None, event_name: str,

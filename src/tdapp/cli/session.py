@@ -1,10 +1,17 @@
-"""``tdapp session create|update|read|hash``: sessions on a CAS."""
+"""``tdapp session create|update|read|hash``: sessions on a CAS.
+
+``read`` prints the session as the next update's draft: its volumes' current
+tags (as the CAS holds them now, not as the document last stated them) and
+exactly one ``predecessor:``, the current hash, so that read, edit, update
+works and never asks the CAS to move a tag back.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urlencode
 
 import click
 
@@ -12,8 +19,9 @@ from tdapp.client.announce import announced
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
 from tdapp.core.address import Address
-from tdapp.errors import InputError, UnavailableError, UsageError
+from tdapp.errors import InputError, IntegrityError, UnavailableError, UsageError
 from tdapp.policy import fill_template, parse_session, session_hash
+from tdapp.policy.emit import dump_yaml
 
 _cas_option = click.option(
     "--cas", "cas_address", default=None, metavar="HOST:PORT",
@@ -81,14 +89,37 @@ def update(file: Path, assignments: tuple[str, ...], cas_address: str | None) ->
 @click.argument("name")
 @_cas_option
 def read(name: str, cas_address: str | None) -> None:
-    """Print a session as the CAS holds it (readers only)."""
-    answer = CasClient.connect(_cas(cas_address)).request(
-        "GET", f"/v1/sessions/{quote(name, safe='/')}")
-    document = answer.get("session")
-    if not isinstance(document, str):
+    """Print a session as it stands now, ready to edit and update (readers only)."""
+    client = CasClient.connect(_cas(cas_address))
+    answer = client.request("GET", f"/v1/sessions/{quote(name, safe='/')}")
+    document, digest, creator = (answer.get(key) for key in ("session", "hash", "creator"))
+    if not (isinstance(document, str) and isinstance(digest, str) and isinstance(creator, str)):
         raise UnavailableError(f"the CAS at {_cas(cas_address)} answered without a session "
-                               "document")
-    click.echo(document.rstrip("\n"))
+                               "document, hash and creator")
+    click.echo(_update_draft(client, name, document, digest, creator).rstrip("\n"))
+
+
+def _update_draft(client: CasClient, name: str, document: str, digest: str,
+                  creator: str) -> str:
+    """The stored document with its volumes' current tags and the current hash as
+    its one predecessor."""
+    stored = parse_session(document, source=f"session {name} as the CAS sent it")
+    if session_hash(stored, creator) != digest:
+        raise IntegrityError(f"the CAS sent a document for session {name!r} that does not "
+                             f"hash to the hash it reported ({digest})")
+    content = stored.to_canonical()
+    for volume in content.get("volumes", []):
+        if "fspf_tag" in volume:
+            query = urlencode({"session": name, "volume": volume["name"]})
+            tag = client.request("GET", f"/v1/volume-tags?{query}").get("tag")
+            if isinstance(tag, str):
+                volume["fspf_tag"] = tag
+    content.pop("predecessor", None)
+    draft: dict[str, Any] = {"name": content.pop("name"), "version": content.pop("version"),
+                             "predecessor": digest, **content}
+    text = dump_yaml(draft)
+    parse_session(text, source=f"session {name} as read")  # prints only what update accepts
+    return text
 
 
 @session.command(name="hash")
