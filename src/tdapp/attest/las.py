@@ -6,7 +6,8 @@
 Plain HTTP, on loopback by default: a simulated LAS signs whatever it is asked,
 so anyone who can reach it can make evidence for any measurement. It must never
 listen beyond loopback unless told to (``allow_remote``), never reveal its
-private key, and never answer bad input with a 500.
+private key, never answer bad input with a 500, and never keep a connection
+that stopped sending past its timeouts (:class:`tdapp.serving.ServerTimeouts`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tdapp.errors import (
     UsageError,
 )
 from tdapp.home import tdapp_home
-from tdapp.serving import serve_until_signalled
+from tdapp.serving import ServerTimeouts, serve_until_signalled
 from tdapp.webjson import error_middleware, json_object
 
 DEFAULT_PORT = 18766
@@ -70,7 +71,7 @@ async def _platform(request: web.Request) -> web.Response:
 
 
 async def _evidence(request: web.Request) -> web.Response:
-    document = await json_object(request)
+    document = await json_object(request, MAX_BODY)
     unexpected = sorted(set(document) - {*_REQUEST_FIELDS, "debug"})
     if unexpected:
         raise InputError(f"unexpected field {unexpected[0][:40]!r} "
@@ -103,17 +104,19 @@ def is_loopback(host: str) -> bool:
         return False  # any other name might resolve beyond this host
 
 
-def serve(*, host: str, port: int, state_dir: Path, allow_remote: bool = False) -> None:
+def serve(*, host: str, port: int, state_dir: Path, allow_remote: bool = False,
+          timeouts: ServerTimeouts | None = None) -> None:
     """Run the LAS until SIGINT or SIGTERM; refuse a non-loopback host without ``allow_remote``."""
     if not is_loopback(host) and not allow_remote:
         raise UsageError(f"refusing to listen on {host!r}: a simulated LAS signs evidence for "
                          "anyone who can reach it; pass --allow-remote if that is intended")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_run(build_las_app(state_dir), host, port))
+    asyncio.run(_run(build_las_app(state_dir), host, port, timeouts))
 
 
-async def _run(app: web.Application, host: str, port: int) -> None:
+async def _run(app: web.Application, host: str, port: int,
+               timeouts: ServerTimeouts | None) -> None:
     def started(runners: list[web.AppRunner]) -> None:
         platform = app[_PLATFORM]
         bound = ", ".join(f"http://{Address(str(a[0]), int(a[1]))}"
@@ -124,7 +127,7 @@ async def _run(app: web.Application, host: str, port: int) -> None:
               "  sim evidence protects nothing against this host's root: development only",
               file=sys.stderr, flush=True)
 
-    await serve_until_signalled([(app, host, port, None)], started)
+    await serve_until_signalled([(app, host, port, None)], started, timeouts)
 
 
 class LasClient:

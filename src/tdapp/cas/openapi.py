@@ -34,8 +34,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "invalid request, with the reason", 401: "a client certificate is required",
                403: "refused by the access policy", 404: "no such session or volume",
+               408: "the request body stalled past the body timeout",
                409: "stale predecessor or name taken", 413: "request body too large",
-               503: "database unavailable"}
+               429: "too many requests, or too many in progress, from this client "
+                    "(Retry-After)",
+               503: "database unavailable, or too many documents being checked (Retry-After)"}
     return {str(status): _json(_ERROR, reasons[status]) for status in statuses}
 
 
@@ -60,11 +63,11 @@ def openapi_document() -> dict[str, Any]:
                            "(SCONE-compatible)",
                 "requestBody": _YAML_BODY,
                 "responses": {"201": _json(_HASHED, "created"), "200": _json(_HASHED, "updated"),
-                              **_errors(400, 401, 403, 404, 409, 413, 503)}}},
+                              **_errors(400, 401, 403, 404, 408, 409, 413, 429, 503)}}},
             "/v1/sessions": {"post": {
                 "summary": "Create a session", "requestBody": _YAML_BODY,
                 "responses": {"201": _json(_HASHED, "created"),
-                              **_errors(400, 401, 409, 413, 503)}}},
+                              **_errors(400, 401, 408, 409, 413, 429, 503)}}},
             "/v1/sessions/{name}": {
                 "get": {"summary": "Read a session (readers only)", "parameters": [_NAME],
                         "responses": read_responses},
@@ -72,7 +75,7 @@ def openapi_document() -> dict[str, Any]:
                                    "predecessor", "parameters": [_NAME],
                         "requestBody": _YAML_BODY,
                         "responses": {"200": _json(_HASHED, "updated"),
-                                      **_errors(400, 401, 403, 404, 409, 413, 503)}}},
+                                      **_errors(400, 401, 403, 404, 408, 409, 413, 429, 503)}}},
             "/session/{name}": {"get": {"summary": "Read a session (SCONE path)",
                                         "parameters": [_NAME], "responses": read_responses}},
             "/v1/attestation/nonce": {"post": {
@@ -85,7 +88,7 @@ def openapi_document() -> dict[str, Any]:
                                                            "expires_at": {"type": "number"},
                                                            "mode": {"type": "string"}}},
                                            "the nonce"),
-                              **_errors(400, 403, 404, 413, 503)}}},
+                              **_errors(400, 403, 404, 408, 413, 429, 503)}}},
             "/v1/attestation": {"post": {
                 "summary": "Evidence and an ephemeral key in; the configuration out, as a JWE "
                            "to that key",
@@ -98,7 +101,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "required": ["jwe"],
                                             "properties": {"jwe": {"type": "string"}}},
                                            "the encrypted configuration"),
-                              **_errors(400, 403, 404, 413, 503)}}},
+                              **_errors(400, 403, 404, 408, 413, 429, 503)}}},
             "/v1/volume-tags": {"put": {
                 "summary": "Report a volume's new tag (the attested instance only; "
                            "compare-and-swap on the old tag)",
@@ -109,7 +112,7 @@ def openapi_document() -> dict[str, Any]:
                                            "old": {"type": "string", "nullable": True},
                                            "new": {"type": "string"}}),
                 "responses": {"200": _json({"type": "object"}, "the tag moved"),
-                              **_errors(400, 401, 403, 404, 409, 413, 503)}},
+                              **_errors(400, 401, 403, 404, 408, 409, 413, 429, 503)}},
                 "get": {
                 "summary": "The current tag of a session's volume (readers only)",
                 "parameters": [_query("session"), _query("volume")],
@@ -135,7 +138,7 @@ def openapi_document() -> dict[str, Any]:
                                             "properties": {"identity": {"type": "string"},
                                                            "certificate": {"type": "string"}}},
                                            "the certificate"),
-                              **_errors(400, 413)}}},
+                              **_errors(400, 408, 413, 429, 503)}}},
             "/v1/health": {"get": {"summary": "Liveness and the CAS certificate fingerprint",
                                    "responses": {"200": _json({"type": "object"}, "up")}}},
         },

@@ -1,7 +1,12 @@
-"""Starting a CAS: state folder, keys, database, HTTPS listener."""
+"""Starting a CAS: state folder, keys, database, HTTPS listener.
+
+The listener is :func:`tdapp.serving.serve_until_signalled`, so the CAS has the
+same handshake, header and body timeouts as every tdapp service.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import sys
@@ -17,12 +22,13 @@ from tdapp.cas.attestation import AttestationAuthority
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.nonces import NonceMinter
-from tdapp.cas.ratelimit import RateLimit
+from tdapp.cas.ratelimit import RateLimit, WorkSlots
 from tdapp.cas.server import create_app
 from tdapp.cas.sessions import SessionAuthority
 from tdapp.cas.store import Store, database_url
 from tdapp.errors import InputError
 from tdapp.home import tdapp_home
+from tdapp.serving import ServerTimeouts, serve_until_signalled
 
 
 def default_state_dir() -> Path:
@@ -61,7 +67,8 @@ def _read(path: Path) -> bytes:
 
 def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
               master_key_file: Path | None = None, debug: bool = False,
-              rate_limit: float = 0, hardware: HardwareOptions | None = None
+              rate_limit: float = 0, hardware: HardwareOptions | None = None,
+              work_slots: WorkSlots | None = None
               ) -> tuple[web.Application, CasMaterials, Store]:
     hardware = hardware or HardwareOptions()
     verifiers = hardware.settings()
@@ -76,23 +83,29 @@ def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
                                        debug=debug, verifiers=verifiers,
                                        verify_at=hardware.verify_at)
     limiter = RateLimit(rate_limit) if rate_limit > 0 else None
-    return create_app(authority, attestation, materials, metrics, limiter), materials, store
+    app = create_app(authority, attestation, materials, metrics, limiter, work_slots)
+    return app, materials, store
 
 
 def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
           master_key_file: Path | None = None, rate_limit: float = 0,
-          hardware: HardwareOptions | None = None) -> None:
+          hardware: HardwareOptions | None = None,
+          timeouts: ServerTimeouts | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, materials, store = build_app(state_dir=state_dir, db=db, hosts=(host,),
                                       master_key_file=master_key_file, debug=debug,
                                       rate_limit=rate_limit, hardware=hardware)
-    print(f"tdapp CAS on https://{host}:{port} ({'debug' if debug else 'production'} mode)\n"
-          f"  certificate {materials.certificate_path}\n"
-          f"  fingerprint {materials.fingerprint}\n"
-          f"  database    {store.url.split('@')[-1]}", file=sys.stderr, flush=True)
+
+    def started(_: list[web.AppRunner]) -> None:
+        print(f"tdapp CAS on https://{host}:{port} "
+              f"({'debug' if debug else 'production'} mode)\n"
+              f"  certificate {materials.certificate_path}\n"
+              f"  fingerprint {materials.fingerprint}\n"
+              f"  database    {store.url.split('@')[-1]}", file=sys.stderr, flush=True)
+
     try:
-        web.run_app(app, host=host, port=port, ssl_context=materials.server_context(),
-                    print=None, access_log=None, handle_signals=True)
+        asyncio.run(serve_until_signalled(
+            [(app, host, port, materials.server_context())], started, timeouts))
     finally:
         store.close()

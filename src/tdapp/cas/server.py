@@ -5,6 +5,13 @@ answers with a reason; it decides nothing itself. The client's identity is
 the key hash of the TLS client certificate it presented (certificates are
 issued by this CAS's client CA, see ``POST /v1/identities``). No request may
 produce a 500: an unexpected failure is logged and answered as one.
+
+What a request may cost is settled before its body is read: a request that
+needs an identity and has none gets 401 unread; each endpoint reads at most its
+own body limit (small for the anonymous ones); and the requests that parse and
+judge a document hold one of their client's and, while judged, one of all
+clients' work slots (:class:`~tdapp.cas.ratelimit.WorkSlots`), so anonymous
+callers cannot keep the CAS from issuing nonces.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from tdapp.cas.attestation import AttestationAuthority, AttestationRequest
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.openapi import openapi_document
-from tdapp.cas.ratelimit import RateLimit
+from tdapp.cas.ratelimit import RateLimit, WorkSlots
 from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
 from tdapp.errors import (
     ConflictError,
@@ -38,9 +45,12 @@ from tdapp.errors import (
 from tdapp.policy import Identity
 from tdapp.policy.reader import MAX_CHARS as MAX_DOCUMENT_BYTES
 from tdapp.tls import certificate_key_hash, issue_client_certificate, pem
-from tdapp.webjson import error_middleware, json_object
+from tdapp.webjson import error_middleware, json_object, parse_json_object, read_body
 
-MAX_BODY = MAX_DOCUMENT_BYTES
+MAX_BODY = MAX_DOCUMENT_BYTES  # a session document; every other endpoint takes less
+ATTESTATION_MAX_BODY = 256 * 1024  # a DCAP quote with its collateral is under 40 KiB
+CSR_MAX_BODY = 16 * 1024  # a PEM CSR for an EC key is under 1 KiB
+SMALL_JSON_MAX_BODY = 4096  # nonce requests and tag reports are under 500 bytes
 log = logging.getLogger("tdapp.cas")
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -48,6 +58,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _AUTHORITY = web.AppKey("authority", SessionAuthority)
 _ATTESTATION = web.AppKey("attestation", AttestationAuthority)
 _MATERIALS = web.AppKey("materials", CasMaterials)
+_SLOTS = web.AppKey("work slots", WorkSlots)
 
 
 def _status_of(error: TdappError) -> int:
@@ -76,36 +87,57 @@ async def _in_thread(function: Callable[..., T], *args: Any) -> T:
         None, functools.partial(function, *args))
 
 
-async def _text_body(request: web.Request) -> str:
-    body = await request.read()
+def _text(body: bytes) -> str:
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError("the request body is not UTF-8 text") from None
 
 
+def _required_identity(request: web.Request) -> Identity:
+    """The client's identity, or 401 before anything of the body is read or parsed."""
+    who = client_identity(request)
+    if who is None:
+        raise AuthenticationRequired("a client certificate is required "
+                                     "(run: tdapp cas attest HOST:PORT)")
+    return who
+
+
+async def _judged(request: web.Request, limit: int, judge: Callable[[bytes], T]) -> T:
+    """Read the body (in one of the client's work slots) and judge it off the event loop
+    (in one of all clients' work slots)."""
+    slots = request.app[_SLOTS]
+    with slots.for_client(request.remote or "unknown"):
+        body = await read_body(request, limit)
+        with slots.for_work():
+            return await _in_thread(judge, body)
+
+
 # -- handlers -------------------------------------------------------------------------
 
 
 async def submit_session(request: web.Request) -> web.Response:
-    text = await _text_body(request)
-    name, digest, created = await _in_thread(
-        request.app[_AUTHORITY].submit, text, client_identity(request))
+    who = _required_identity(request)
+    authority = request.app[_AUTHORITY]
+    name, digest, created = await _judged(
+        request, MAX_BODY, lambda body: authority.submit(_text(body), who))
     return web.json_response({"name": name, "hash": digest}, status=201 if created else 200)
 
 
 async def create_session(request: web.Request) -> web.Response:
-    text = await _text_body(request)
-    name, digest = await _in_thread(
-        request.app[_AUTHORITY].create, text, client_identity(request))
+    who = _required_identity(request)
+    authority = request.app[_AUTHORITY]
+    name, digest = await _judged(
+        request, MAX_BODY, lambda body: authority.create(_text(body), who))
     return web.json_response({"name": name, "hash": digest}, status=201)
 
 
 async def update_session(request: web.Request) -> web.Response:
-    text = await _text_body(request)
+    who = _required_identity(request)
+    authority = request.app[_AUTHORITY]
     name = request.match_info["name"]
-    digest = await _in_thread(
-        request.app[_AUTHORITY].update, name, text, client_identity(request))
+    digest = await _judged(
+        request, MAX_BODY, lambda body: authority.update(name, _text(body), who))
     return web.json_response({"name": name, "hash": digest})
 
 
@@ -138,13 +170,16 @@ async def read_audit(request: web.Request) -> web.Response:
 
 async def certify_identity(request: web.Request) -> web.Response:
     """Issue a client certificate for the key in a CSR (proof of possession checked)."""
-    body = await request.read()
-    try:
-        csr = x509.load_pem_x509_csr(body)
-    except ValueError:
-        raise InputError("the body must be a PEM certificate signing request") from None
     materials = request.app[_MATERIALS]
-    certificate = issue_client_certificate(csr, materials.client_ca_key, materials.client_ca)
+
+    def certify(body: bytes) -> x509.Certificate:
+        try:
+            csr = x509.load_pem_x509_csr(body)
+        except ValueError:
+            raise InputError("the body must be a PEM certificate signing request") from None
+        return issue_client_certificate(csr, materials.client_ca_key, materials.client_ca)
+
+    certificate = await _judged(request, CSR_MAX_BODY, certify)
     return web.json_response(
         {"identity": certificate_key_hash(certificate), "certificate": pem(certificate).decode()},
         status=201)
@@ -160,7 +195,7 @@ def _string(body: dict[str, Any], key: str, *, optional: bool = False) -> str | 
 
 
 async def issue_nonce(request: web.Request) -> web.Response:
-    body = await json_object(request)
+    body = await json_object(request, SMALL_JSON_MAX_BODY)
     session, service = _string(body, "session"), _string(body, "service")
     assert session is not None and service is not None
     nonce, expires_at, mode = await _in_thread(request.app[_ATTESTATION].issue_nonce, session,
@@ -170,8 +205,9 @@ async def issue_nonce(request: web.Request) -> web.Response:
 
 
 async def attest(request: web.Request) -> web.Response:
-    attestation = AttestationRequest.from_json(await json_object(request))
-    sealed, _ = await _in_thread(request.app[_ATTESTATION].attest, attestation)
+    authority = request.app[_ATTESTATION]
+    sealed, _ = await _judged(request, ATTESTATION_MAX_BODY, lambda body: authority.attest(
+        AttestationRequest.from_json(parse_json_object(body))))
     return web.json_response({"jwe": sealed})
 
 
@@ -180,7 +216,7 @@ async def update_tag(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationRequired("a tag update needs the instance's token "
                                      "(Authorization: Bearer …)")
-    body = await json_object(request)
+    body = await json_object(request, SMALL_JSON_MAX_BODY)
     session, volume = _string(body, "session"), _string(body, "volume")
     old, new = _string(body, "old", optional=True), _string(body, "new")
     assert session is not None and volume is not None and new is not None
@@ -198,7 +234,8 @@ async def health(request: web.Request) -> web.Response:
 
 def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
                materials: CasMaterials, metrics: CasMetrics,
-               rate_limit: RateLimit | None = None) -> web.Application:
+               rate_limit: RateLimit | None = None,
+               work_slots: WorkSlots | None = None) -> web.Application:
     errors = error_middleware(service="CAS", max_body=MAX_BODY, status_of=_status_of)
     middlewares = [metrics.middleware(), errors]
     if rate_limit is not None:
@@ -208,6 +245,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     app[_AUTHORITY] = authority
     app[_ATTESTATION] = attestation
     app[_MATERIALS] = materials
+    app[_SLOTS] = work_slots or WorkSlots()
     # Session names may hold "/" (namespaces), so a name is always the rest of the
     # path, and what is about a session (its volumes, its audit log) takes it as a query.
     app.router.add_post("/session", submit_session)

@@ -46,18 +46,26 @@ def cas() -> None:
 @click.option("--verify-at", type=float, default=None, metavar="UNIX_TIME",
               help="Verify hardware evidence as of this time instead of now (to replay "
                    "recorded evidence; never in production).")
+@click.option("--header-timeout", default=10.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0, min_open=True),
+              help="Close a connection whose TLS handshake or request headers take longer.")
+@click.option("--body-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0, min_open=True),
+              help="Close a connection whose request body pauses longer.")
 def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: bool,
           master_key_file: Path | None, rate_limit: float, collateral: Path | None,
           pccs: str | None, snp_ark: Path | None, snp_ask: Path | None,
-          verify_at: float | None) -> None:
+          verify_at: float | None, header_timeout: float, body_timeout: float) -> None:
     """Run the CAS over HTTPS (its key and certificate are made on first start and kept)."""
     # Imported here: the server stack (aiohttp, SQLAlchemy, Alembic) would slow every command.
     from tdapp.cas.serve import HardwareOptions, default_state_dir
     from tdapp.cas.serve import serve as run
+    from tdapp.serving import ServerTimeouts
 
     run(host=host, port=port, db=db, state_dir=state_dir or default_state_dir(), debug=debug,
         master_key_file=master_key_file, rate_limit=rate_limit,
-        hardware=HardwareOptions(collateral, pccs, snp_ark, snp_ask, verify_at))
+        hardware=HardwareOptions(collateral, pccs, snp_ark, snp_ask, verify_at),
+        timeouts=ServerTimeouts(header_timeout, body_timeout))
 
 
 @cas.command()

@@ -22,7 +22,14 @@ def las() -> None:
               help="Listen on a non-loopback address. A simulated LAS signs evidence for any "
                    "measurement it is asked for, so whoever reaches it can pass 'sim' "
                    "attestation.")
-def serve(host: str, port: int, state_dir: Path | None, allow_remote: bool) -> None:
+@click.option("--header-timeout", default=10.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0, min_open=True),
+              help="Close a connection whose request headers take longer.")
+@click.option("--body-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0, min_open=True),
+              help="Close a connection whose request body pauses longer.")
+def serve(host: str, port: int, state_dir: Path | None, allow_remote: bool,
+          header_timeout: float, body_timeout: float) -> None:
     """Run the simulated LAS over plain HTTP; print its platform id at start.
 
     Its platform key is made on first start (STATE_DIR/platform.key, mode 0600)
@@ -33,6 +40,7 @@ def serve(host: str, port: int, state_dir: Path | None, allow_remote: bool) -> N
     # Imported here: aiohttp would slow every other command.
     from tdapp.attest.las import default_state_dir
     from tdapp.attest.las import serve as run
+    from tdapp.serving import ServerTimeouts
 
     run(host=host, port=port, state_dir=state_dir or default_state_dir(),
-        allow_remote=allow_remote)
+        allow_remote=allow_remote, timeouts=ServerTimeouts(header_timeout, body_timeout))

@@ -4,9 +4,11 @@
 ``multipart/form-data`` (its first file part) and answers ``text/plain``: one
 line, the download URL ``BASE/d/<token>/<name>``. ``GET /d/<token>/<name>``
 answers the bytes. Errors are one ``text/plain`` line with a status saying
-their kind (400, 404, 413). Uploads stream to a spool file and are published
-only when complete (and as long as Content-Length said); must never expose a
-partial or oversized upload, nor keep one.
+their kind (400, 404, 408, 413). Uploads stream to a spool file and are published
+only when complete (and as long as Content-Length said); an upload that pauses
+longer than the body timeout (:class:`tdapp.serving.ServerTimeouts`) is cut off,
+its connection closed and its spool file deleted. Must never expose a partial or
+oversized upload, nor keep one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from aiohttp import BodyPartReader, StreamReader, web
 
 from tdapp.core.address import Address
 from tdapp.home import private_dir
-from tdapp.serving import serve_until_signalled
+from tdapp.serving import BodyTimeout, ServerTimeouts, serve_until_signalled, within_body_deadline
 from tdapp.transfer.store import (
     CHUNK,
     FolderStore,
@@ -122,7 +124,7 @@ async def _upload(request: web.Request) -> web.Response:
                 requested, size = await _receive_multipart(request, handle, limit)
             else:
                 requested = request.query.get("name") or request.headers.get("X-File-Name")
-                size = await _copy(request.content, handle, limit)
+                size = await _copy(request, request.content, handle, limit)
             if length is not None and request.content.total_bytes != length:
                 raise Rejected(400, f"upload incomplete: {request.content.total_bytes} of "
                                     f"{length} bytes received")
@@ -132,6 +134,10 @@ async def _upload(request: web.Request) -> web.Response:
         remove_quietly(spooled)
         log.info("upload refused: %s", error.reason)
         raise
+    except BodyTimeout as error:
+        remove_quietly(spooled)
+        log.info("upload from %s stalled (%s); nothing kept", request.remote, error)
+        raise Rejected(408, f"upload incomplete: {error}") from None
     except (Exception, asyncio.CancelledError) as error:
         remove_quietly(spooled)
         if isinstance(error, OSError | asyncio.CancelledError) or "payload" in type(
@@ -146,13 +152,16 @@ async def _upload(request: web.Request) -> web.Response:
     return text(200, f"{base}/d/{token}/{name}")
 
 
-async def _copy(source: StreamReader | BodyPartReader, handle: BinaryIO, limit: int) -> int:
+async def _copy(request: web.Request, source: StreamReader | BodyPartReader,
+                handle: BinaryIO, limit: int) -> int:
     size = 0
     while True:
+        # Each read waits at most the body timeout: a large upload may take long, but
+        # may not pause long.
         if isinstance(source, BodyPartReader):
-            chunk = await source.read_chunk(CHUNK)
+            chunk = await within_body_deadline(request, source.read_chunk(CHUNK))
         else:
-            chunk = await source.read(CHUNK)
+            chunk = await within_body_deadline(request, source.read(CHUNK))
         if not chunk:
             return size
         size += len(chunk)
@@ -166,14 +175,15 @@ async def _receive_multipart(request: web.Request, handle: BinaryIO,
     """Copy the first file part to ``handle``; skip the rest; ``(filename, size)``."""
     reader = await request.multipart()
     while True:
-        part = await reader.next()
+        part = await within_body_deadline(request, reader.next())
         if part is None:
             raise Rejected(400, "the multipart body has no file part")
         if isinstance(part, BodyPartReader) and part.filename is not None:
-            size = await _copy(part, handle, limit)
+            size = await _copy(request, part, handle, limit)
             break
-        await part.release()
-    while await request.content.read(CHUNK):  # the rest, read and dropped within bounds
+        await within_body_deadline(request, part.release())
+    # The rest, read and dropped within bounds.
+    while await within_body_deadline(request, request.content.read(CHUNK)):
         if request.content.total_bytes > limit + MULTIPART_SLACK:
             raise _too_large(limit)
     return part.filename, size
@@ -194,15 +204,16 @@ def is_wildcard(host: str) -> bool:
 
 
 def serve(*, host: str, port: int, store: ObjectStore, max_size: int = DEFAULT_MAX_SIZE,
-          public_url: str | None = None) -> None:
+          public_url: str | None = None, timeouts: ServerTimeouts | None = None) -> None:
     """Run the transfer service until SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_transfer_app(store, max_size=max_size, public_url=public_url)
-    asyncio.run(_run(app, host, port))
+    asyncio.run(_run(app, host, port, timeouts))
 
 
-async def _run(app: web.Application, host: str, port: int) -> None:
+async def _run(app: web.Application, host: str, port: int,
+               timeouts: ServerTimeouts | None) -> None:
     settings = app[_SETTINGS]
 
     def started(runners: list[web.AppRunner]) -> None:
@@ -217,7 +228,7 @@ async def _run(app: web.Application, host: str, port: int) -> None:
               f"  max size {settings.max_size} bytes",
               file=sys.stderr, flush=True)
 
-    await serve_until_signalled([(app, host, port, None)], started)
+    await serve_until_signalled([(app, host, port, None)], started, timeouts)
 
 
 def open_store(store_dir: Path | None, s3_url: str | None) -> ObjectStore:
