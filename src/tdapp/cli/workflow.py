@@ -74,8 +74,12 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None) ->
               help="How the program sees its volumes: fuse decrypts as it reads (volumes larger "
                    "than memory), tmpfs decrypts them whole into memory first; auto takes fuse "
                    "for volumes over 64 MiB when /dev/fuse is usable.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=3600.0,
+              show_default=True, metavar="SECONDS",
+              help="Kill the program past this time; the run then fails with exit code 9, "
+                   "moving no tag and uploading nothing.")
 def run(image: str, session_id: str, cas_address: str, url: str, push: str | None,
-        las_address: str | None, tee: str, shield: str) -> None:
+        las_address: str | None, tee: str, shield: str, timeout: float) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.run import RunRequest, run_dapp
 
@@ -83,6 +87,6 @@ def run(image: str, session_id: str, cas_address: str, url: str, push: str | Non
                                  cas=Address.parse(cas_address), url=url,
                                  push=push or announced("push"),
                                  las=las_address or announced("las"), tee=tee,
-                                 shield=shield),
+                                 shield=shield, timeout=timeout),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
     click.echo(result)
