@@ -178,9 +178,9 @@ def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey | None, tag: Volume
     what changed and prints the new tag. A chunk that fails authentication is an
     I/O error to the reader, and makes this command fail naming the file and chunk.
     """
+    from tdapp.core.atomic import write_atomically
     from tdapp.errors import IntegrityError
     from tdapp.runtime.shield import end_with_parent, read_key_message, serve_volume
-    from tdapp.volume.layout import write_atomically
 
     if key_fd is not None:
         if key is not None or tag is not None:
@@ -200,7 +200,8 @@ def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey | None, tag: Volume
                           allow_other=allow_other)
     if report is not None:
         write_atomically(report, json.dumps({"tag": result.tag.hex(),
-                                             "failures": result.failures}).encode(), mode=0o600)
+                                             "failures": result.failures}).encode(),
+                         permissions=0o600)
     click.echo(result.tag.hex())
     if result.failures:
         more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tdapp.core.canonical import canonical_json
 from tdapp.errors import InputError, IntegrityError, WrongKeyError
 from tdapp.volume.keys import VolumeKey, VolumeTag
 from tdapp.volume.paths import check_stored_path, escape_path, find_clash
@@ -110,9 +111,7 @@ class Manifest:
                 for path, entry in sorted(self.dirs.items())
             },
         }
-        return json.dumps(
-            document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode("utf-8")
+        return canonical_json(document)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tdapp.core.atomic import TEMP_SUFFIX, write_atomically
 from tdapp.errors import ConflictError, InputError, IntegrityError
 from tdapp.volume.fspf import MAX_FSPF_SIZE, PERMISSION_BITS
 from tdapp.volume.paths import check_stored_path, escape_path
@@ -35,7 +36,7 @@ FSPF_NAME = "volume.fspf"
 OBJECTS_DIR = "objects"
 PLAIN_DIR = "plain"
 KNOWN_ENTRIES = frozenset({FSPF_NAME, OBJECTS_DIR, PLAIN_DIR})
-_TEMP_SUFFIX = ".tdapp-tmp"
+_TEMP_SUFFIXES = (".tdapp-tmp", TEMP_SUFFIX)  # the first: files of older versions
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class VolumeFolder:
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     os.unlink(name, dir_fd=objects)
         for entry in os.scandir(self.root):
-            if entry.name.endswith(_TEMP_SUFFIX):
+            if entry.name.endswith(_TEMP_SUFFIXES):
                 with contextlib.suppress(FileNotFoundError):
                     Path(entry.path).unlink()
 
@@ -355,31 +356,6 @@ def open_regular_file(path: str | Path, *, dir_fd: int | None = None,
         raise IntegrityError(f"{name} in the volume is not a regular file")
     os.set_blocking(fd, True)
     return fd
-
-
-def write_atomically(target: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary sibling, fsync it, rename it over ``target``."""
-    temporary = target.with_name(f".{target.name}.{os.urandom(6).hex()}{_TEMP_SUFFIX}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb", closefd=True) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
-    fsync_directory(target.parent)
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
