@@ -103,9 +103,18 @@ def _required_identity(request: web.Request) -> Identity:
     return who
 
 
+CHEAP_BODY = 8 * 1024
+"""Bodies up to this size (declared by Content-Length) are parsed without a work slot."""
+
+
 async def _judged(request: web.Request, limit: int, judge: Callable[[bytes], T]) -> T:
     """Read the body (in one of the client's work slots) and judge it off the event loop
     (in one of all clients' work slots)."""
+    length = request.content_length
+    if length is not None and length <= CHEAP_BODY:
+        # A small body is cheap to parse: bounding it would only make honest
+        # concurrent callers (replicas' racers, many updates) retry.
+        return await _in_thread(judge, await read_body(request, limit))
     slots = request.app[_SLOTS]
     with slots.for_client(request.remote or "unknown"):
         body = await read_body(request, limit)
