@@ -7,18 +7,22 @@ active addresses.
 
 :class:`WorkSlots` bounds the requests that make the CAS parse and judge a
 document (sessions, attestations, certificate requests): a few per client
-address at once (429 past that, taken before the body is read) and a few in all
-(503 past that, taken once the body is in), so that no client, anonymous or
-not, can make the CAS too busy to issue nonces.
+address at once, taken before the body is read, the next ones queued behind
+them up to a bound (short for anonymous callers) and refused with 429 past it;
+and a few in all while documents are parsed and judged, queued up to a bound
+and refused with 503 past it. So no client, anonymous or not, can make the CAS
+too busy to issue nonces, and a refusal costs no parse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -79,47 +83,102 @@ DEFAULT_WORK_TOTAL = 4
 _RETRY_AFTER = 1.0
 
 
-class WorkSlots:
-    """Counts of expensive requests in progress, per client address and in all.
+class Caller(Enum):
+    """Who asks for work, which decides how long a queue it may form."""
 
-    Slots are taken and given back on the event loop only, so plain counters do.
+    ANONYMOUS = "anonymous"  # no client certificate: nothing to attribute its requests to
+    IDENTIFIED = "identified"  # a certified identity: its requests are audited
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    per_client: int = DEFAULT_WORK_PER_CLIENT  # in progress at once per client address
+    total: int = DEFAULT_WORK_TOTAL  # being parsed and judged at once, all clients
+    anonymous_waiting: int = 2  # queued per address behind its own, without an identity
+    identified_waiting: int = 64  # queued per address behind its own, with one
+    total_waiting: int = 64  # bodies read and queued for a work slot, all clients
+
+    def __post_init__(self) -> None:
+        if min(self.per_client, self.total) < 1 or min(
+                self.anonymous_waiting, self.identified_waiting, self.total_waiting) < 0:
+            raise ValueError("work limits: at least one slot, and no negative queue")
+
+
+class _Queue:
+    """``capacity`` holders at once, the others waiting in turn (on the event loop only)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.semaphore = asyncio.Semaphore(capacity)
+        self.waiting = 0
+        self.users = 0  # holders and waiters: the queue can be dropped at 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, max_waiting: int, refusal: Callable[[], Overloaded]
+                   ) -> AsyncIterator[None]:
+        if self.semaphore.locked():
+            if self.waiting >= max_waiting:
+                raise refusal()
+            self.waiting += 1
+            try:
+                await self.semaphore.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.semaphore.acquire()  # free: returns at once
+        try:
+            yield
+        finally:
+            self.semaphore.release()
+
+
+class WorkSlots:
+    """Bounded queues for expensive requests: one per client address, one for all.
+
+    A client's request waits behind that client's own requests in progress, in a
+    short queue without an identity and a longer one with; past its queue it gets
+    429. Once its body is read it waits for one of all clients' slots; past that
+    queue it gets 503. Both refusals carry a Retry-After, and cost no parse.
     """
 
-    def __init__(self, per_client: int = DEFAULT_WORK_PER_CLIENT,
-                 total: int = DEFAULT_WORK_TOTAL) -> None:
-        if per_client < 1 or total < 1:
-            raise ValueError("work slots must be at least 1")
-        self.per_client = per_client
-        self.total = total
-        self._by_client: dict[str, int] = {}
-        self._in_use = 0
+    def __init__(self, limits: WorkLimits | None = None) -> None:
+        self.limits = limits or WorkLimits()
+        self._clients: dict[str, _Queue] = {}
+        self._work = _Queue(self.limits.total)
 
-    @contextlib.contextmanager
-    def for_client(self, client: str) -> Iterator[None]:
-        """One of ``client``'s slots for the whole request, or Overloaded (429)."""
-        held = self._by_client.get(client, 0)
-        if held >= self.per_client:
-            raise Overloaded(f"too many requests in progress from {client} (at most "
-                             f"{self.per_client} at once); retry when one is answered",
-                             status=429, retry_after=_RETRY_AFTER)
-        self._by_client[client] = held + 1
-        try:
-            yield
-        finally:
-            left = self._by_client[client] - 1
-            if left:
-                self._by_client[client] = left
-            else:
-                del self._by_client[client]
+    @contextlib.asynccontextmanager
+    async def for_client(self, client: str, caller: Caller) -> AsyncIterator[None]:
+        """One of ``client``'s slots for the whole request (queued), or Overloaded (429)."""
+        limits = self.limits
+        queue = self._clients.get(client)
+        if queue is None:
+            queue = self._clients[client] = _Queue(limits.per_client)
+        waiting = (limits.anonymous_waiting if caller is Caller.ANONYMOUS
+                   else limits.identified_waiting)
 
-    @contextlib.contextmanager
-    def for_work(self) -> Iterator[None]:
-        """One of all clients' slots while a document is parsed and judged, or Overloaded (503)."""
-        if self._in_use >= self.total:
-            raise Overloaded(f"the CAS is busy ({self.total} documents are being checked); "
-                             "retry shortly", status=503, retry_after=_RETRY_AFTER)
-        self._in_use += 1
+        def refusal() -> Overloaded:
+            return Overloaded(f"too many requests in progress from {client} (at most "
+                              f"{limits.per_client} at once and {waiting} waiting); retry "
+                              "when one is answered", status=429, retry_after=_RETRY_AFTER)
+
+        queue.users += 1
         try:
-            yield
+            async with queue.slot(waiting, refusal):
+                yield
         finally:
-            self._in_use -= 1
+            queue.users -= 1
+            if queue.users == 0:
+                del self._clients[client]
+
+    @contextlib.asynccontextmanager
+    async def for_work(self) -> AsyncIterator[None]:
+        """One of all clients' slots while a document is parsed and judged (queued), or
+        Overloaded (503)."""
+        limits = self.limits
+
+        def refusal() -> Overloaded:
+            return Overloaded(f"the CAS is busy ({limits.total} documents are being checked "
+                              f"and {limits.total_waiting} wait); retry shortly",
+                              status=503, retry_after=_RETRY_AFTER)
+
+        async with self._work.slot(limits.total_waiting, refusal):
+            yield

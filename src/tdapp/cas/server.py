@@ -31,7 +31,7 @@ from tdapp.cas.attestation import AttestationAuthority, AttestationRequest
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.openapi import openapi_document
-from tdapp.cas.ratelimit import RateLimit, WorkSlots
+from tdapp.cas.ratelimit import Caller, RateLimit, WorkSlots
 from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
 from tdapp.errors import (
     ConflictError,
@@ -113,12 +113,13 @@ async def _judged(request: web.Request, limit: int, judge: Callable[[bytes], T])
     length = request.content_length
     if length is not None and length <= CHEAP_BODY:
         # A small body is cheap to parse: bounding it would only make honest
-        # concurrent callers (replicas' racers, many updates) retry.
+        # concurrent callers (replicas' racers, many updates) wait or retry.
         return await _in_thread(judge, await read_body(request, limit))
     slots = request.app[_SLOTS]
-    with slots.for_client(request.remote or "unknown"):
+    caller = Caller.ANONYMOUS if client_identity(request) is None else Caller.IDENTIFIED
+    async with slots.for_client(request.remote or "unknown", caller):
         body = await read_body(request, limit)
-        with slots.for_work():
+        async with slots.for_work():
             return await _in_thread(judge, body)
 
 
