@@ -152,7 +152,7 @@ def runtime(server: CasServer) -> CasClient:
 
 def instance_token(backend: Backend, name: str, service: str) -> str:
     released = obtain_configuration(runtime(backend.server), name, service, lambda _d, _m: {})
-    return released.token
+    return released.token.get_secret_value()
 
 
 def release(backend: Backend, name: str, service: str) -> httpx.Response:

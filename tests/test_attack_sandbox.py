@@ -107,7 +107,8 @@ elif mode == "stop-parent":
         os.kill(parent, signal.SIGSTOP)
 elif mode == "env":
     print(json.dumps({"env": dict(os.environ), "argv": sys.argv[2:],
-                      "file": read("/etc/app/secret.conf")}))
+                      "file": read("/etc/app/secret.conf"),
+                      "file_mode": os.stat("/etc/app/secret.conf").st_mode & 0o7777}))
 elif mode == "wait":
     ready()
 elif mode == "hang":
@@ -287,6 +288,13 @@ def test_a_placeholder_like_value_reaches_the_program_unchanged(image: Path) -> 
     assert seen["env"]["A"] == "{fd:0}" and seen["env"]["B"] == "{fd:1}"
     assert seen["argv"] == ["{fd:0}"]
     assert seen["file"] == "the injected file"
+
+
+def test_an_injected_file_has_the_permission_the_session_gives(image: Path) -> None:
+    files = {"/etc/app/secret.conf": b"the injected file"}
+    seen = output(run_sandboxed(spec(image, "env", files=files,
+                                     file_modes={"/etc/app/secret.conf": 0o400}), echo=False))
+    assert seen["file_mode"] == 0o400
 
 
 # ------------------------------------------------------ another local user

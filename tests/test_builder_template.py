@@ -19,12 +19,14 @@ from tdapp.policy import Session, fill_template, parse_session, template_variabl
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "copy_dapp"
 Cli = Callable[..., CliResult]
 VALUES = {"SESSION": "my-session", "INPUT_FSPF_KEY": "1" * 64, "INPUT_FSPF_TAG": "2" * 32,
-          "OUTPUT_FSPF_KEY": "3" * 64, "OUTPUT_FSPF_TAG": "4" * 32}
+          "OUTPUT_FSPF_KEY": "3" * 64, "OUTPUT_FSPF_TAG": "4" * 32,
+          "LAS_PLATFORM": "5" * 64}
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TDAPP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TDAPP_LAS", "127.0.0.1:1")  # no LAS: the template names $LAS_PLATFORM
     for command in (build, measure, images, image):
         monkeypatch.setitem(tdapp.cli.cli.commands, str(command.name), command)
     return tmp_path / "home"
@@ -64,9 +66,10 @@ def test_the_walkthrough_template_parses_and_names_the_measurement(
     volume = session.volume("encrypted-output-files")
     assert volume is not None and volume.fspf_tag == "4" * 32
     assert f"     image_name: copy_demo\n     mrenclaves: [{value}]\n" in text  # the seed's form
-    # No security section: a debug CAS treats it as sim.
-    assert session.security.attestation.mode is None
-    assert "security" not in text
+    # The mode is fixed in the template: sim, from the LAS platform the client fills in.
+    assert session.security.attestation.mode == "sim"
+    assert session.security.attestation.platforms == ("5" * 64,)
+    assert "platforms: [$LAS_PLATFORM]" in text
 
 
 def test_no_template_is_written_without_o(cli: Cli, app: Path, tmp_path: Path,

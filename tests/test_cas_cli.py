@@ -71,10 +71,15 @@ def test_create_prints_the_hash_that_session_hash_computes_locally(
     name = unique_name("cli")
     values = assignments(name)
     created = one_hash(setup.run(setup.alice, "session", "create", template, *values))
-    local = one_hash(setup.alice.tdapp("session", "hash", template, *values))
+    # The seed's template names no mode: `hash` asks the CAS which one it would fix.
+    local = one_hash(setup.run(setup.alice, "session", "hash", template, *values))
     assert local == created
     # The hash covers the creator: the same document is another session for Bob.
-    assert one_hash(setup.bob.tdapp("session", "hash", template, *values)) != created
+    assert one_hash(setup.run(setup.bob, "session", "hash", template, *values)) != created
+    # A document that states its mode is hashed without asking any CAS.
+    stated = template.with_name("stated.yml")
+    stated.write_text(template.read_text() + "\nsecurity:\n  attestation:\n    mode: hardware\n")
+    assert one_hash(setup.alice.tdapp("session", "hash", stated, *values)) == local
     # And the name form asks the CAS.
     assert one_hash(setup.run(setup.alice, "session", "hash", name)) == created
 

@@ -29,13 +29,18 @@ from cas_fixtures import (
 )
 
 from tdapp.policy import parse_session, session_hash
+from tdapp.policy.modes import with_fixed_mode
+from tdapp.policy.security import AttestationMode
 
 WRITERS = 6
 
 
 def expected_hash(doc: SessionDoc, creator: str) -> str:
-    """The hash the CAS must give ``doc`` (computed here from the document we send)."""
-    return session_hash(parse_session(doc.text()), creator)
+    """The hash the CAS must give ``doc`` (computed here from the document we send, with
+    the mode a production CAS fixes in it)."""
+    as_stored = with_fixed_mode(parse_session(doc.text()), predecessor=None,
+                                default=AttestationMode.HARDWARE, trusted_platforms=())
+    return session_hash(as_stored, creator)
 
 
 def create(alice: User, server: CasServer, doc: SessionDoc) -> str:

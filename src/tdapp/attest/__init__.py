@@ -12,7 +12,7 @@ The LAS (aiohttp) is not imported here, to keep the verifying side light.
 """
 
 from tdapp.attest.binding import REPORT_DATA_SIZE, report_data
-from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError
+from tdapp.attest.claims import HARDWARE_TEES, TEE_KINDS, Claims, EvidenceError, Tee
 from tdapp.attest.policy import (
     AllOf,
     AnyOf,
@@ -38,6 +38,7 @@ from tdapp.attest.verifiers import (
 )
 
 __all__ = [
+    "HARDWARE_TEES",
     "REPORT_DATA_SIZE",
     "TEE_KINDS",
     "AllOf",
@@ -56,6 +57,7 @@ __all__ = [
     "SimVerifier",
     "Success",
     "TcbStatusTolerated",
+    "Tee",
     "TeeIn",
     "UnsafeNoOp",
     "Verdict",

@@ -11,12 +11,32 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 
 from tdapp.attest.binding import REPORT_DATA_SIZE
 from tdapp.errors import RefusedError
 
-TEE_KINDS = ("sim", "sgx", "tdx", "snp")
+
+class Tee(StrEnum):
+    """The kinds of evidence tdapp verifies."""
+
+    SIM = "sim"  # signed by a LAS's platform key: no hardware behind it
+    SGX = "sgx"  # Intel SGX DCAP quote of an enclave
+    TDX = "tdx"  # Intel TDX DCAP quote of a trust domain
+    SNP = "snp"  # AMD SEV-SNP attestation report of a VM
+
+    @property
+    def is_hardware(self) -> bool:
+        match self:
+            case Tee.SIM:
+                return False
+            case Tee.SGX | Tee.TDX | Tee.SNP:
+                return True
+
+
+TEE_KINDS = tuple(kind.value for kind in Tee)
+HARDWARE_TEES = frozenset(kind for kind in Tee if kind.is_hardware)
 
 
 class EvidenceError(RefusedError):
@@ -39,7 +59,7 @@ class Claims:
     ``host_data`` (hex), ``policy`` (int), and others for display.
     """
 
-    tee: str
+    tee: Tee
     measurement: str
     report_data: bytes
     platform: str
@@ -50,6 +70,7 @@ class Claims:
     values: Mapping[str, str | int] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tee", Tee(self.tee))  # a verifier bug if not a known kind
         # A wrong size here is a verifier bug, not bad evidence: fail loudly.
         if len(self.report_data) != REPORT_DATA_SIZE:
             raise ValueError(f"report_data must be {REPORT_DATA_SIZE} bytes, "

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-from tdapp.attest.claims import Claims, EvidenceError, base64_field
+from tdapp.attest.claims import Claims, EvidenceError, Tee, base64_field
 
 TEES = ("sgx", "tdx")
 MAX_QUOTE_BYTES = 64 * 1024
@@ -68,7 +68,7 @@ class DcapVerifier:
     def __init__(self, tee: str, *, collateral: CollateralSource | None = None) -> None:
         if tee not in TEES:
             raise ValueError(f"DcapVerifier is for {' or '.join(TEES)}, not {tee}")
-        self.tee = tee
+        self.tee = Tee(tee)
         self._collateral = collateral
 
     def verify(self, evidence: Mapping[str, Any], *, at: float) -> Claims:
@@ -141,7 +141,7 @@ def _claims(document: Mapping[str, Any], expected_tee: str | None) -> Claims:
                   **{f"rtmr{i}": str(body[f"rt_mr{i}"]) for i in range(4)}}
         debug = bool(bytes.fromhex(str(body["td_attributes"]))[0] & _TD_DEBUG)
         measurement = str(body["mr_td"])
-    return Claims(tee=tee, measurement=measurement, report_data=report_data,
+    return Claims(tee=Tee(tee), measurement=measurement, report_data=report_data,
                   platform=platform, debug=debug, tcb_status=status, advisories=advisories,
                   values=MappingProxyType(values))
 

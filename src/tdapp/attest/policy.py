@@ -276,14 +276,14 @@ class AnyOf(_Shown):
 
 
 class UnsafeNoOp(_Shown):
-    """Accepts any claims without checking anything: only for ``mode: none``.
+    """Accepts any claims, or none, without checking anything: only for ``mode: none``.
 
     With it, a secret goes to whoever asks; it protects nothing.
     """
 
-    def verify(self, claims: Claims) -> Verdict:
-        log.warning("attestation policy UnsafeNoOp: %s evidence accepted without any check",
-                    claims.tee)
+    def verify(self, claims: Claims | None) -> Verdict:
+        log.warning("attestation policy UnsafeNoOp: %s accepted without any check",
+                    "no evidence" if claims is None else f"{claims.tee} evidence")
         return Success()
 
 

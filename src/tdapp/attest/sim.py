@@ -31,12 +31,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdapp.attest.binding import REPORT_DATA_SIZE
+from tdapp.attest.claims import Tee
 from tdapp.core.atomic import WriteMode, write_atomically
 from tdapp.core.canonical import canonical_json
 from tdapp.errors import InputError
 from tdapp.tls import ensure_private_file_mode
 
-TEE = "sim"
+TEE = Tee.SIM
 EVIDENCE_FIELDS = frozenset({"tee", "body", "public_key", "signature"})
 BODY_FIELDS = frozenset({"measurement", "report_data", "platform", "debug", "issued_at"})
 PUBLIC_KEY_SIZE = 32

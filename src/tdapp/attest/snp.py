@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from tdapp.attest.claims import Claims, EvidenceError, base64_field
+from tdapp.attest.claims import Claims, EvidenceError, Tee, base64_field
 
-TEE = "snp"
+TEE = Tee.SNP
 MILAN_ARK_SHA256 = "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd"
 REPORT_SIZE = 1184
 SIGNED_SIZE = 0x2A0  # the signature covers bytes 0x000-0x29F

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tdapp.attest import sim
-from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError, base64_field
+from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError, Tee, base64_field
 from tdapp.attest.dcap import TEES as DCAP_TEES
 from tdapp.attest.dcap import CollateralSource, DcapVerifier
 from tdapp.attest.snp import MILAN_ARK_SHA256, SnpVerifier
@@ -37,7 +37,7 @@ _LOWER_HEX = frozenset("0123456789abcdef")
 class EvidenceVerifier(Protocol):
     """Checks one kind of evidence; ``tee`` names the kind."""
 
-    tee: str
+    tee: Tee
 
     def verify(self, evidence: Mapping[str, Any], *, at: float) -> Claims:
         """The Claims of ``evidence`` checked at time ``at``; raises EvidenceError."""

@@ -3,9 +3,11 @@
 Owns that text: service ``application`` running the image's entrypoint in
 ``/``, the two volumes the client fills (``$INPUT_FSPF_KEY`` …), and the image
 with its mrenclaves and mount points ``/encryptedInputs`` and
-``/encryptedOutputs``. A ``security`` section is written only for hardware
-mode, so a debug CAS treats the session as ``sim``. Must never write a value
-that ``tdapp.policy.parse_session`` would read differently after filling.
+``/encryptedOutputs``, and its attestation mode: ``hardware``, or ``sim``
+accepting only the LAS platform it names (the LAS's id when ``tdapp build``
+could ask it, else ``$LAS_PLATFORM``, which the client fills from its LAS).
+Must never write a value that ``tdapp.policy.parse_session`` would read
+differently after filling.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from tdapp.builder.manifest import join_command
 from tdapp.builder.store import Image
 from tdapp.core.atomic import write_atomically
 from tdapp.errors import InputError
+from tdapp.policy.template import LAS_PLATFORM_VARIABLE
 
 INPUT_VOLUME = "encrypted-input-files"
 OUTPUT_VOLUME = "encrypted-output-files"
 INPUT_PATH = "/encryptedInputs"
 OUTPUT_PATH = "/encryptedOutputs"
 SERVICE = "application"
+_PLATFORM = re.compile(r"[0-9a-f]{64}")
 
 # Starts with a character that begins no YAML syntax; has no ': ', ' #', or brackets.
 _PLAIN = re.compile(r"[A-Za-z0-9/_.][A-Za-z0-9/_.+=@%, '\"-]*")
@@ -52,8 +56,9 @@ def _hex(value: str) -> str:
     return json.dumps(value) if _NUMBER_LIKE_HEX.fullmatch(value) else value
 
 
-def session_template(image: Image) -> str:
-    """The template text for ``image`` (its recorded measurement as mrenclaves)."""
+def session_template(image: Image, *, las_platform: str | None = None) -> str:
+    """The template text for ``image`` (its recorded measurement as mrenclaves); a sim
+    template accepts ``las_platform``'s evidence (None: ``$LAS_PLATFORM``)."""
     command = _scalar(join_command(image.entrypoint))
     name, measured = _name(image.name), _hex(image.measurement)
     source = image.source
@@ -100,16 +105,25 @@ def session_template(image: Image) -> str:
         f"        - name: {OUTPUT_VOLUME}",
         f"          path: {OUTPUT_PATH}",
     ]
+    lines += ["", "security:", "   attestation:"]
     if image.mode == "hardware":
-        lines += ["", "security:", "   attestation:", "      mode: hardware"]
+        lines.append("      mode: hardware")
+    else:
+        if las_platform is not None and not _PLATFORM.fullmatch(las_platform):
+            raise InputError(f"{las_platform[:80]!r} is not a LAS platform id (64 hex)")
+        lines += ["      # sim evidence protects nothing against this host's root: "
+                  "development only",
+                  "      mode: sim",
+                  f"      platforms: [{las_platform or '$' + LAS_PLATFORM_VARIABLE}]"]
     return "\n".join(lines) + "\n"
 
 
-def write_template(image: Image, target: Path) -> None:
+def write_template(image: Image, target: Path, *, las_platform: str | None = None) -> None:
     """Write the template to ``target`` in one step (see :mod:`tdapp.core.atomic`)."""
     if target.is_dir():
         raise InputError(f"{target} is a folder; -o needs a file name")
+    text = session_template(image, las_platform=las_platform)
     try:
-        write_atomically(target, session_template(image).encode("utf-8"))
+        write_atomically(target, text.encode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"cannot write {target}: its folder does not exist") from None

@@ -4,11 +4,17 @@
 configuration leave the CAS only encrypted to the ephemeral key of a program
 whose evidence verified, whose nonce was fresh and unused, whose report_data
 binds that nonce and key, and whose measurement, platform, TEE and TCB the
-session accepts; and that a volume's tag moves only on the word of such an
-instance, for a volume its own service's image mounts, by compare-and-swap
-from the current tag to the next version. Instance and tag rows are sealed and
-checked by :class:`~tdapp.cas.records.RecordMacs`: a row the CAS did not write
-releases nothing and moves nothing. Every step's outcome goes to the audit log.
+session accepts, in the mode the session fixed when it was stored
+(``hardware``: hardware evidence only; ``sim``: also LAS-signed evidence, and
+only from the platforms the session names; ``none``:
+:class:`~tdapp.attest.UnsafeNoOp`); and that a volume's tag moves only on the
+word of such an instance, for a volume its own service's image mounts, by
+compare-and-swap from the current tag to the next version. Instance and tag
+rows are sealed and checked by :class:`~tdapp.cas.records.RecordMacs`: a row
+the CAS did not write releases nothing and moves nothing. Every step's outcome
+goes to the audit log with its full reason; a caller who is not a reader of the
+session is told only which check failed and what of its own evidence was
+refused, never what the session expects.
 """
 
 from __future__ import annotations
@@ -21,14 +27,16 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, assert_never
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from jwcrypto import jwe, jwk
+from pydantic import SecretStr
 
 from tdapp.attest import (
+    HARDWARE_TEES,
     AllOf,
     AnyOf,
     Claims,
@@ -40,19 +48,26 @@ from tdapp.attest import (
     ReportDataIs,
     SgxSignerIs,
     TcbStatusTolerated,
+    Tee,
     TeeIn,
+    UnsafeNoOp,
     VerifierSettings,
     report_data,
     verifier_for,
 )
+from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.sessions import NotFoundError, SessionAuthority
 from tdapp.cas.store import AuditEntry, NewInstance, SpentNonce, Store
 from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
-from tdapp.policy import Service, Session
+from tdapp.policy import Identity, Service, Session
+from tdapp.policy.modes import LEGACY_MODE
+from tdapp.policy.security import AttestationMode
+from tdapp.volume import VolumeKey, VolumeTag
 
 INSTANCE_LIFETIME = 24 * 3600.0
-HARDWARE_TEES = ("sgx", "tdx", "snp")
+# Tolerations that accept one named Intel advisory each (the others are TCB statuses).
+ADVISORY_TOLERATIONS = {"insecure-igpu": "INTEL-SA-00219", "aepic-leak": "INTEL-SA-00657"}
 
 
 @dataclass(frozen=True)
@@ -81,13 +96,12 @@ class AttestationRequest:
 
 class AttestationAuthority:
     def __init__(self, store: Store, sessions: SessionAuthority, nonces: NonceMinter, *,
-                 debug: bool, verifiers: VerifierSettings | None = None,
+                 verifiers: VerifierSettings | None = None,
                  verify_at: float | None = None) -> None:
         self._store = store
         self._sessions = sessions
         self._records = sessions.records
         self._nonces = nonces
-        self._debug = debug
         self._verifiers = verifiers or VerifierSettings()
         # Fixed only to replay recorded evidence whose collateral has since expired.
         self._verify_at = verify_at
@@ -103,15 +117,21 @@ class AttestationAuthority:
             session, _ = self._service(session_name, service_name, "attest.nonce")
         nonce, expires_at = self._nonces.issue(session_name, service_name)
         try:
-            mode = self.mode_of(session)
+            mode = str(self.mode_of(session))
         except RefusedError:
             mode = "unsupported"
         return nonce, expires_at, mode
 
     # -- attestation ----------------------------------------------------------------
 
-    def attest(self, request: AttestationRequest) -> tuple[str, str]:
-        """Check everything; return (compact JWE of the configuration, instance token hash)."""
+    def attest(self, request: AttestationRequest, *,
+               caller: Identity | None = None) -> tuple[str, str]:
+        """Check everything; return (compact JWE of the configuration, instance token hash).
+
+        ``caller`` is the client identity of the request (None: anonymous). Only a
+        reader of the session is told a refusal's full reason; it is always in the
+        audit log.
+        """
         event = "attest"
         session, service = self._service(request.session, request.service, event)
         nonce = self._spendable(request, event)
@@ -119,32 +139,51 @@ class AttestationAuthority:
         try:
             public_key = self._public_key(request)
             mode = self.mode_of(session)
-            measurement = "none"
-            if mode != "none":
-                claims = self._verified_claims(request)
-                steps.append(AuditEntry(f"{event}.evidence", "accepted", _describe(claims)))
-                for label, policy in self.checks_for(session, service, mode, request.nonce,
-                                                     _der(public_key)):
-                    verdict = policy.verify(claims)
-                    if not verdict.ok:
-                        raise RefusedError(verdict.reason)
-                    steps.append(AuditEntry(f"{event}.{label}", "accepted", f"{label}: ok"))
-                measurement = claims.measurement
+            match mode:
+                case AttestationMode.NONE:
+                    verdict = UnsafeNoOp().verify(None)
+                    steps.append(AuditEntry(f"{event}.none", "accepted",
+                                            "mode none: no attestation (UnsafeNoOp)"))
+                    measurement = "none"
+                case AttestationMode.HARDWARE | AttestationMode.SIM:
+                    claims = self._verified_claims(request)
+                    steps.append(AuditEntry(f"{event}.evidence", "accepted", _describe(claims)))
+                    for label, policy in self.checks_for(session, service, mode,
+                                                         request.nonce, _der(public_key)):
+                        verdict = policy.verify(claims)
+                        if not verdict.ok:
+                            raise CheckFailed(label, verdict.reason,
+                                              _public_reason(label, claims, verdict.reason))
+                        steps.append(AuditEntry(f"{event}.{label}", "accepted", f"{label}: ok"))
+                    measurement = claims.measurement
+                case AttestationMode.MAA:
+                    raise RefusedError("mode maa cannot be enforced by tdapp (no Azure "
+                                       "Attestation verifier)")
+                case unreachable:
+                    assert_never(unreachable)
             volumes = self._volumes(session, service, request.session)
         except TdappError as error:
             # A refused attempt spends its nonce: evidence is never judged twice.
             self._store.spend_nonce(nonce, [*steps, AuditEntry(event, "refused", error.message)])
+            if isinstance(error, CheckFailed) and not self._sessions.may_read(
+                    request.session, caller):
+                raise RefusedError(error.public) from None
+            if isinstance(error, UnknownTag) and not self._sessions.may_read(
+                    request.session, caller):
+                raise RefusedError("the session is not ready: the tag of a volume this "
+                                   "service mounts is not known") from None
             raise
         token = secrets.token_hex(32)
         token_hash = _token_hash(token)
         expires_at = time.time() + INSTANCE_LIFETIME
-        configuration = {
-            "session": session.name, "service": service.name, "mode": mode,
-            "command": service.argv(), "environment": dict(service.environment),
-            "pwd": service.pwd or "/", "volumes": volumes,
-            "injection_files": self._injection_files(session, service),
-            "token": token, "expires_at": expires_at,
-        }
+        configuration = ReleasedConfiguration(
+            session=session.name, service=service.name, mode=mode,
+            command=tuple(service.argv()),
+            # `NAME:` with no value is the empty string, as in a shell's `NAME=`.
+            environment={name: value or "" for name, value in service.environment.items()},
+            pwd=service.pwd or "/", volumes=tuple(volumes),
+            injection_files=self._injection_files(session, service),
+            token=SecretStr(token), expires_at=expires_at)
         accepted = AuditEntry(event, "accepted",
                               f"accepted {mode} attestation of {service.name} (measurement "
                               f"{measurement}); instance {token_hash[:16]}")
@@ -154,33 +193,48 @@ class AttestationAuthority:
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
         return _encrypt_to(public_key, configuration), token_hash
 
-    def mode_of(self, session: Session) -> str:
+    @staticmethod
+    def mode_of(session: Session) -> AttestationMode:
+        """The mode the session was stored with (fixed at creation, whatever the CAS's
+        flags are now; a session stored before modes were fixed is ``hardware``)."""
         if session.security.delegate is not None:
             raise RefusedError("the session's security section is a placeholder; tdapp cannot "
                                "attest against it")
-        mode = session.security.attestation.mode
-        if mode is None:
-            return "sim" if self._debug else "hardware"
-        return str(mode)
+        return session.security.attestation.mode or LEGACY_MODE
 
     @staticmethod
-    def checks_for(session: Session, service: Service, mode: str, nonce: str,
+    def checks_for(session: Session, service: Service, mode: AttestationMode, nonce: str,
                    public_key_der: bytes) -> list[tuple[str, Policy]]:
-        """The session's checks, in the order they are judged and logged.
+        """The session's checks for verified evidence, in the order they are judged and
+        logged (``mode`` is ``hardware`` or ``sim``).
 
         The binding of nonce and key comes last, so a refusal for it shows that the
         evidence passed every check of the program and the platform first.
         """
         attestation = session.security.attestation
+        match mode:
+            case AttestationMode.HARDWARE:
+                tees: frozenset[Tee] = HARDWARE_TEES
+            case AttestationMode.SIM:
+                tees = frozenset(Tee)
+            case AttestationMode.NONE | AttestationMode.MAA:
+                raise ValueError(f"mode {mode} has no evidence checks")
+            case unreachable:
+                assert_never(unreachable)
+        ignored = _advisories(attestation.ignore_advisories)
+        if ignored != "*":
+            ignored = (*ignored, *(advisory for toleration, advisory in
+                                   ADVISORY_TOLERATIONS.items()
+                                   if toleration in attestation.tolerate))
         checks: list[tuple[str, Policy]] = [
-            ("tee", TeeIn(HARDWARE_TEES if mode == "hardware" else ("sim", *HARDWARE_TEES),
-                          mode=mode)),
+            ("tee", TeeIn(tees, mode=str(mode))),
             ("measurement", _variants(service)),
             ("debug", DebugTolerated("debug-mode" in attestation.tolerate)),
-            ("tcb", TcbStatusTolerated(attestation.tolerate,
-                                       _advisories(attestation.ignore_advisories))),
+            ("tcb", TcbStatusTolerated(attestation.tolerate, ignored)),
         ]
-        if attestation.platforms:
+        if attestation.platforms or mode is AttestationMode.SIM:
+            # A sim session always names its LAS platforms (fixed at creation): an
+            # empty list here accepts no platform at all.
             checks.append(("platform", PlatformIn(attestation.platforms)))
         checks.append(("report_data", ReportDataIs(report_data(nonce, public_key_der))))
         return checks
@@ -274,7 +328,7 @@ class AttestationAuthority:
         at = self._verify_at if self._verify_at is not None else time.time()
         return verifier_for(request.evidence, self._verifiers).verify(request.evidence, at=at)
 
-    def _volumes(self, session: Session, service: Service, name: str) -> list[dict[str, Any]]:
+    def _volumes(self, session: Session, service: Service, name: str) -> list[VolumeGrant]:
         image = session.image(service.image_name) if service.image_name else None
         tags = self._store.volume_tags(name)
         result = []
@@ -282,23 +336,58 @@ class AttestationAuthority:
             volume = session.volume(mount.name)
             row = tags.get(mount.name)
             if volume is None or row is None:
-                raise RefusedError(f"the expected tag of volume {mount.name!r} is not known")
+                raise UnknownTag(f"the expected tag of volume {mount.name!r} is not known")
+            if volume.fspf_key is None:
+                raise UnknownTag(f"volume {mount.name!r} has no key yet")
             # A row the CAS did not write (IntegrityError) releases nothing.
-            result.append({"name": mount.name, "path": mount.path, "key": volume.fspf_key,
-                           "tag": self._records.check_tag(row).tag})
+            tag = self._records.check_tag(row).tag
+            result.append(VolumeGrant(name=mount.name, path=mount.path,
+                                      key=VolumeKey.from_hex(volume.fspf_key),
+                                      tag=None if tag is None else VolumeTag.from_hex(tag)))
         return result
 
     @staticmethod
-    def _injection_files(session: Session, service: Service) -> list[dict[str, Any]]:
+    def _injection_files(session: Session, service: Service) -> tuple[InjectedFile, ...]:
         image = session.image(service.image_name) if service.image_name else None
         if image is None:
-            return []
-        return [{"path": f.path, "content": f.content, "permission": f.permission}
-                for f in image.injection_files]
+            return ()
+        return tuple(InjectedFile(path=f.path, content=SecretStr(f.content or ""),
+                                  permission=f.permission) for f in image.injection_files)
 
     def _refuse(self, session: str | None, event: str, error: TdappError) -> NoReturn:
         self._store.record(session, event, None, "refused", error.message)
         raise error
+
+
+class CheckFailed(RefusedError):
+    """A check of the session refused the evidence: ``message`` says what the session
+    expected (for the audit log and readers), ``public`` only what was refused."""
+
+    def __init__(self, label: str, reason: str, public: str) -> None:
+        super().__init__(reason)
+        self.label = label
+        self.public = public
+
+
+class UnknownTag(RefusedError):
+    """A volume the service mounts has no known tag yet."""
+
+
+def _public_reason(label: str, claims: Claims, reason: str) -> str:
+    """What a refused caller who is not a reader may learn: the check, and its own values."""
+    shown = {
+        "tee": f"{claims.tee} evidence is not accepted for this session",
+        "measurement": f"measurement {claims.measurement} is not one this service accepts",
+        "debug": "debug-mode evidence is not tolerated by this session",
+        "tcb": f"the platform's TCB status {claims.tcb_status}"
+               + (f" (advisories {', '.join(claims.advisories)})" if claims.advisories else "")
+               + " is not tolerated by this session",
+        "platform": f"platform {claims.platform} is not one this session names",
+        "report_data": reason,  # made of this request's nonce and key only
+    }
+    reason = shown.get(label, f"the evidence fails the session's {label} check")
+    return (f"attestation refused: {reason}; the session's readers find the full reason in "
+            "its audit log")
 
 
 def _variants(service: Service) -> Policy:
@@ -362,10 +451,10 @@ def _der(key: ec.EllipticCurvePublicKey) -> bytes:
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _encrypt_to(key: ec.EllipticCurvePublicKey, configuration: Mapping[str, Any]) -> str:
+def _encrypt_to(key: ec.EllipticCurvePublicKey, configuration: ReleasedConfiguration) -> str:
     """JWE (ECDH-ES + A256GCM) to the runtime's ephemeral key; only it can read the answer."""
-    token = jwe.JWE(json.dumps(configuration).encode("utf-8"),
+    token = jwe.JWE(configuration.to_json(),
                     protected=json.dumps({"alg": "ECDH-ES", "enc": "A256GCM",
-                                          "cty": "tdapp-config+json"}))
+                                          "cty": MEDIA_TYPE}))
     token.add_recipient(jwk.JWK.from_pyca(key))
     return str(token.serialize(compact=True))

@@ -141,5 +141,11 @@ def openapi_document() -> dict[str, Any]:
                               **_errors(400, 408, 413, 429, 503)}}},
             "/v1/health": {"get": {"summary": "Liveness and the CAS certificate fingerprint",
                                    "responses": {"200": _json({"type": "object"}, "up")}}},
+            "/v1/session-defaults": {"get": {
+                "summary": "The mode (and sim platforms) written into sessions that name none",
+                "responses": {"200": _json({"type": "object", "required": ["mode", "platforms"],
+                                            "properties": {"mode": {"type": "string"},
+                                                           "platforms": {"type": "array"}}},
+                                           "the defaults")}}},
         },
     }

@@ -24,10 +24,11 @@ from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.ratelimit import RateLimit, WorkSlots
 from tdapp.cas.server import create_app
-from tdapp.cas.sessions import SessionAuthority
+from tdapp.cas.sessions import SessionAuthority, SessionDefaults
 from tdapp.cas.store import Store, database_url
-from tdapp.errors import InputError
+from tdapp.errors import InputError, UsageError
 from tdapp.home import tdapp_home
+from tdapp.policy.security import AttestationMode
 from tdapp.serving import ServerTimeouts, serve_until_signalled
 
 
@@ -67,6 +68,7 @@ def _read(path: Path) -> bytes:
 
 def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
               master_key_file: Path | None = None, debug: bool = False,
+              las_platforms: tuple[str, ...] = (),
               rate_limit: float = 0, hardware: HardwareOptions | None = None,
               work_slots: WorkSlots | None = None
               ) -> tuple[web.Application, CasMaterials, Store]:
@@ -78,16 +80,29 @@ def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
     store.migrate()
     metrics = CasMetrics()
     store.refusal_listener = metrics.refused
-    authority = SessionAuthority(store, materials.master_key)
+    authority = SessionAuthority(store, materials.master_key,
+                                 session_defaults(debug=debug, las_platforms=las_platforms))
     attestation = AttestationAuthority(store, authority, NonceMinter(materials.master_key),
-                                       debug=debug, verifiers=verifiers,
+                                       verifiers=verifiers,
                                        verify_at=hardware.verify_at)
     limiter = RateLimit(rate_limit) if rate_limit > 0 else None
     app = create_app(authority, attestation, materials, metrics, limiter, work_slots)
     return app, materials, store
 
 
+def session_defaults(*, debug: bool, las_platforms: tuple[str, ...]) -> SessionDefaults:
+    """What this CAS fixes in sessions that name no mode: ``hardware``, or on a debug CAS
+    ``sim`` accepting only the LASes it was told to trust."""
+    try:
+        if debug:
+            return SessionDefaults(AttestationMode.SIM, las_platforms)
+        return SessionDefaults(AttestationMode.HARDWARE, las_platforms)
+    except ValueError as error:
+        raise UsageError(f"--las-platform: {error}") from None
+
+
 def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
+          las_platforms: tuple[str, ...] = (),
           master_key_file: Path | None = None, rate_limit: float = 0,
           hardware: HardwareOptions | None = None,
           timeouts: ServerTimeouts | None = None) -> None:
@@ -95,17 +110,32 @@ def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, materials, store = build_app(state_dir=state_dir, db=db, hosts=(host,),
                                       master_key_file=master_key_file, debug=debug,
+                                      las_platforms=las_platforms,
                                       rate_limit=rate_limit, hardware=hardware)
+
+    app_defaults = session_defaults(debug=debug, las_platforms=las_platforms)
 
     def started(_: list[web.AppRunner]) -> None:
         print(f"tdapp CAS on https://{host}:{port} "
               f"({'debug' if debug else 'production'} mode)\n"
               f"  certificate {materials.certificate_path}\n"
               f"  fingerprint {materials.fingerprint}\n"
-              f"  database    {store.url.split('@')[-1]}", file=sys.stderr, flush=True)
+              f"  database    {store.url.split('@')[-1]}\n"
+              f"  new sessions without a mode: {_describe_defaults(app_defaults)}",
+              file=sys.stderr, flush=True)
 
     try:
         asyncio.run(serve_until_signalled(
             [(app, host, port, materials.server_context())], started, timeouts))
     finally:
         store.close()
+
+
+def _describe_defaults(defaults: SessionDefaults) -> str:
+    match defaults.mode:
+        case AttestationMode.SIM if defaults.platforms:
+            return f"sim, from LAS platform {', '.join(p[:16] for p in defaults.platforms)}"
+        case AttestationMode.SIM:
+            return "sim, and they must name their platforms (no --las-platform given)"
+        case _:
+            return "hardware"

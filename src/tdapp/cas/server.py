@@ -238,6 +238,13 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(openapi_document()), content_type="application/json")
 
 
+async def session_defaults(request: web.Request) -> web.Response:
+    """What this CAS writes into a session that names no mode (public: it is the CAS's
+    configuration, not a session's), so a client can predict a session's hash."""
+    defaults = request.app[_AUTHORITY].defaults
+    return web.json_response({"mode": str(defaults.mode), "platforms": list(defaults.platforms)})
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "fingerprint": request.app[_MATERIALS].fingerprint})
 
@@ -270,6 +277,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     app.router.add_get("/session/{name:.+}", read_session)
     app.router.add_post("/v1/identities", certify_identity)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/session-defaults", session_defaults)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/openapi.json", openapi)
     return app

@@ -11,6 +11,11 @@ its tag row (the document may restate the current tag, nothing else), and a
 volume it adds starts at the tag the document gives; tags move only by
 instances (:mod:`tdapp.cas.attestation`). Every tag row it reads or writes is
 checked or sealed by :class:`~tdapp.cas.records.RecordMacs`.
+A session's attestation mode is fixed when it is stored: a document that names
+none gets the CAS's default (:class:`SessionDefaults`; an update keeps its
+predecessor's mode), and a ``sim`` session names the LAS platforms whose
+evidence it accepts, so what the hash covers is the mode that is enforced and
+no later CAS flag changes it.
 Every decision, accepted or refused, goes to the audit log with its reason.
 It never stores a session unsealed.
 """
@@ -25,6 +30,8 @@ from tdapp.cas.sealing import MasterKey
 from tdapp.cas.store import AuditEvent, Store, StoredSession, StoredTag
 from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
+from tdapp.policy.modes import with_fixed_mode
+from tdapp.policy.security import AttestationMode
 
 
 class NotFoundError(InputError):
@@ -36,6 +43,29 @@ class AuthenticationRequired(RefusedError):
 
 
 @dataclass(frozen=True)
+class SessionDefaults:
+    """What the CAS fixes in a session whose document names no attestation mode.
+
+    A production CAS makes such sessions ``hardware``. A ``--debug`` CAS makes them
+    ``sim``, accepting evidence only from ``platforms``: the LAS platforms it was
+    configured to trust (``tdapp up`` passes its own LAS's).
+    """
+
+    mode: AttestationMode = AttestationMode.HARDWARE
+    platforms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in (AttestationMode.HARDWARE, AttestationMode.SIM):
+            raise ValueError(f"a CAS's default mode is hardware or sim, not {self.mode}")
+        platforms = {platform.lower() for platform in self.platforms}
+        if not all(len(p) == 64 and set(p) <= set("0123456789abcdef") for p in platforms):
+            raise ValueError("a LAS platform id is 64 hex characters")
+        # Sorted, as the session language keeps platforms: the stored text re-parses
+        # to the same content, so to the same hash.
+        object.__setattr__(self, "platforms", tuple(sorted(platforms)))
+
+
+@dataclass(frozen=True)
 class ReadSession:
     session: Session
     hash: str
@@ -43,9 +73,11 @@ class ReadSession:
 
 
 class SessionAuthority:
-    def __init__(self, store: Store, master_key: MasterKey) -> None:
+    def __init__(self, store: Store, master_key: MasterKey,
+                 defaults: SessionDefaults | None = None) -> None:
         self._store = store
         self._master_key = master_key
+        self.defaults = defaults or SessionDefaults()
         self.records = RecordMacs(master_key)
         # Sessions already unsealed and checked, by their exact stored record: a
         # sealed record is unique (random salt), so a hit is the same verified bytes.
@@ -84,6 +116,7 @@ class SessionAuthority:
     def _create(self, session: Session, who: Identity | None) -> str:
         creator = self._require_identity(session.name, "session.create", who)
         self._check_namespace(session.name, creator)
+        session = self._fix_mode(session, None, "session.create", creator)
         digest = session_hash(session, creator)
         record = StoredSession(session.name, digest, creator, 1, self._seal(session, creator))
         tags = [self.records.first_tag(session.name, volume.name, volume.fspf_tag)
@@ -109,6 +142,7 @@ class SessionAuthority:
             self._refuse(session.name, "session.update", who, ConflictError(
                 f"stale predecessor {session.predecessor}: session {session.name!r} is now at "
                 f"{current.hash}; read it again and reapply your change"))
+        session = self._fix_mode(session, stored, "session.update", actor)
         added = self._added_tags(session, actor)
         digest = session_hash(session, current.creator)
         record = StoredSession(session.name, digest, current.creator, current.revision + 1,
@@ -121,6 +155,17 @@ class SessionAuthority:
                 f"session {session.name!r} changed concurrently; its predecessor "
                 f"{current.hash} is no longer current"))
         return digest
+
+    def _fix_mode(self, session: Session, predecessor: Session | None, event: str,
+                  who: Identity) -> Session:
+        """``session`` with the attestation mode it will be judged by, stated in it
+        (:func:`tdapp.policy.modes.with_fixed_mode` with this CAS's defaults)."""
+        try:
+            return with_fixed_mode(session, predecessor=predecessor,
+                                   default=self.defaults.mode,
+                                   trusted_platforms=self.defaults.platforms)
+        except SessionError as error:
+            self._refuse(session.name, event, who, error)
 
     def _added_tags(self, session: Session, actor: Identity) -> list[StoredTag]:
         """The tag rows an update adds; refuses one that would move an existing tag.
@@ -182,6 +227,14 @@ class SessionAuthority:
             self._refuse(name, "session.read", who, RefusedError(
                 f"{_describe(who)} may not read session {name!r} (access_policy.read)"))
         return ReadSession(session, current.hash, current.creator)
+
+    def may_read(self, name: str, who: Identity | None) -> bool:
+        """Whether ``who`` is a reader of the session (for what a refusal may reveal)."""
+        if who is None:
+            return False
+        current = self._store.get_session(name)
+        return current is not None and self._unseal(current).access_policy.allows(
+            "read", who, current.creator)
 
     def stored(self, name: str) -> Session | None:
         """The stored session for the CAS's own decisions (no reader check: never return it

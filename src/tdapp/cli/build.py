@@ -85,9 +85,12 @@ def _created(image: Image) -> str:
                    "Repeatable.")
 @click.option("-o", "--output", "template", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the session template to this file.")
+@click.option("--las", "las_address", default=None, metavar="HOST:PORT",
+              help="The LAS whose platform a sim template accepts (default: the one tdapp "
+                   "up announced, else 127.0.0.1:18766).")
 def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: str | None,
           heap: int, stack: int, mode: str, host_paths: tuple[str, ...],
-          template: Path | None) -> None:
+          template: Path | None, las_address: str | None) -> None:
     """Build APP_DIR (or the container image --image REF) into the image NAME and print
     its measurement.
 
@@ -121,8 +124,12 @@ def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: st
     if image.source is not None:
         _note(f"from {image.source.reference} ({image.source.digest})")
     if template is not None:
-        write_template(image, template)
+        platform = _las_platform(las_address) if image.mode == "sim" else None
+        write_template(image, template, las_platform=platform)
         _note(f"wrote session template {template}")
+        if image.mode == "sim" and platform is None:
+            _note("no LAS answered: the template accepts the platform of the LAS that "
+                  "encryptedpush finds ($LAS_PLATFORM)")
     click.echo(image.measurement)
 
 
@@ -203,3 +210,17 @@ def rm(name: str) -> None:
     """Remove image NAME from the store."""
     remove_image(name)
     _note(f"removed image {name}")
+
+
+def _las_platform(las_address: str | None) -> str | None:
+    """The platform id of this user's LAS, or None when none answers (asked briefly)."""
+    from tdapp.attest.las import LasClient
+    from tdapp.client.announce import announced
+    from tdapp.errors import TdappError
+
+    try:
+        platform = LasClient(las_address or announced("las"), timeout=3.0).platform()
+    except TdappError:
+        return None
+    value = platform.get("platform")
+    return value if isinstance(value, str) else None

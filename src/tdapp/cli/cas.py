@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from tdapp.cli.options import server_timeouts
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
 from tdapp.client.pins import DEFAULT_CAS, PinStore, fetch_presented_certificate
 from tdapp.core.address import Address
 from tdapp.errors import RefusedError
 from tdapp.tls import fingerprint
+
+if TYPE_CHECKING:
+    from tdapp.serving import ServerTimeouts
 
 
 @click.group()
@@ -30,7 +35,12 @@ def cas() -> None:
 @click.option("--master-key-file", type=click.Path(path_type=Path, dir_okay=False),
               default=None, help="The master key sealing secrets (default: STATE_DIR/master.key).")
 @click.option("--debug", is_flag=True,
-              help="Debug CAS: sessions without a security section are treated as 'sim'.")
+              help="Debug CAS: a session created without an attestation mode is made 'sim' "
+                   "(accepting the --las-platform LASes), not 'hardware'. Stored sessions "
+                   "keep their mode.")
+@click.option("--las-platform", "las_platforms", multiple=True, metavar="ID",
+              help="A LAS platform id (tdapp las platform prints it) this CAS writes into "
+                   "sim sessions that name no platforms. Repeatable.")
 @click.option("--rate-limit", default=2000.0, show_default=True, type=click.FloatRange(0),
               help="Requests per second per client address (burst: twice that); 0: no limit.")
 @click.option("--collateral", type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -46,26 +56,21 @@ def cas() -> None:
 @click.option("--verify-at", type=float, default=None, metavar="UNIX_TIME",
               help="Verify hardware evidence as of this time instead of now (to replay "
                    "recorded evidence; never in production).")
-@click.option("--header-timeout", default=10.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, min_open=True),
-              help="Close a connection whose TLS handshake or request headers take longer.")
-@click.option("--body-timeout", default=30.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, min_open=True),
-              help="Close a connection whose request body pauses longer.")
+@server_timeouts(header_help="Close a connection whose TLS handshake or request headers "
+                             "take longer.")
 def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: bool,
-          master_key_file: Path | None, rate_limit: float, collateral: Path | None,
-          pccs: str | None, snp_ark: Path | None, snp_ask: Path | None,
-          verify_at: float | None, header_timeout: float, body_timeout: float) -> None:
+          las_platforms: tuple[str, ...], master_key_file: Path | None, rate_limit: float,
+          collateral: Path | None, pccs: str | None, snp_ark: Path | None,
+          snp_ask: Path | None, verify_at: float | None, timeouts: ServerTimeouts) -> None:
     """Run the CAS over HTTPS (its key and certificate are made on first start and kept)."""
     # Imported here: the server stack (aiohttp, SQLAlchemy, Alembic) would slow every command.
     from tdapp.cas.serve import HardwareOptions, default_state_dir
     from tdapp.cas.serve import serve as run
-    from tdapp.serving import ServerTimeouts
 
     run(host=host, port=port, db=db, state_dir=state_dir or default_state_dir(), debug=debug,
-        master_key_file=master_key_file, rate_limit=rate_limit,
+        las_platforms=las_platforms, master_key_file=master_key_file, rate_limit=rate_limit,
         hardware=HardwareOptions(collateral, pccs, snp_ark, snp_ask, verify_at),
-        timeouts=ServerTimeouts(header_timeout, body_timeout))
+        timeouts=timeouts)
 
 
 @cas.command()

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from tdapp.cli.options import server_timeouts
+
+if TYPE_CHECKING:
+    from tdapp.serving import ServerTimeouts
 
 
 @click.group()
@@ -22,14 +28,9 @@ def las() -> None:
               help="Listen on a non-loopback address. A simulated LAS signs evidence for any "
                    "measurement it is asked for, so whoever reaches it can pass 'sim' "
                    "attestation.")
-@click.option("--header-timeout", default=10.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, min_open=True),
-              help="Close a connection whose request headers take longer.")
-@click.option("--body-timeout", default=30.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, min_open=True),
-              help="Close a connection whose request body pauses longer.")
+@server_timeouts()
 def serve(host: str, port: int, state_dir: Path | None, allow_remote: bool,
-          header_timeout: float, body_timeout: float) -> None:
+          timeouts: ServerTimeouts) -> None:
     """Run the simulated LAS over plain HTTP; print its platform id at start.
 
     Its platform key is made on first start (STATE_DIR/platform.key, mode 0600)
@@ -40,7 +41,18 @@ def serve(host: str, port: int, state_dir: Path | None, allow_remote: bool,
     # Imported here: aiohttp would slow every other command.
     from tdapp.attest.las import default_state_dir
     from tdapp.attest.las import serve as run
-    from tdapp.serving import ServerTimeouts
 
     run(host=host, port=port, state_dir=state_dir or default_state_dir(),
-        allow_remote=allow_remote, timeouts=ServerTimeouts(header_timeout, body_timeout))
+        allow_remote=allow_remote, timeouts=timeouts)
+
+
+@las.command()
+@click.option("--las", "las_address", default=None, metavar="HOST:PORT",
+              help="The LAS (default: the one tdapp up announced, else 127.0.0.1:18766).")
+def platform(las_address: str | None) -> None:
+    """Print the LAS's platform id: what a sim session names in
+    security.attestation.platforms to accept this LAS's evidence."""
+    from tdapp.attest.las import LasClient
+    from tdapp.client.announce import announced
+
+    click.echo(LasClient(las_address or announced("las")).platform()["platform"])

@@ -22,6 +22,9 @@ from tdapp.core.address import Address
 from tdapp.errors import InputError, IntegrityError, UnavailableError, UsageError
 from tdapp.policy import fill_template, parse_session, session_hash
 from tdapp.policy.emit import dump_yaml
+from tdapp.policy.model import Session
+from tdapp.policy.modes import with_fixed_mode
+from tdapp.policy.security import AttestationMode
 
 _cas_option = click.option(
     "--cas", "cas_address", default=None, metavar="HOST:PORT",
@@ -127,13 +130,42 @@ def _update_draft(client: CasClient, name: str, document: str, digest: str,
 @_env_option
 @_cas_option
 def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str | None) -> None:
-    """Print a session's hash: of FILE as this user would create it, or of NAME on the CAS."""
+    """Print a session's hash: of FILE as this user would create it, or of NAME on the CAS.
+
+    A FILE that names no attestation mode gets the one the CAS would write into it
+    (asked from the CAS), as the hash covers the mode.
+    """
     path = Path(file_or_name)
     if path.is_file():
         text = _document(path, assignments)
         creator = ClientIdentity.load_or_create().identity
-        click.echo(session_hash(parse_session(text, source=str(path)), creator))
+        document = parse_session(text, source=str(path))
+        click.echo(session_hash(_as_stored(document, cas_address), creator))
         return
     answer = CasClient.connect(_cas(cas_address)).request(
         "GET", f"/v1/sessions/{quote(file_or_name, safe='/')}")
     click.echo(answer["hash"])
+
+
+def _as_stored(document: Session, cas_address: str | None) -> Session:
+    """``document`` with the mode the CAS would fix in it (no CAS asked if it names one)."""
+    attestation = document.security.attestation
+    if attestation.mode is not None and (attestation.mode is not AttestationMode.SIM
+                                         or attestation.platforms):
+        return document
+    client = CasClient.connect(_cas(cas_address))
+    defaults = client.request("GET", "/v1/session-defaults")
+    predecessor = None
+    if document.predecessor is not None:
+        stored = client.request("GET", f"/v1/sessions/{quote(document.name, safe='/')}")
+        predecessor = parse_session(str(stored.get("session", "")),
+                                    source=f"session {document.name} as the CAS sent it")
+    try:
+        mode = AttestationMode(str(defaults.get("mode")))
+    except ValueError:
+        raise UnavailableError("the CAS did not say which mode it gives sessions") from None
+    platforms = defaults.get("platforms")
+    if not isinstance(platforms, list):
+        raise UnavailableError("the CAS did not say which LAS platforms it trusts")
+    return with_fixed_mode(document, predecessor=predecessor, default=mode,
+                           trusted_platforms=tuple(str(p) for p in platforms))

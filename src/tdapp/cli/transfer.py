@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from tdapp.cli.options import server_timeouts
 from tdapp.errors import UsageError
+
+if TYPE_CHECKING:
+    from tdapp.serving import ServerTimeouts
 
 
 @click.group()
@@ -26,15 +31,10 @@ def transfer() -> None:
               metavar="BYTES", help="Refuse larger uploads (413).")
 @click.option("--public-url", default=None, metavar="URL",
               help="Base of the download URLs handed out (default: http://HOST:PORT).")
-@click.option("--header-timeout", default=10.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, min_open=True),
-              help="Close a connection whose request headers take longer.")
-@click.option("--body-timeout", default=30.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, min_open=True),
-              help="Close a connection whose upload pauses longer (its partial file is "
-                   "deleted).")
+@server_timeouts(body_help="Close a connection whose upload pauses longer (its partial file "
+                           "is deleted).")
 def serve(host: str, port: int, store_dir: Path | None, s3_url: str | None, max_size: int,
-          public_url: str | None, header_timeout: float, body_timeout: float) -> None:
+          public_url: str | None, timeouts: ServerTimeouts) -> None:
     """Run the transfer service over plain HTTP.
 
     POST /upload with a raw body (?name=FILE or X-File-Name) or a multipart form
@@ -46,9 +46,8 @@ def serve(host: str, port: int, store_dir: Path | None, s3_url: str | None, max_
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         raise UsageError(f"--public-url {public_url!r} must start with http:// or https://")
     # Imported here: aiohttp would slow every other command.
-    from tdapp.serving import ServerTimeouts
     from tdapp.transfer.server import open_store
     from tdapp.transfer.server import serve as run
 
     run(host=host, port=port, store=open_store(store_dir, s3_url), max_size=max_size,
-        public_url=public_url, timeouts=ServerTimeouts(header_timeout, body_timeout))
+        public_url=public_url, timeouts=timeouts)

@@ -133,9 +133,11 @@ async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
 
     host = bound.host
     las_port, transfer_port = bound.port(bound.las), bound.port(bound.transfer)
-    cas_app, materials, store = build_app(state_dir=state / "cas", db=None, hosts=(host,),
-                                          debug=True)
     las_app = build_las_app(state / "las")
+    # The debug CAS trusts this LAS, and only it, for sessions that name no platform.
+    cas_app, materials, store = build_app(state_dir=state / "cas", db=None, hosts=(host,),
+                                          debug=True,
+                                          las_platforms=(platform_of(las_app).platform,))
     transfer_app = build_transfer_app(state / "transfer", max_size=max_upload,
                                       public_url=f"http://{host}:{transfer_port}")
     cas = Address(host, bound.port(bound.cas))

@@ -24,15 +24,18 @@ from tdapp.core.address import Address
               help="The CAS (default: the one tdapp up announced, else 127.0.0.1:8081).")
 @click.option("--push", default=None, metavar="URL",
               help="Upload URL (default: the transfer service tdapp up announced).")
+@click.option("--las", "las_address", default=None, metavar="HOST:PORT",
+              help="The LAS whose platform fills a template's $LAS_PLATFORM (default: the "
+                   "one tdapp up announced, else 127.0.0.1:18766).")
 def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
-                  cas_address: str | None, push: str | None) -> None:
+                  cas_address: str | None, push: str | None, las_address: str | None) -> None:
     """Encrypt INPUTS, create the session, upload; print the arguments for tdapp run."""
     from tdapp.client.workflow import encrypted_push
 
     result = encrypted_push(
         application=application, template=template, conf=conf, inputs=inputs,
         cas=Address.parse(cas_address or announced("cas")), push=push or announced("push"),
-        variables=dict(os.environ))
+        variables=dict(os.environ), las=las_address)
     click.echo(result.command_line)
 
 

@@ -8,9 +8,7 @@ never write that key anywhere or send the released configuration on.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +17,7 @@ from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
 from tdapp.attest import report_data
+from tdapp.attest.release import ReleasedConfiguration
 from tdapp.client.cas_client import CasClient
 from tdapp.errors import IntegrityError
 
@@ -42,25 +41,13 @@ class EphemeralKey:
     def public_b64url(self) -> str:
         return base64.urlsafe_b64encode(self.public_der).rstrip(b"=").decode()
 
-    def open(self, compact_jwe: str) -> dict[str, Any]:
+    def open(self, compact_jwe: str) -> ReleasedConfiguration:
         token = jwe.JWE()
         try:
             token.deserialize(compact_jwe, key=jwk.JWK.from_pyca(self._key))
-            document = json.loads(token.payload)
         except (JWException, ValueError) as error:
             raise IntegrityError(f"the CAS's answer could not be decrypted: {error}") from None
-        if not isinstance(document, dict):
-            raise IntegrityError("the CAS's answer is not a configuration object")
-        return document
-
-
-@dataclass(frozen=True)
-class ReleasedConfiguration:
-    document: dict[str, Any]
-
-    @property
-    def token(self) -> str:
-        return str(self.document["token"])
+        return ReleasedConfiguration.from_json(token.payload)
 
 
 def obtain_configuration(cas: CasClient, session: str, service: str,
@@ -74,7 +61,11 @@ def obtain_configuration(cas: CasClient, session: str, service: str,
     answer = cas.request_json("POST", "/v1/attestation", {
         "session": session, "service": service, "nonce": nonce,
         "public_key": key.public_b64url, "evidence": dict(evidence)})
-    return ReleasedConfiguration(key.open(str(answer["jwe"])))
+    released = key.open(str(answer["jwe"]))
+    if (released.session, released.service) != (session, service):
+        raise IntegrityError(f"the CAS released the configuration of {released.session}/"
+                             f"{released.service}, not of {session}/{service}")
+    return released
 
 
 def report_tag(cas: CasClient, token: str, session: str, volume: str, old: str | None,

@@ -35,8 +35,9 @@ from tdapp.client.session_files import (
     SessionState,
 )
 from tdapp.core.address import Address
-from tdapp.errors import InputError, RefusedError, TdappError, WrongKeyError
+from tdapp.errors import InputError, RefusedError, TdappError, UnavailableError, WrongKeyError
 from tdapp.policy import fill_template, parse_session
+from tdapp.policy.template import LAS_PLATFORM_VARIABLE, template_variables
 from tdapp.tls import fingerprint
 from tdapp.volume import Volume, VolumeKey, VolumeTag
 from tdapp.volume.bundle import find_bundle, pack, unpack
@@ -64,13 +65,15 @@ class DecryptResult:
 
 
 def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path,
-                   cas: Address, push: str, variables: dict[str, str]) -> PushResult:
+                   cas: Address, push: str, variables: dict[str, str],
+                   las: str | None = None) -> PushResult:
     from tdapp.transfer import upload
 
     if not inputs.is_dir():
         raise InputError(f"inputs folder {inputs} "
                          f"{'is not a folder' if inputs.exists() else 'does not exist'}")
     template_text = _read_template(template)
+    variables = _with_las_platform(template_text, variables, las)
     # Everything that could stop the keys from being kept is checked before the
     # CAS learns of the session: a session nobody holds the keys of is lost work.
     keys_folder = KeysFolder(conf)
@@ -106,6 +109,23 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
                     for name in made},
     })
     return PushResult(session_name, str(cas), url)
+
+
+def _with_las_platform(template_text: str, variables: dict[str, str],
+                       las: str | None) -> dict[str, str]:
+    """``variables`` with ``$LAS_PLATFORM`` (a sim template's platform), if the template
+    uses it and it is not given: the platform id of this user's LAS, asked over loopback."""
+    from tdapp.attest.las import LasClient
+    from tdapp.client.announce import announced
+
+    if (LAS_PLATFORM_VARIABLE not in template_variables(template_text)
+            or LAS_PLATFORM_VARIABLE in variables):
+        return variables
+    address = las or announced("las")
+    platform = LasClient(address).platform().get("platform")
+    if not isinstance(platform, str):
+        raise UnavailableError(f"the LAS at {address} did not say its platform id")
+    return {**variables, LAS_PLATFORM_VARIABLE: platform}
 
 
 def _read_template(template: Path) -> str:

@@ -151,7 +151,7 @@ def _detail(kind: str, message: str, value: object, ctx: dict[str, Any]) -> str:
         return f"expected an integer, got {got}"
     if kind == "bool_type":
         return f"expected true or false, got {got}"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         shown = quoted(value) if isinstance(value, str) else got
         return f"expected {ctx.get('expected', 'one of the allowed values')}, got {shown}"
     if kind == "value_error" and "error" in ctx:

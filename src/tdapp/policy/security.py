@@ -1,14 +1,19 @@
 """The ``security`` section: how strictly the CAS attests the session's services.
 
-``mode`` None means the document did not say; the CAS then applies its default
-(``hardware``, or ``sim`` on a ``--debug`` CAS, as SCONE's public debug CAS
-does). Tolerations are a closed list so that a misspelt one is an error rather
-than a silently stricter (or looser) policy. This module describes settings;
-it must never weaken one on its own.
+``mode`` None means the document did not say; the CAS then fixes it when it
+stores the session (``hardware``, or on a ``--debug`` CAS ``sim`` with the
+platforms of the LAS it trusts, as SCONE's public debug CAS does), so the mode
+is part of what the session's hash covers and no later flag changes it.
+Tolerations are a closed list so that a misspelt one is an error rather than a
+silently stricter (or looser) policy. The language accepts all of SCONE's
+modes and tolerations; which of them tdapp enforces is decided in
+:mod:`tdapp.policy.enforced`, which refuses the others at creation. This
+module describes settings; it must never weaken one on its own.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, model_validator
@@ -25,7 +30,16 @@ from tdapp.policy.values import (
     quoted,
 )
 
-Mode = Literal["hardware", "sim", "none", "maa"]
+
+class AttestationMode(StrEnum):
+    """How the CAS attests a session's services (``security.attestation.mode``)."""
+
+    HARDWARE = "hardware"  # verified SGX, TDX or SEV-SNP evidence only
+    SIM = "sim"  # also LAS-signed evidence, from the platforms the session names
+    NONE = "none"  # no attestation: whoever asks gets the configuration (UnsafeNoOp)
+    MAA = "maa"  # Microsoft Azure Attestation: in the language, refused at creation
+
+
 Toleration = Literal["debug-mode", "hyperthreading", "insecure-igpu",
                      "software-hardening-needed", "aepic-leak", "insecure-configuration",
                      "outdated-tcb", "maa-managed-tcb"]
@@ -63,7 +77,7 @@ PlatformIds = Annotated[tuple[Hash, ...], OneOrMany, SortedSet]
 class Attestation(Section):
     """``security.attestation``: the attestation mode and what it tolerates."""
 
-    mode: Mode | None = None
+    mode: AttestationMode | None = None
     tolerate: Tolerations = ()
     ignore_advisories: Advisories = ()
     platforms: PlatformIds = ()
@@ -73,7 +87,7 @@ class Attestation(Section):
 
     @model_validator(mode="after")
     def _maa(self) -> Attestation:
-        if self.mode == "maa":
+        if self.mode is AttestationMode.MAA:
             if self.url is None:
                 fail("mode maa needs the url of the Azure attestation provider", "mode")
             if "maa-managed-tcb" not in self.tolerate:

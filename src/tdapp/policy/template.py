@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 from tdapp.errors import UsageError
 
+# The platform id of the LAS a sim template accepts, filled by the client from its LAS.
+LAS_PLATFORM_VARIABLE = "LAS_PLATFORM"
 # One token at a time: `$$` (kept), `${NAME}`, `$NAME`, or a malformed `${`.
 _TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)|\$\{")
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from tdapp.attest.attesters import choose_attester
 from tdapp.attest.las import LasClient
+from tdapp.attest.release import ReleasedConfiguration
 from tdapp.builder import Image, load_image, measure_image
 from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
@@ -40,6 +41,7 @@ from tdapp.errors import (
     RefusedError,
     UnavailableError,
 )
+from tdapp.policy.security import AttestationMode
 from tdapp.runtime.sandbox import (
     Mount,
     SandboxSpec,
@@ -55,7 +57,7 @@ from tdapp.runtime.workspace import (
     remove_abandoned,
     write_allowance,
 )
-from tdapp.volume import Volume, VolumeKey, VolumeTag
+from tdapp.volume import Volume, VolumeKey
 from tdapp.volume.bundle import pack, unpack
 
 Log = Callable[[str], None]
@@ -99,19 +101,20 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         las = LasClient(request.las)
 
         def evidence(data: bytes, mode: str) -> Mapping[str, Any]:
-            attester = choose_attester(request.tee, las=las, sim_allowed=mode != "hardware")
+            # Only a session the CAS says is sim (or none) can be served by a LAS.
+            sim_allowed = mode in (AttestationMode.SIM, AttestationMode.NONE)
+            attester = choose_attester(request.tee, las=las, sim_allowed=sim_allowed)
             log(f"attester: {attester.name}")
             return attester.evidence(data, measurement)
 
         released = obtain_configuration(
             CasClient.connect(request.cas, anonymous=True), session, service, evidence)
-        config = released.document
-        log(f"attested to {request.cas} ({config['mode']} mode)")
-        wanted = {str(volume["name"]) for volume in config["volumes"]}
+        log(f"attested to {request.cas} ({released.mode} mode)")
+        wanted = {volume.name for volume in released.volumes}
         volumes = unpack(bundle, root / "sealed", wanted)
         bundle.unlink()
-        staged = _check_volumes(config, volumes, request.shield)
-        changed = _run_program(request, image, config, staged, root, log)
+        staged = _check_volumes(released, volumes, request.shield)
+        changed = _run_program(request, image, released, staged, root, log)
         output = root / "scone-upload.zip"
         pack({name: folder for name, (_, _, folder) in changed.items()}, output)
         for name in sorted(wanted - changed.keys()):
@@ -119,7 +122,7 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         url = upload(output, request.push)
         client = CasClient.connect(request.cas, anonymous=True)
         for name, (old, new, _) in changed.items():
-            report_tag(client, released.token, session, name, old, new)
+            report_tag(client, released.token.get_secret_value(), session, name, old, new)
             log(f"volume {name}: tag {old} -> {new}")
     return url
 
@@ -141,25 +144,24 @@ class _Staged:
     fuse: bool
 
 
-def _check_volumes(config: dict[str, Any], sealed: dict[str, Path],
+def _check_volumes(released: ReleasedConfiguration, sealed: dict[str, Path],
                    shield: str) -> list[_Staged]:
     """Each volume checked against its key and tag; the shield it gets chosen."""
     staged = []
-    for volume in config["volumes"]:
-        name, tag = str(volume["name"]), volume.get("tag")
+    for grant in released.volumes:
+        name, tag = grant.name, grant.tag
         folder = sealed.get(name)
         if folder is None:
             raise InputError(f"the downloaded bundle holds no volume {name!r}")
-        if volume.get("key") is None or tag is None:
-            raise RefusedError(f"volume {name}: the session gives no key or tag for it")
-        key = VolumeKey.from_hex(str(volume["key"]))
-        opened = Volume.open(folder, key, VolumeTag.from_hex(str(tag)), name=name)
-        staged.append(_Staged(name, key, str(tag), folder, str(volume["path"]), opened,
+        if tag is None:
+            raise RefusedError(f"volume {name}: the session gives no tag for it")
+        opened = Volume.open(folder, grant.key, tag, name=name)
+        staged.append(_Staged(name, grant.key, tag.hex(), folder, grant.path, opened,
                               _use_fuse(shield, folder, name)))
     return staged
 
 
-def _run_program(request: RunRequest, image: Image, config: dict[str, Any],
+def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguration,
                  staged: list[_Staged], root: Path, log: Log) -> Changes:
     """Mount or decrypt the volumes, run the program, seal what it changed."""
     in_memory = [volume for volume in staged if not volume.fuse]
@@ -183,9 +185,10 @@ def _run_program(request: RunRequest, image: Image, config: dict[str, Any],
                 mounts.append(Mount(source=plain, target=volume.target, writable=True))
                 fingerprints[volume.name] = _tree_fingerprint(plain)
             result = run_sandboxed(SandboxSpec(
-                root=image.root, argv=list(config["command"]), env=dict(config["environment"]),
-                cwd=str(config["pwd"]), mounts=mounts, host_paths=_host_paths(image),
-                files=_injected(config), memory_limit=image.heap, stack_limit=image.stack,
+                root=image.root, argv=list(config.command), env=dict(config.environment),
+                cwd=config.pwd, mounts=mounts, host_paths=_host_paths(image),
+                files=_injected(config), file_modes=_injected_modes(config),
+                memory_limit=image.heap, stack_limit=image.stack,
                 user=_user(image), timeout=request.timeout,
                 tmp_size=write_allowance(image.heap)))
             shielded = _finish(shields)
@@ -258,9 +261,14 @@ def _finish(shields: list[ShieldMount]) -> dict[str, tuple[str | None, str]]:
     return changed
 
 
-def _injected(config: dict[str, Any]) -> dict[str, bytes]:
-    return {str(f["path"]): str(f.get("content") or "").encode()
-            for f in config.get("injection_files", [])}
+def _injected_modes(config: ReleasedConfiguration) -> dict[str, int]:
+    # setuid, setgid and sticky bits are never given, whatever the session says.
+    return {f.path: f.permission & 0o777 for f in config.injection_files
+            if f.permission is not None}
+
+
+def _injected(config: ReleasedConfiguration) -> dict[str, bytes]:
+    return {f.path: f.content.get_secret_value().encode() for f in config.injection_files}
 
 
 def _tree_fingerprint(root: Path) -> Fingerprint:

@@ -146,6 +146,9 @@ class SandboxSpec:
     mounts: list[Mount]
     host_paths: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
+    file_modes: dict[str, int] = field(default_factory=dict)
+    """Permission bits of injected files, by path (the session's ``permission``);
+    a file not listed gets bubblewrap's default."""
     memory_limit: int | None = None
     stack_limit: int | None = None
     network: bool = False
@@ -331,8 +334,10 @@ def _build_args(spec: SandboxSpec) -> tuple[list[Option], list[str], list[tuple[
     for i, (path, content) in enumerate(spec.files.items()):
         target = _check_abs(path, "injected file")
         files.append((target, bytes(content)))
+        mode = spec.file_modes.get(path)
+        perms = [] if mode is None else ["--perms", f"{mode & 0o7777:04o}"]
         place(target, f"injected file {target}",
-              ["--ro-bind-data", Fd(Descriptor.INJECTED_FILE, i), target])
+              [*perms, "--ro-bind-data", Fd(Descriptor.INJECTED_FILE, i), target])
     placed.sort(key=lambda p: (p[0].count("/"), p[0]))
     for _, op in placed:
         args += op

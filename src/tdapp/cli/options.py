@@ -1,0 +1,42 @@
+"""Command-line options shared by several ``tdapp`` commands (one definition each)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+# The defaults of tdapp.serving.ServerTimeouts, restated so that --help does not
+# import the server stack.
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+
+
+def server_timeouts(*, header_help: str = "Close a connection whose request headers take "
+                                          "longer.",
+                    body_help: str = "Close a connection whose request body pauses longer."
+                    ) -> Callable[[Command], Command]:
+    """``--header-timeout`` and ``--body-timeout``, handed to the command as ``timeouts``
+    (a :class:`tdapp.serving.ServerTimeouts`)."""
+
+    def decorate(command: Command) -> Command:
+        @functools.wraps(command)
+        def with_timeouts(*args: Any, header_timeout: float, body_timeout: float,
+                          **kwargs: Any) -> Any:
+            from tdapp.serving import ServerTimeouts
+
+            return command(*args, timeouts=ServerTimeouts(header_timeout, body_timeout),
+                           **kwargs)
+
+        seconds = click.FloatRange(0, min_open=True)
+        decorated = click.option("--body-timeout", default=BODY_TIMEOUT, show_default=True,
+                                 metavar="SECONDS", type=seconds, help=body_help)(with_timeouts)
+        decorated = click.option("--header-timeout", default=HEADER_TIMEOUT,
+                                 show_default=True, metavar="SECONDS", type=seconds,
+                                 help=header_help)(decorated)
+        return decorated  # type: ignore[return-value]
+
+    return decorate
