@@ -36,29 +36,16 @@ from jwcrypto import jwe, jwk
 from pydantic import SecretStr
 
 from tdapp.attest import (
-    HARDWARE_TEES,
-    AllOf,
-    AnyOf,
     Claims,
-    ClaimsMatch,
-    DebugTolerated,
-    MeasurementIn,
-    PlatformIn,
-    Policy,
-    ReportDataIs,
-    SgxSignerIs,
-    TcbStatusTolerated,
-    Tee,
-    TeeIn,
     UnsafeNoOp,
     VerifierSettings,
-    report_data,
     verifier_for,
 )
 from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
+from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.sessions import NotFoundError, SessionAuthority
-from tdapp.cas.store import AuditEntry, NewInstance, SpentNonce, Store
+from tdapp.cas.store import AuditEntry, NewInstance, Outcome, SpentNonce, Store
 from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Identity, Service, Session
 from tdapp.policy.modes import LEGACY_MODE
@@ -66,8 +53,6 @@ from tdapp.policy.security import AttestationMode
 from tdapp.volume import VolumeKey, VolumeTag
 
 INSTANCE_LIFETIME = 24 * 3600.0
-# Tolerations that accept one named Intel advisory each (the others are TCB statuses).
-ADVISORY_TOLERATIONS = {"insecure-igpu": "INTEL-SA-00219", "aepic-leak": "INTEL-SA-00657"}
 
 
 @dataclass(frozen=True)
@@ -139,32 +124,12 @@ class AttestationAuthority:
         try:
             public_key = self._public_key(request)
             mode = self.mode_of(session)
-            match mode:
-                case AttestationMode.NONE:
-                    verdict = UnsafeNoOp().verify(None)
-                    steps.append(AuditEntry(f"{event}.none", "accepted",
-                                            "mode none: no attestation (UnsafeNoOp)"))
-                    measurement = "none"
-                case AttestationMode.HARDWARE | AttestationMode.SIM:
-                    claims = self._verified_claims(request)
-                    steps.append(AuditEntry(f"{event}.evidence", "accepted", _describe(claims)))
-                    for label, policy in self.checks_for(session, service, mode,
-                                                         request.nonce, _der(public_key)):
-                        verdict = policy.verify(claims)
-                        if not verdict.ok:
-                            raise CheckFailed(label, verdict.reason,
-                                              _public_reason(label, claims, verdict.reason))
-                        steps.append(AuditEntry(f"{event}.{label}", "accepted", f"{label}: ok"))
-                    measurement = claims.measurement
-                case AttestationMode.MAA:
-                    raise RefusedError("mode maa cannot be enforced by tdapp (no Azure "
-                                       "Attestation verifier)")
-                case unreachable:
-                    assert_never(unreachable)
+            measurement = self._judge(request, session, service, mode, public_key, steps)
             volumes = self._volumes(session, service, request.session)
         except TdappError as error:
             # A refused attempt spends its nonce: evidence is never judged twice.
-            self._store.spend_nonce(nonce, [*steps, AuditEntry(event, "refused", error.message)])
+            refused = AuditEntry(event, Outcome.REFUSED, error.message)
+            self._store.spend_nonce(nonce, [*steps, refused])
             if isinstance(error, CheckFailed) and not self._sessions.may_read(
                     request.session, caller):
                 raise RefusedError(error.public) from None
@@ -184,7 +149,7 @@ class AttestationAuthority:
             pwd=service.pwd or "/", volumes=tuple(volumes),
             injection_files=self._injection_files(session, service),
             token=SecretStr(token), expires_at=expires_at)
-        accepted = AuditEntry(event, "accepted",
+        accepted = AuditEntry(event, Outcome.ACCEPTED,
                               f"accepted {mode} attestation of {service.name} (measurement "
                               f"{measurement}); instance {token_hash[:16]}")
         instance = NewInstance(token_hash, measurement, expires_at, self._records.instance_mac(
@@ -192,6 +157,34 @@ class AttestationAuthority:
         if not self._store.spend_nonce(nonce, [*steps, accepted], instance):
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
         return _encrypt_to(public_key, configuration), token_hash
+
+    def _judge(self, request: AttestationRequest, session: Session, service: Service,
+               mode: AttestationMode, public_key: ec.EllipticCurvePublicKey,
+               steps: list[AuditEntry]) -> str:
+        """Judge the request in the session's mode; the measurement that passed (each
+        check that passed is appended to ``steps``), or CheckFailed."""
+        match mode:
+            case AttestationMode.NONE:
+                UnsafeNoOp().verify(None)
+                steps.append(AuditEntry("attest.none", Outcome.ACCEPTED,
+                                        "mode none: no attestation (UnsafeNoOp)"))
+                return "none"
+            case AttestationMode.HARDWARE | AttestationMode.SIM:
+                claims = self._verified_claims(request)
+                steps.append(AuditEntry("attest.evidence", Outcome.ACCEPTED, _describe(claims)))
+                for label, policy in checks_for(session, service, mode, request.nonce,
+                                                _der(public_key)):
+                    verdict = policy.verify(claims)
+                    if not verdict.ok:
+                        raise CheckFailed(label, verdict.reason,
+                                          public_reason(label, claims, verdict.reason))
+                    steps.append(AuditEntry(f"attest.{label}", Outcome.ACCEPTED, f"{label}: ok"))
+                return claims.measurement
+            case AttestationMode.MAA:
+                raise RefusedError("mode maa cannot be enforced by tdapp (no Azure "
+                                   "Attestation verifier)")
+            case unreachable:
+                assert_never(unreachable)
 
     @staticmethod
     def mode_of(session: Session) -> AttestationMode:
@@ -201,43 +194,6 @@ class AttestationAuthority:
             raise RefusedError("the session's security section is a placeholder; tdapp cannot "
                                "attest against it")
         return session.security.attestation.mode or LEGACY_MODE
-
-    @staticmethod
-    def checks_for(session: Session, service: Service, mode: AttestationMode, nonce: str,
-                   public_key_der: bytes) -> list[tuple[str, Policy]]:
-        """The session's checks for verified evidence, in the order they are judged and
-        logged (``mode`` is ``hardware`` or ``sim``).
-
-        The binding of nonce and key comes last, so a refusal for it shows that the
-        evidence passed every check of the program and the platform first.
-        """
-        attestation = session.security.attestation
-        match mode:
-            case AttestationMode.HARDWARE:
-                tees: frozenset[Tee] = HARDWARE_TEES
-            case AttestationMode.SIM:
-                tees = frozenset(Tee)
-            case AttestationMode.NONE | AttestationMode.MAA:
-                raise ValueError(f"mode {mode} has no evidence checks")
-            case unreachable:
-                assert_never(unreachable)
-        ignored = _advisories(attestation.ignore_advisories)
-        if ignored != "*":
-            ignored = (*ignored, *(advisory for toleration, advisory in
-                                   ADVISORY_TOLERATIONS.items()
-                                   if toleration in attestation.tolerate))
-        checks: list[tuple[str, Policy]] = [
-            ("tee", TeeIn(tees, mode=str(mode))),
-            ("measurement", _variants(service)),
-            ("debug", DebugTolerated("debug-mode" in attestation.tolerate)),
-            ("tcb", TcbStatusTolerated(attestation.tolerate, ignored)),
-        ]
-        if attestation.platforms or mode is AttestationMode.SIM:
-            # A sim session always names its LAS platforms (fixed at creation): an
-            # empty list here accepts no platform at all.
-            checks.append(("platform", PlatformIn(attestation.platforms)))
-        checks.append(("report_data", ReportDataIs(report_data(nonce, public_key_der))))
-        return checks
 
     # -- volume tags ----------------------------------------------------------------
 
@@ -355,61 +311,12 @@ class AttestationAuthority:
                                   permission=f.permission) for f in image.injection_files)
 
     def _refuse(self, session: str | None, event: str, error: TdappError) -> NoReturn:
-        self._store.record(session, event, None, "refused", error.message)
+        self._store.record(session, event, None, Outcome.REFUSED, error.message)
         raise error
-
-
-class CheckFailed(RefusedError):
-    """A check of the session refused the evidence: ``message`` says what the session
-    expected (for the audit log and readers), ``public`` only what was refused."""
-
-    def __init__(self, label: str, reason: str, public: str) -> None:
-        super().__init__(reason)
-        self.label = label
-        self.public = public
 
 
 class UnknownTag(RefusedError):
     """A volume the service mounts has no known tag yet."""
-
-
-def _public_reason(label: str, claims: Claims, reason: str) -> str:
-    """What a refused caller who is not a reader may learn: the check, and its own values."""
-    shown = {
-        "tee": f"{claims.tee} evidence is not accepted for this session",
-        "measurement": f"measurement {claims.measurement} is not one this service accepts",
-        "debug": "debug-mode evidence is not tolerated by this session",
-        "tcb": f"the platform's TCB status {claims.tcb_status}"
-               + (f" (advisories {', '.join(claims.advisories)})" if claims.advisories else "")
-               + " is not tolerated by this session",
-        "platform": f"platform {claims.platform} is not one this session names",
-        "report_data": reason,  # made of this request's nonce and key only
-    }
-    reason = shown.get(label, f"the evidence fails the session's {label} check")
-    return (f"attestation refused: {reason}; the session's readers find the full reason in "
-            "its audit log")
-
-
-def _variants(service: Service) -> Policy:
-    """Any one of the service's attestation variants, each the AllOf of its factors."""
-    variants: list[Policy] = []
-    for variant in service.attestation_variants():
-        factors: list[Policy] = []
-        if variant.mrenclave:
-            factors.append(MeasurementIn(variant.mrenclave))
-        if variant.signer is not None:
-            signer = variant.signer
-            factors.append(SgxSignerIs(signer.mrsigner, signer.isvprodid, isvsvn=signer.isvsvn,
-                                       isvsvn_min=signer.isvsvn_min,
-                                       isvsvn_max=signer.isvsvn_max))
-        if variant.tdx is not None:
-            factors.append(ClaimsMatch("tdx", variant.tdx.expected()))
-        if variant.snp is not None:
-            factors.append(ClaimsMatch("snp", variant.snp.expected()))
-        variants.append(factors[0] if len(factors) == 1 else AllOf(factors))
-    if not variants:
-        return MeasurementIn(())  # refuses, naming that no measurement is listed
-    return variants[0] if len(variants) == 1 else AnyOf(variants)
 
 
 def _describe(claims: Claims) -> str:
@@ -422,11 +329,6 @@ def _describe(claims: Claims) -> str:
         parts.append("debug")
     parts.append(f"platform {claims.platform[:32]}")
     return "; ".join(parts)
-
-
-def _advisories(value: object) -> Any:
-    return "*" if value == "*" or (isinstance(value, tuple) and "*" in value) else tuple(
-        value if isinstance(value, tuple) else ())
 
 
 def _stale(volume: str, old: str | None, current: str | None) -> ConflictError:

@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from tdapp.cas.records import RecordMacs
 from tdapp.cas.sealing import MasterKey
-from tdapp.cas.store import AuditEvent, Store, StoredSession, StoredTag
+from tdapp.cas.store import AuditEvent, Outcome, Store, StoredSession, StoredTag
 from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
 from tdapp.policy.modes import with_fixed_mode
@@ -271,7 +271,7 @@ class SessionAuthority:
         try:
             return parse_session(text, source="session")
         except SessionError as error:
-            self._store.record(None, event, who, "refused", error.message)
+            self._store.record(None, event, who, Outcome.REFUSED, error.message)
             raise
 
     def _require_identity(self, name: str, event: str, who: Identity | None) -> Identity:
@@ -282,7 +282,7 @@ class SessionAuthority:
 
     def _refuse(self, name: str | None, event: str, who: Identity | None,
                 error: TdappError) -> NoReturn:
-        self._store.record(name, event, who, "refused", error.message)
+        self._store.record(name, event, who, Outcome.REFUSED, error.message)
         raise error
 
     def _seal(self, session: Session, creator: Identity) -> bytes:

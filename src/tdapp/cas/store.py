@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,17 @@ class StoredInstance:
     mac: str | None
 
 
+class Outcome(StrEnum):
+    """What the CAS decided, as the audit log records it."""
+
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     event: str
-    outcome: str
+    outcome: Outcome
     reason: str
 
 
@@ -101,7 +109,7 @@ class AuditEvent:
     session: str | None
     event: str
     actor: str | None
-    outcome: str
+    outcome: Outcome
     reason: str
 
     def as_json(self) -> dict[str, Any]:
@@ -190,7 +198,7 @@ class Store:
                     revision=record.revision, sealed_document=record.sealed_document,
                     created_at=now, updated_at=now))
                 _put_tags(connection, record.name, tags, now)
-                _append_audit(connection, now, record.name, *audit, "accepted")
+                _append_audit(connection, now, record.name, *audit, Outcome.ACCEPTED)
         except SqlIntegrityError:
             raise ConflictError(f"a session named {record.name!r} already exists") from None
 
@@ -213,7 +221,7 @@ class Store:
                 if result.rowcount != 1:
                     return False
                 _put_tags(connection, record.name, added_tags, now)
-                _append_audit(connection, now, record.name, *audit, "accepted")
+                _append_audit(connection, now, record.name, *audit, Outcome.ACCEPTED)
         except SqlIntegrityError:
             return False  # a row appeared meanwhile: whoever wrote it changed the session
         return True
@@ -249,7 +257,7 @@ class Store:
                 .values(tag=new.tag, version=new.version, mac=new.mac, updated_at=now))
             if result.rowcount != 1:
                 return False
-            _append_audit(connection, now, current.session, *audit, "accepted")
+            _append_audit(connection, now, current.session, *audit, Outcome.ACCEPTED)
         return True
 
     # -- attestation: nonces and instances -------------------------------------------
@@ -264,7 +272,7 @@ class Store:
         """
         now = time.time()
         for audit in audits:
-            if audit.outcome == "refused":
+            if audit.outcome is Outcome.REFUSED:
                 self._note_refusal(audit.event, audit.reason)
         try:
             with self._write() as connection:
@@ -307,9 +315,9 @@ class Store:
 
     # -- audit ------------------------------------------------------------------
 
-    def record(self, session: str | None, event_name: str, actor: str | None, outcome: str,
+    def record(self, session: str | None, event_name: str, actor: str | None, outcome: Outcome,
                reason: str) -> None:
-        if outcome == "refused":
+        if outcome is Outcome.REFUSED:
             self._note_refusal(event_name, reason)
         with self._write() as connection:
             _append_audit(connection, time.time(), session, event_name, actor, reason, outcome)
@@ -324,7 +332,7 @@ class Store:
             query = query.where(audit_log.c.session == session)
         with self._read() as connection:
             rows = connection.execute(query).all()
-        return [AuditEvent(r.id, r.at, r.session, r.event, r.actor, r.outcome, r.reason)
+        return [AuditEvent(r.id, r.at, r.session, r.event, r.actor, Outcome(r.outcome), r.reason)
                 for r in reversed(rows)]
 
 
@@ -347,7 +355,7 @@ def _put_tags(connection: Connection, session: str, tags: Sequence[StoredTag],
 
 
 def _append_audit(connection: Connection, at: float, session: str | None, event_name: str,
-                  actor: str | None, reason: str, outcome: str) -> None:
+                  actor: str | None, reason: str, outcome: Outcome) -> None:
     connection.execute(insert(audit_log).values(
         at=at, session=session, event=event_name, actor=actor, outcome=outcome, reason=reason))
 

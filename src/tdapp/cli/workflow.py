@@ -85,11 +85,12 @@ def run(image: str, session_id: str, cas_address: str, url: str, push: str | Non
         las_address: str | None, tee: str, shield: str, timeout: float) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.run import RunRequest, run_dapp
+    from tdapp.runtime.shield import ShieldKind
 
     result = run_dapp(RunRequest(image=image, session_id=session_id,
                                  cas=Address.parse(cas_address), url=url,
                                  push=push or announced("push"),
                                  las=las_address or announced("las"), tee=tee,
-                                 shield=shield, timeout=timeout),
+                                 shield=ShieldKind(shield), timeout=timeout),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
     click.echo(result)

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from tdapp.attest.attesters import choose_attester
 from tdapp.attest.las import LasClient
@@ -49,7 +49,13 @@ from tdapp.runtime.sandbox import (
     require_success,
     run_sandboxed,
 )
-from tdapp.runtime.shield import AUTO_THRESHOLD, ShieldMount, fuse_usable, sealed_size
+from tdapp.runtime.shield import (
+    AUTO_THRESHOLD,
+    ShieldKind,
+    ShieldMount,
+    fuse_usable,
+    sealed_size,
+)
 from tdapp.runtime.workspace import (
     ciphertext_folder,
     pages,
@@ -77,7 +83,7 @@ class RunRequest:
     push: str
     las: str
     tee: str = "auto"
-    shield: str = "auto"
+    shield: ShieldKind = ShieldKind.AUTO
     timeout: float = DEFAULT_RUN_TIMEOUT
 
 
@@ -145,7 +151,7 @@ class _Staged:
 
 
 def _check_volumes(released: ReleasedConfiguration, sealed: dict[str, Path],
-                   shield: str) -> list[_Staged]:
+                   shield: ShieldKind) -> list[_Staged]:
     """Each volume checked against its key and tag; the shield it gets chosen."""
     staged = []
     for grant in released.volumes:
@@ -235,15 +241,19 @@ def _user(image: Image) -> tuple[int, int] | None:
     return ids
 
 
-def _use_fuse(shield: str, folder: Path, name: str) -> bool:
-    if shield == "tmpfs":
-        return False
-    if shield == "fuse":
-        if not fuse_usable():
-            raise UnavailableError(f"volume {name}: --shield fuse needs /dev/fuse, fusermount3 "
-                                   "and libfuse3 (package fuse3)")
-        return True
-    return fuse_usable() and sealed_size(folder) > AUTO_THRESHOLD
+def _use_fuse(shield: ShieldKind, folder: Path, name: str) -> bool:
+    match shield:
+        case ShieldKind.TMPFS:
+            return False
+        case ShieldKind.FUSE:
+            if not fuse_usable():
+                raise UnavailableError(f"volume {name}: --shield fuse needs /dev/fuse, "
+                                       "fusermount3 and libfuse3 (package fuse3)")
+            return True
+        case ShieldKind.AUTO:
+            return fuse_usable() and sealed_size(folder) > AUTO_THRESHOLD
+        case unreachable:
+            assert_never(unreachable)
 
 
 def _finish(shields: list[ShieldMount]) -> dict[str, tuple[str | None, str]]:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from ctypes.util import find_library
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -291,6 +292,14 @@ def serve_volume(volume: Volume, mountpoint: Path, *, read_only: bool = False,
 
 
 # -- the runtime's side: one ``tdapp volume mount`` child per volume ------------------------
+
+class ShieldKind(StrEnum):
+    """How a volume reaches the program (``tdapp run --shield``)."""
+
+    AUTO = "auto"  # FUSE for volumes over AUTO_THRESHOLD when FUSE works, else tmpfs
+    FUSE = "fuse"  # decrypted on the fly by a `tdapp volume mount` child
+    TMPFS = "tmpfs"  # decrypted whole into memory before the program starts
+
 
 AUTO_THRESHOLD = 64 * 1024 * 1024  # sealed bytes above which auto mounts instead of staging
 MOUNT_TIMEOUT_S = 30.0
