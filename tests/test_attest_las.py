@@ -39,17 +39,17 @@ CLI = ("import sys; from tdapp.cli import cli, run; from tdapp.cli.las import la
 
 
 @contextlib.contextmanager
-def running(app: web.Application) -> Iterator[str]:
+def running(app: web.Application, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve ``app`` on a free loopback port from a thread; yields ``HOST:PORT``."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    loop.run_until_complete(web.TCPSite(runner, host, 0).start())
     port = runner.addresses[0][1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)

@@ -5,7 +5,9 @@
 ``GET /v1/platform`` answers ``{"platform": hex64, "public_key": base64}``.
 Plain HTTP, on loopback by default: a simulated LAS signs whatever it is asked,
 so anyone who can reach it can make evidence for any measurement. It must never
-listen beyond loopback unless told to (``allow_remote``), never reveal its
+listen beyond loopback unless told to (``allow_remote``), never answer a
+connection whose socket another uid owns (unless told to, by the same flag:
+beyond loopback the owner cannot be known), never reveal its
 private key, never answer bad input with a 500, and never keep a connection
 that stopped sending past its timeouts (:class:`tdapp.serving.ServerTimeouts`).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -23,9 +26,11 @@ from typing import Any
 
 import httpx
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from tdapp.attest.sim import SimPlatform, b64
 from tdapp.core.address import Address
+from tdapp.core.peer import endpoint, tcp_peer_uid
 from tdapp.errors import (
     InputError,
     RefusedError,
@@ -34,7 +39,7 @@ from tdapp.errors import (
 )
 from tdapp.home import tdapp_home
 from tdapp.serving import ServerTimeouts, serve_until_signalled
-from tdapp.webjson import error_middleware, json_object
+from tdapp.webjson import error_middleware, json_error, json_object
 
 DEFAULT_PORT = 18766
 DEFAULT_LAS = f"127.0.0.1:{DEFAULT_PORT}"
@@ -50,14 +55,48 @@ def default_state_dir() -> Path:
     return tdapp_home() / "las"
 
 
-def build_las_app(state_dir: Path) -> web.Application:
-    """The LAS application, with the platform key of ``state_dir`` (made there on first use)."""
+def build_las_app(state_dir: Path, *, serve_uid: int | None = None,
+                  unsafe_any_caller: bool = False) -> web.Application:
+    """The LAS application, with the platform key of ``state_dir`` (made there on first use).
+
+    It answers only connections whose socket ``serve_uid`` owns (default: the
+    uid running it); ``unsafe_any_caller`` answers everyone who can connect.
+    """
     errors = error_middleware(service="LAS", max_body=MAX_BODY, status_of=lambda _: 400)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors])
+    middlewares = [errors]
+    if not unsafe_any_caller:
+        middlewares.append(_only_uid(os.geteuid() if serve_uid is None else serve_uid))
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[_PLATFORM] = SimPlatform.load_or_create(state_dir)
     app.router.add_post("/v1/evidence", _evidence)
     app.router.add_get("/v1/platform", _platform)
     return app
+
+
+def _only_uid(uid: int) -> Middleware:
+    @web.middleware
+    async def only_uid(request: web.Request, handler: Handler) -> web.StreamResponse:
+        caller = _caller_uid(request)
+        if caller != uid:
+            log.warning("refused %s %s from %s: its socket belongs to uid %s, not %s",
+                        request.method, request.path, request.remote,
+                        "unknown" if caller is None else caller, uid)
+            return json_error(403, f"this LAS answers only uid {uid}, the user running it")
+        return await handler(request)
+    return only_uid
+
+
+def _caller_uid(request: web.Request) -> int | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    ours, theirs = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+    if not (isinstance(ours, tuple) and isinstance(theirs, tuple)):
+        return None
+    local, remote = endpoint(str(ours[0]), int(ours[1])), endpoint(str(theirs[0]), int(theirs[1]))
+    if local is None or remote is None:
+        return None
+    return tcp_peer_uid(local, remote)
 
 
 def platform_of(app: web.Application) -> SimPlatform:
@@ -112,7 +151,8 @@ def serve(*, host: str, port: int, state_dir: Path, allow_remote: bool = False,
                          "anyone who can reach it; pass --allow-remote if that is intended")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_run(build_las_app(state_dir), host, port, timeouts))
+    app = build_las_app(state_dir, unsafe_any_caller=allow_remote)
+    asyncio.run(_run(app, host, port, timeouts))
 
 
 async def _run(app: web.Application, host: str, port: int,

@@ -27,7 +27,8 @@ def las() -> None:
 @click.option("--allow-remote", is_flag=True,
               help="Listen on a non-loopback address. A simulated LAS signs evidence for any "
                    "measurement it is asked for, so whoever reaches it can pass 'sim' "
-                   "attestation.")
+                   "attestation. Without it the LAS answers only connections from the "
+                   "uid running it; with it, anyone who can connect.")
 @server_timeouts()
 def serve(host: str, port: int, state_dir: Path | None, allow_remote: bool,
           timeouts: ServerTimeouts) -> None:
