@@ -91,9 +91,14 @@ class SessionDoc:
         if self.read is not None or self.update is not None:
             doc["access_policy"] = {"read": self.read or ["CREATOR"],
                                     "update": self.update or ["CREATOR"]}
+        environment = {"SCONE_MODE": "hw"}
+        if self.secret is not None:
+            # Secrets reach a service through its environment (a secrets section is
+            # refused until the CAS makes and releases secrets).
+            environment["API_TOKEN"] = self.secret
         doc["services"] = [{"name": "application", "image_name": "copy_demo",
                             "mrenclaves": [MRENCLAVE], "command": self.command, "pwd": "/",
-                            "environment": {"SCONE_MODE": "hw"}}]
+                            "environment": environment}]
         doc["volumes"] = [{"name": name, "fspf_key": self.keys[name],
                            "fspf_tag": self.tags[name]} for name in self.keys]
         image: dict[str, Any] = {"name": "copy_demo", "volumes": [
@@ -103,8 +108,6 @@ class SessionDoc:
             image["injection_files"] = [{"path": "/etc/app/config.ini",
                                          "content": self.injected}]
         doc["images"] = [image]
-        if self.secret is not None:
-            doc["secrets"] = [{"name": "api_token", "kind": "ascii", "value": self.secret}]
         return doc
 
     def text(self) -> str:

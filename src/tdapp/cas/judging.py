@@ -65,6 +65,7 @@ def checks_for(session: Session, service: Service, mode: AttestationMode, nonce:
     checks: list[tuple[str, Policy]] = [
         ("tee", TeeIn(tees, mode=str(mode))),
         ("measurement", _variants(service)),
+        *_image_measurements(session, service),
         ("debug", DebugTolerated("debug-mode" in attestation.tolerate)),
         ("tcb", TcbStatusTolerated(attestation.tolerate, ignored)),
     ]
@@ -91,6 +92,8 @@ def public_reason(label: str, claims: Claims, reason: str) -> str:
     shown = {
         "tee": f"{claims.tee} evidence is not accepted for this session",
         "measurement": f"measurement {claims.measurement} is not one this service accepts",
+        "image_measurement": f"measurement {claims.measurement} is not one the service's "
+                             "image accepts",
         "debug": "debug-mode evidence is not tolerated by this session",
         "tcb": f"the platform's TCB status {claims.tcb_status}"
                + (f" (advisories {', '.join(claims.advisories)})" if claims.advisories else "")
@@ -123,6 +126,14 @@ def _variants(service: Service) -> Policy:
     if not variants:
         return MeasurementIn(())  # refuses, naming that no measurement is listed
     return variants[0] if len(variants) == 1 else AnyOf(variants)
+
+
+def _image_measurements(session: Session, service: Service) -> list[tuple[str, Policy]]:
+    """The 2018 form lists ``mrenclaves`` on the image too: code must match both."""
+    image = session.image(service.image_name) if service.image_name else None
+    if image is None or not image.mrenclaves:
+        return []
+    return [("image_measurement", MeasurementIn(image.mrenclaves))]
 
 
 def _advisories(value: object) -> Any:

@@ -30,6 +30,7 @@ from tdapp.cas.sealing import MasterKey
 from tdapp.cas.store import AuditEvent, Outcome, Store, StoredSession, StoredTag
 from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
 from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
+from tdapp.policy.enforced import parse_enforceable_session
 from tdapp.policy.modes import with_fixed_mode
 from tdapp.policy.security import AttestationMode
 
@@ -269,7 +270,8 @@ class SessionAuthority:
 
     def _parse(self, text: str, who: Identity | None, event: str) -> Session:
         try:
-            return parse_session(text, source="session")
+            # Only what the CAS enforces may be stored (tdapp.policy.enforced).
+            return parse_enforceable_session(text, source="session")
         except SessionError as error:
             self._store.record(None, event, who, Outcome.REFUSED, error.message)
             raise

@@ -1,4 +1,4 @@
-"""``tdapp session create|update|read|hash``: sessions on a CAS.
+"""``tdapp session create|update|read|hash|check``: sessions on a CAS.
 
 ``read`` prints the session as the next update's draft: its volumes' current
 tags (as the CAS holds them now, not as the document last stated them) and
@@ -22,6 +22,7 @@ from tdapp.core.address import Address
 from tdapp.errors import InputError, IntegrityError, UnavailableError, UsageError
 from tdapp.policy import fill_template, parse_session, session_hash
 from tdapp.policy.emit import dump_yaml
+from tdapp.policy.enforced import parse_enforceable_session
 from tdapp.policy.model import Session
 from tdapp.policy.modes import with_fixed_mode
 from tdapp.policy.security import AttestationMode
@@ -48,14 +49,15 @@ def _variables(assignments: tuple[str, ...]) -> dict[str, str]:
     return variables
 
 
-def _document(path: Path, assignments: tuple[str, ...]) -> str:
+def _document(path: Path, assignments: tuple[str, ...]) -> tuple[str, Session]:
+    """FILE filled in, and the session it is; refused here, with the line, before
+    anything is sent, if it is not valid or not enforceable."""
     try:
         template = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read session file {path}: {error}") from None
     text = fill_template(template, _variables(assignments))
-    parse_session(text, source=str(path))  # refuse locally, with the line, before sending
-    return text
+    return text, parse_enforceable_session(text, source=str(path))
 
 
 @click.group()
@@ -66,10 +68,22 @@ def session() -> None:
 @session.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_env_option
+def check(file: Path, assignments: tuple[str, ...]) -> None:
+    """Check FILE without a CAS: valid, and every key in it one tdapp enforces.
+
+    Prints the session's name; a key the CAS would refuse is named with its line.
+    """
+    _, document = _document(file, assignments)
+    click.echo(f"{file}: session {document.name} is valid and enforceable")
+
+
+@session.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_env_option
 @_cas_option
 def create(file: Path, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Create the session in FILE (a template: $VARS are filled); prints its hash."""
-    text = _document(file, assignments)
+    text, _ = _document(file, assignments)
     answer = CasClient.connect(_cas(cas_address)).request(
         "POST", "/v1/sessions", text.encode())
     click.echo(answer["hash"])
@@ -81,8 +95,8 @@ def create(file: Path, assignments: tuple[str, ...], cas_address: str | None) ->
 @_cas_option
 def update(file: Path, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Replace a session; FILE must name the current hash as predecessor. Prints the new hash."""
-    text = _document(file, assignments)
-    name = parse_session(text, source=str(file)).name
+    text, document = _document(file, assignments)
+    name = document.name
     answer = CasClient.connect(_cas(cas_address)).request(
         "PUT", f"/v1/sessions/{quote(name, safe='/')}", text.encode())
     click.echo(answer["hash"])
@@ -137,9 +151,8 @@ def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str | No
     """
     path = Path(file_or_name)
     if path.is_file():
-        text = _document(path, assignments)
+        _, document = _document(path, assignments)
         creator = ClientIdentity.load_or_create().identity
-        document = parse_session(text, source=str(path))
         click.echo(session_hash(_as_stored(document, cas_address), creator))
         return
     answer = CasClient.connect(_cas(cas_address)).request(

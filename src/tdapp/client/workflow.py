@@ -36,7 +36,8 @@ from tdapp.client.session_files import (
 )
 from tdapp.core.address import Address
 from tdapp.errors import InputError, RefusedError, TdappError, UnavailableError, WrongKeyError
-from tdapp.policy import fill_template, parse_session
+from tdapp.policy import fill_template
+from tdapp.policy.enforced import parse_enforceable_session
 from tdapp.policy.template import LAS_PLATFORM_VARIABLE, template_variables
 from tdapp.tls import fingerprint
 from tdapp.volume import Volume, VolumeKey, VolumeTag
@@ -95,7 +96,7 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
             "OUTPUT_FSPF_KEY": keys[OUTPUT_VOLUME].hex(),
             "OUTPUT_FSPF_TAG": made[OUTPUT_VOLUME].tag.hex(),
         })
-        parse_session(filled, source=str(template))
+        parse_enforceable_session(filled, source=str(template))
         client = CasClient.connect(cas)
         created = client.request("POST", "/v1/sessions", filled.encode())
         bundle = root / "scone-upload.zip"

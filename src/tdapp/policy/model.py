@@ -50,7 +50,7 @@ class Volume(Frozen):
     """An encrypted volume: its key and the tag of its current state, or auto-initialised."""
 
     name: VolumeName
-    fspf_key: FspfKey | None = None
+    fspf_key: FspfKey | None = Field(default=None, repr=False)  # a key: never in a repr
     fspf_tag: FspfTag | None = None
     update_policy: UpdatePolicy = "rollback_protected"
     export: Exports = ()
@@ -93,7 +93,7 @@ class InjectionFile(Frozen):
     """
 
     path: AbsolutePath
-    content: str | None = None
+    content: str | None = Field(default=None, repr=False)  # may hold credentials
     permission: Annotated[Int, int_range(0, 0o7777)] | None = None
 
 

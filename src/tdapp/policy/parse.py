@@ -32,14 +32,24 @@ _MISPLACED = {"attestation": "security (security.attestation) or under a service
 
 def parse_session(text: str, *, source: str = "session") -> Session:
     """Parse and validate one session document."""
+    return parse_session_document(text, source=source)[0]
+
+
+def parse_session_document(text: str, *, source: str = "session") -> tuple[Session, Document]:
+    """Parse and validate one session document; the session and the document's lines."""
     document = read_document(text, source)
     if not isinstance(document.data, dict):
         raise SessionError(f"expected a session mapping at the top level, got "
                            f"{describe(document.data)}", source=source, line=1)
     try:
-        return Session.model_validate(document.data)
+        return Session.model_validate(document.data), document
     except ValidationError as error:
         raise _explain(error, document, source) from None
+
+
+def line_of(document: Document, path: Path) -> int | None:
+    """The line of the key at ``path``, else of its value, else of the nearest parent."""
+    return document.key_lines.get(path) or _line(document.value_lines, path)
 
 
 def _explain(error: ValidationError, document: Document, source: str) -> SessionError:

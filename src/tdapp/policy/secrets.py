@@ -109,11 +109,11 @@ class Secret(Frozen):
 
     name: SecretName
     kind: SecretKind | None = None
-    value: FreeForm | None = None
+    value: FreeForm | None = Field(default=None, repr=False)  # never in a repr
     size: Annotated[Int, int_range(1, 65536)] | None = None
     key_type: KeyType | None = None
     migrate: Flag | None = None
-    private_key: Text | None = None
+    private_key: Text | None = Field(default=None, repr=False)
     issuer: SecretName | None = None
     common_name: Text | None = None
     endpoint: Endpoint | None = None
@@ -122,7 +122,7 @@ class Secret(Frozen):
     valid_for: Text | None = None
     tenant_id: Text | None = None
     client_id: Text | None = None
-    application_secret: Text | None = None
+    application_secret: Text | None = Field(default=None, repr=False)
     certificate_thumbprint: Text | None = None
     export: Exports = ()
     export_public: Flag | None = None

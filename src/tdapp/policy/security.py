@@ -16,7 +16,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from tdapp.policy.base import Section
 from tdapp.policy.values import (
@@ -83,7 +83,7 @@ class Attestation(Section):
     platforms: PlatformIds = ()
     trusted_scone_qe_pubkeys: PlatformIds = ()
     url: Annotated[Text, AfterValidator(_https_url)] | None = None
-    one_time_password_shared_secret: OtpSecret | None = None
+    one_time_password_shared_secret: OtpSecret | None = Field(default=None, repr=False)
 
     @model_validator(mode="after")
     def _maa(self) -> Attestation:
@@ -102,5 +102,5 @@ class Security(Section):
     """``security``: attestation settings and second factors for the whole session."""
 
     attestation: Attestation = Attestation()
-    service_access_token: Text | None = None
+    service_access_token: Text | None = Field(default=None, repr=False)
     singleton_enclaves: Flag = False

@@ -216,12 +216,13 @@ class Service(Frozen):
     tags: Tags = ()
     command: Command | None = None
     pwd: AbsolutePath | None = None
+    # Values may be credentials (an API token): names only in a repr.
     environment: Annotated[dict[EnvName, EnvValue], BeforeValidator(
-        lambda value: {} if value is None else value)] = Field(default_factory=dict)
+        lambda value: {} if value is None else value)] = Field(default_factory=dict, repr=False)
     fspf_path: AbsolutePath | None = None
-    fspf_key: FspfKey | None = None
+    fspf_key: FspfKey | None = Field(default=None, repr=False)  # a key: never in a repr
     fspf_tag: FspfTag | None = None
-    one_time_password_shared_secret: OtpSecret | None = None
+    one_time_password_shared_secret: OtpSecret | None = Field(default=None, repr=False)
     persistency: Persistency | None = None
 
     @model_validator(mode="after")

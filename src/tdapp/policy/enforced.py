@@ -1,0 +1,178 @@
+"""What the CAS enforces of the session language: everything else is refused at creation.
+
+The language (:mod:`tdapp.policy.model`) accepts all of SCONE's keys, so that
+every published session parses and a mistake is reported where it is. A key the
+CAS would then ignore is a promise nobody keeps: an owner who writes
+``update_policy: ephemeral`` or ``mode: maa`` believes something holds that
+does not. :data:`RULES` lists each such key with why it is refused; a session
+that uses one is refused at creation or update (and by ``tdapp session check``
+and ``encryptedpush`` before anything is sent) with the key's path and line.
+
+This module decides only *whether* a parsed session is enforceable; it must
+never change a session, and a key it lets through must be one the CAS or the
+runtime acts on (docs/cas.md, "What the CAS enforces", names the test of each).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from tdapp.policy.errors import SessionError
+from tdapp.policy.model import Session, UpdatePolicy
+from tdapp.policy.parse import line_of, parse_session_document
+from tdapp.policy.reader import Path, format_path
+from tdapp.policy.security import AttestationMode
+from tdapp.policy.services import HOST_ENV_PREFIX
+from tdapp.policy.values import PLACEHOLDER
+
+KEPT: UpdatePolicy = "rollback_protected"  # what volume tags give: the only policy enforced
+_HOST_ARGUMENT = re.compile(r"@@[0-9]")
+
+
+@dataclass(frozen=True)
+class Unenforced:
+    """A key (by its path in the document) the CAS would not enforce, and why."""
+
+    path: Path
+    reason: str
+
+
+Rule = Callable[[Session], Iterator[Unenforced]]
+
+
+def _placeholder_sections(session: Session) -> Iterator[Unenforced]:
+    for path in session.delegated_sections():
+        yield Unenforced(tuple(path.split(".")),
+                         "a section given as a $$SCONE::…$$ placeholder cannot be enforced: "
+                         "tdapp does not resolve placeholders; write the section out")
+
+
+def _attestation(session: Session) -> Iterator[Unenforced]:
+    attestation = session.security.attestation
+    here: Path = ("security", "attestation")
+    if attestation.mode is AttestationMode.MAA:
+        yield Unenforced((*here, "mode"), "mode maa cannot be enforced: tdapp has no Microsoft "
+                         "Azure Attestation verifier (use hardware, sim or none)")
+    if "maa-managed-tcb" in attestation.tolerate:
+        yield Unenforced((*here, "tolerate"), "maa-managed-tcb applies only to mode maa, "
+                         "which tdapp cannot enforce")
+    if attestation.trusted_scone_qe_pubkeys:
+        yield Unenforced((*here, "trusted_scone_qe_pubkeys"), "SCONE quoting enclaves are not "
+                         "used: tdapp verifies DCAP quotes up to Intel's root; remove the key")
+    if attestation.one_time_password_shared_secret is not None:
+        yield Unenforced((*here, "one_time_password_shared_secret"),
+                         "one-time passwords are not checked by tdapp; remove the key")
+
+
+def _security(session: Session) -> Iterator[Unenforced]:
+    if session.security.service_access_token is not None:
+        yield Unenforced(("security", "service_access_token"),
+                         "service access tokens are not checked by tdapp; remove the key")
+    if session.security.singleton_enclaves:
+        yield Unenforced(("security", "singleton_enclaves"),
+                         "singleton enclaves are not enforced by tdapp (several instances of "
+                         "a service may run at once); remove the key")
+
+
+def _services(session: Session) -> Iterator[Unenforced]:
+    for index, service in enumerate(session.services):
+        here: Path = ("services", index)
+        if service.fspf_path is not None:
+            yield Unenforced((*here, "fspf_path"), "a service's main FSPF is not supported: "
+                             "mount the files as a volume of the service's image")
+        if service.one_time_password_shared_secret is not None:
+            yield Unenforced((*here, "one_time_password_shared_secret"),
+                             "one-time passwords are not checked by tdapp; remove the key")
+        for name, value in service.environment.items():
+            if name.startswith(HOST_ENV_PREFIX):
+                yield Unenforced((*here, "environment", name),
+                                 "variables taken from the host are not supported: the "
+                                 "host may not change a service's environment")
+            elif value is not None and PLACEHOLDER.search(value):
+                yield Unenforced((*here, "environment", name), _UNFILLED_REFERENCE)
+        for position, word in enumerate(service.argv()):
+            if PLACEHOLDER.search(word):
+                yield Unenforced((*here, "command"), _UNFILLED_REFERENCE)
+            elif _HOST_ARGUMENT.search(word):
+                yield Unenforced((*here, "command"), f"argument {position} takes a value "
+                                 "from the host (@@N), which tdapp does not allow: the host "
+                                 "may not change a service's command")
+        if service.pwd is not None and PLACEHOLDER.search(service.pwd):
+            yield Unenforced((*here, "pwd"), _UNFILLED_REFERENCE)
+
+
+_UNFILLED_REFERENCE = (
+    "$$SCONE::…$$ secret references are not filled in by tdapp yet, so the program "
+    "would see the placeholder itself; give the value")
+
+
+def _volumes(session: Session) -> Iterator[Unenforced]:
+    for index, volume in enumerate(session.volumes):
+        here: Path = ("volumes", index)
+        if volume.import_ is not None:
+            yield Unenforced((*here, "import"), "importing volumes from other sessions is not "
+                             "supported yet; give the volume's fspf_key and fspf_tag")
+        if volume.export:
+            yield Unenforced((*here, "export"), "exporting volumes to other sessions is not "
+                             "supported yet; remove the key")
+        if volume.auto_initialised:
+            yield Unenforced((*here, "name"), "a volume without fspf_key and fspf_tag would be "
+                             "initialised on first use, which tdapp does not do; make it "
+                             "with tdapp volume create (encryptedpush does) and give both")
+        if volume.update_policy != KEPT:
+            yield Unenforced((*here, "update_policy"), _update_policy(volume.update_policy))
+
+
+def _update_policy(policy: str) -> str:
+    return (f"update_policy {policy} is not enforced: every change a run makes to a volume "
+            f"is kept and rollback protected ({KEPT}, the default)")
+
+
+def _images(session: Session) -> Iterator[Unenforced]:
+    for index, image in enumerate(session.images):
+        for position, mount in enumerate(image.volumes):
+            if mount.update_policy != KEPT:
+                yield Unenforced(("images", index, "volumes", position, "update_policy"),
+                                 _update_policy(mount.update_policy))
+        for position, injected in enumerate(image.injection_files):
+            here: Path = ("images", index, "injection_files", position)
+            if injected.content is None:
+                yield Unenforced((*here, "path"), "an injection file without content would "
+                                 "be read from the image, which tdapp does not do; give its "
+                                 "content")
+            elif PLACEHOLDER.search(injected.content):
+                yield Unenforced((*here, "content"), _UNFILLED_REFERENCE)
+
+
+def _secrets(session: Session) -> Iterator[Unenforced]:
+    if session.secrets:
+        yield Unenforced(("secrets",), "secrets are not made or released by tdapp yet; give "
+                         "values in the services' environment or injection files")
+
+
+RULES: tuple[Rule, ...] = (_placeholder_sections, _attestation, _security, _services,
+                           _volumes, _images, _secrets)
+
+
+def unenforced(session: Session) -> list[Unenforced]:
+    """Every key of ``session`` the CAS would not enforce, in document order of sections."""
+    return [finding for rule in RULES for finding in rule(session)]
+
+
+def parse_enforceable_session(text: str, *, source: str = "session") -> Session:
+    """Parse ``text`` and refuse it, at the first key the CAS would not enforce, with
+    that key's path and line (:class:`SessionError`)."""
+    session, document = parse_session_document(text, source=source)
+    findings = unenforced(session)
+    if findings:
+        first, others = findings[0], [format_path(f.path) for f in findings[1:]]
+        detail = first.reason
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                              if len(others) > 3 else "")
+            detail += f" (tdapp would not enforce {shown} either)"
+        raise SessionError(detail, source=source, line=line_of(document, first.path),
+                           path=format_path(first.path))
+    return session
