@@ -147,6 +147,13 @@ def _digest(value: str) -> str:
 _hash = hex_string(64, "\"create\" or a SHA-256 hash")
 
 
+def _signed_creator(value: object) -> object:
+    if isinstance(value, dict) and "signer" in value:
+        fail("signed policies (creator.signer) are not supported: the CAS records the "
+             "identity that creates a session; remove creator")
+    return value
+
+
 def _creator(value: str) -> str:
     # Read-back documents carry the creator: an identity, or SCONE's PEM certificate.
     lowered = value.strip().lower()
@@ -175,7 +182,8 @@ class Session(Frozen):
     volumes: Annotated[tuple[Volume, ...], Many] = ()
     images: Annotated[tuple[Image, ...], Many] = ()
     secrets: Annotated[tuple[Secret, ...], Many] = ()
-    creator: Annotated[Text, AfterValidator(_creator)] | None = None
+    creator: Annotated[Text, BeforeValidator(_signed_creator),
+                       AfterValidator(_creator)] | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Session:

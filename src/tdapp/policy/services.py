@@ -32,6 +32,7 @@ from tdapp.policy.values import (
     as_text,
     describe,
     fail,
+    is_placeholder,
     quoted,
 )
 
@@ -124,7 +125,14 @@ class AttestationVariant(Frozen):
 
 def _variants(value: object) -> object:
     # The mapping form is one variant; the list form is alternatives.
-    return [value] if isinstance(value, dict) else value
+    variants = [value] if isinstance(value, dict) else value
+    if isinstance(variants, list):
+        for index, variant in enumerate(variants):
+            if is_placeholder(variant):
+                fail("an attestation variant given as a $$SCONE::…$$ placeholder cannot be "
+                     "checked: tdapp does not resolve placeholders; write its mrenclave out",
+                     index)
+    return variants
 
 
 def _command(value: object) -> object:
