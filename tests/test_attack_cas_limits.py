@@ -166,7 +166,8 @@ def test_an_anonymous_document_is_refused_unparsed(cas: Cas) -> None:
     assert spent < 1.5, f"the CAS spent {spent:.2f} s of CPU on three anonymous documents"
     for answer in answers:
         assert answer.status_code == 401, (answer.status_code, answer.text)
-        assert "client certificate" in answer.json()["error"]
+        assert answer.json()["kind"] == "authentication_required", answer.text
+        assert "client certificate" in answer.json()["reason"]
 
 
 def _tls_connection(server: CasServer) -> ssl.SSLSocket:
@@ -227,7 +228,8 @@ def test_anonymous_endpoints_take_only_small_bodies(cas: Cas) -> None:
         for path in ("/v1/attestation/nonce", "/v1/attestation", "/v1/identities"):
             answer = http.post(path, content=big)
             assert answer.status_code == 413, (path, answer.text)
-            assert "larger than" in answer.json()["error"]
+            assert answer.json()["kind"] == "too_large", answer.text
+            assert "larger than" in answer.json()["reason"]
     assert _cpu_seconds(pid) - before < 1.5
 
 

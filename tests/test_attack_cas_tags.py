@@ -221,8 +221,8 @@ def test_an_update_that_names_an_older_tag_is_refused(backend: Backend) -> None:
                      tags={INPUT: created_tags(name)[INPUT], OUTPUT: first})
     with backend.alice.http(backend.server) as http:
         response = http.put(f"/v1/sessions/{name}", content=json.dumps(stale).encode())
-    assert response.status_code == 409, response.text
-    reason = response.json()["error"]
+    assert response.status_code == 409 and response.json()["kind"] == "conflict", response.text
+    reason = response.json()["reason"]
     assert f"volume '{OUTPUT}'" in reason and "cannot move a tag" in reason, reason
     assert current_tag(backend, name, OUTPUT) == after_run
     assert session_hash_now(backend, name) == before
@@ -243,13 +243,16 @@ def test_a_database_writer_rolling_a_tag_back_releases_nothing(backend: Backend)
 
     refused = release(backend, name, "writer")  # the old run line, started again
     assert refused.status_code != 200 and "jwe" not in refused.json(), refused.text
-    assert TAG_CHECK in refused.json()["error"] and OUTPUT in refused.json()["error"]
+    assert TAG_CHECK in refused.json()["reason"] and OUTPUT in refused.json()["reason"]
+    assert refused.json()["kind"] == "integrity", refused.text
     with backend.alice.http(backend.server) as http:
         shown = http.get("/v1/volume-tags", params={"session": name, "volume": OUTPUT})
-    assert shown.status_code != 200 and TAG_CHECK in shown.json()["error"], shown.text
+    assert shown.status_code != 200 and TAG_CHECK in shown.json()["reason"], shown.text
+    assert shown.json()["kind"] == "integrity", shown.text
     # The old run reporting on from the rolled-back tag moves nothing either.
     moved = report(backend, old_run, name, OUTPUT, first, secrets.token_hex(16))
-    assert moved.status_code != 200 and TAG_CHECK in moved.json()["error"], moved.text
+    assert moved.status_code != 200 and TAG_CHECK in moved.json()["reason"], moved.text
+    assert moved.json()["kind"] == "integrity", moved.text
     assert stored_row(backend, name, OUTPUT) == tampered  # the CAS wrote nothing over it
     assert sum(TAG_CHECK in e["reason"] for e in audit(backend, name)
                if e["outcome"] == "refused") >= 3
@@ -275,7 +278,8 @@ def test_an_invented_instance_cannot_move_a_tag(backend: Backend, mac: str) -> N
     first = created_tags(name)[OUTPUT]
     answer = report(backend, token, name, OUTPUT, first, secrets.token_hex(16))
     assert answer.status_code != 200, answer.text
-    assert "instance record" in answer.json()["error"] and TAG_CHECK in answer.json()["error"]
+    assert "instance record" in answer.json()["reason"], answer.text
+    assert TAG_CHECK in answer.json()["reason"] and answer.json()["kind"] == "integrity"
     assert current_tag(backend, name, OUTPUT) == first
 
 
@@ -312,7 +316,7 @@ def test_an_instance_cannot_move_a_volume_its_image_does_not_mount(backend: Back
     reader = instance_token(backend, name, "reader")
     answer = report(backend, reader, name, OUTPUT, first[OUTPUT], secrets.token_hex(16))
     assert answer.status_code == 403, answer.text
-    assert "does not mount" in answer.json()["error"]
+    assert answer.json()["kind"] == "refused" and "does not mount" in answer.json()["reason"]
     assert current_tag(backend, name, OUTPUT) == first[OUTPUT]
     # Its own volume it may move.
     moved = secrets.token_hex(16)
@@ -329,7 +333,7 @@ def test_no_identity_can_claim_names_below_a_namespace(backend: Backend) -> None
     with backend.bob.http(backend.server) as http:
         early = http.post("/v1/sessions", content=squat.body())
     assert early.status_code == 403, early.text
-    assert "does not exist" in early.json()["error"]
+    assert early.json()["kind"] == "refused" and "does not exist" in early.json()["reason"]
 
     owned = SessionDoc(namespace).as_dict()
     owned["access_policy"] = {"read": ["CREATOR"], "update": ["CREATOR"],
@@ -338,7 +342,7 @@ def test_no_identity_can_claim_names_below_a_namespace(backend: Backend) -> None
     with backend.bob.http(backend.server) as http:
         for doc in (squat, SessionDoc(f"{namespace}/x", command="/squatter")):
             late = http.post("/v1/sessions", content=doc.body())
-            assert late.status_code == 403 and "create_sessions" in late.json()["error"], \
+            assert late.status_code == 403 and "create_sessions" in late.json()["reason"], \
                 late.text
     with backend.alice.http(backend.server) as http:
         for child in ("child", "x"):

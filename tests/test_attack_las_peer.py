@@ -58,7 +58,7 @@ def test_another_uid_gets_no_evidence(tmp_path: Path) -> None:
         status, answer = as_nobody(address)
         assert status == 403
         assert "signature" not in answer and "body" not in answer
-        assert "answers only uid 0" in str(answer["error"])
+        assert answer["kind"] == "refused" and "answers only uid 0" in str(answer["reason"])
         status, answer = as_nobody(address, "/v1/platform")
         assert status == 403 and "public_key" not in answer
         # Its own user is answered: the refusal is about who asks, not what.

@@ -54,8 +54,8 @@ def test_today_the_collateral_is_expired_not_a_crash(cli: Cli) -> None:
     result = cli(*dcap("sgx_quote", "--json"))
     assert result.code == ExitCode.REFUSED
     document = json.loads(result.out)
-    assert document["verified"] is False
-    assert document["error"].startswith("the collateral has expired: a CRL was valid until")
+    assert document["verified"] is False and document["kind"] == "refused"
+    assert document["reason"].startswith("the collateral has expired: a CRL was valid until")
     assert result.err.count("\n") == 1 and "Traceback" not in result.err
 
 

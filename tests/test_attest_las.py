@@ -120,7 +120,7 @@ GOOD = {"report_data": DATA.hex(), "measurement": MEASUREMENT, "debug": False}
 def test_malformed_bodies_get_400(las: tuple[str, str], body: bytes, reason: str) -> None:
     answer = httpx.post(f"http://{las[0]}/v1/evidence", content=body)
     assert answer.status_code == 400
-    assert answer.json() == {"error": reason}
+    assert answer.json() == {"kind": "input", "reason": reason}
 
 
 @pytest.mark.parametrize(("change", "reason"), [
@@ -137,16 +137,19 @@ def test_bad_fields_get_400(las: tuple[str, str], change: dict[str, object],
                             reason: str) -> None:
     answer = httpx.post(f"http://{las[0]}/v1/evidence", json={**GOOD, **change})
     assert answer.status_code == 400
-    assert answer.json() == {"error": reason}
+    assert answer.json() == {"kind": "input", "reason": reason}
 
 
 def test_other_failures_are_json_and_never_500(las: tuple[str, str]) -> None:
     base = f"http://{las[0]}"
     too_big = httpx.post(f"{base}/v1/evidence", content=b" " * 10_000)
-    assert too_big.status_code == 413 and "larger than" in too_big.json()["error"]
-    assert httpx.get(f"{base}/v1/evidence").status_code == 405
+    assert too_big.status_code == 413 and "larger than" in too_big.json()["reason"]
+    assert too_big.json()["kind"] == "too_large"
+    wrong_method = httpx.get(f"{base}/v1/evidence")
+    assert wrong_method.status_code == 405 and wrong_method.json()["kind"] == "usage"
     missing = httpx.get(f"{base}/v1/nothing")
-    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    assert missing.status_code == 404
+    assert missing.json() == {"kind": "not_found", "reason": "Not Found"}
 
 
 # -- the client ---------------------------------------------------------------------------

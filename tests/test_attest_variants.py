@@ -15,7 +15,7 @@ import pytest
 
 from tdapp.attest import Claims
 from tdapp.attest.dcap import verify_quote
-from tdapp.cas.attestation import _variants
+from tdapp.cas.judging import _variants
 from tdapp.policy import SessionError, parse_session
 
 DCAP = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dcap"

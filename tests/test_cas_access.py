@@ -60,9 +60,13 @@ def read(world: World, name: str, who: User | None = None) -> dict[str, Any]:
     return answer
 
 
+KIND_OF = {401: "authentication_required", 403: "refused", 409: "conflict"}
+
+
 def refused(response: httpx.Response, status: int, *fragments: str) -> str:
     assert response.status_code == status, (response.status_code, response.text)
-    reason = response.json()["error"]
+    assert response.json()["kind"] == KIND_OF[status], response.text
+    reason = response.json()["reason"]
     assert isinstance(reason, str)
     for fragment in fragments:
         assert fragment in reason, reason
@@ -122,8 +126,8 @@ def test_anonymous_clients_are_refused(world: World) -> None:
         put = http.put(f"/v1/sessions/{doc.name}",
                        content=SessionDoc(doc.name, predecessor=digest).body())
     assert got.status_code in (401, 403), got.text
-    assert "access_policy.read" in got.json()["error"] or \
-        "client certificate" in got.json()["error"], got.text
+    assert "access_policy.read" in got.json()["reason"] or \
+        "client certificate" in got.json()["reason"], got.text
     assert doc.keys["encrypted-input-files"] not in got.text
     refused(put, 401, "client certificate")
     assert_unchanged(world, doc, digest)
@@ -138,7 +142,8 @@ def test_anonymous_clients_never_get_volume_keys_even_from_an_any_session(world:
     for key in doc.keys.values():
         assert key not in got.text, (got.status_code, "volume key sent to an anonymous client")
     assert got.status_code in (401, 403), got.text
-    assert got.json()["error"], got.text
+    assert got.json()["reason"], got.text
+    assert got.json()["kind"] == KIND_OF[got.status_code], got.text
 
 
 def test_read_any_lets_another_identity_read_but_not_update(world: World) -> None:

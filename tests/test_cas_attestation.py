@@ -139,7 +139,8 @@ def refused(server: CasServer, world: tuple[CasServer, User], response: httpx.Re
     told ``told`` (the same, unless the full reason reveals what the session expects)."""
     assert response.status_code == status, response.text
     answer = response.json()
-    assert (told or reason) in answer.get("reason", answer.get("error", "")), answer
+    assert answer["kind"] == {403: "refused", 404: "not_found"}[status], answer
+    assert (told or reason) in answer["reason"], answer
     _, alice = world
     with alice.http(server) as http:
         events = http.get(f"/v1/audit?session={session}").json()["events"]
@@ -205,6 +206,28 @@ def test_wrong_measurement(world: tuple[CasServer, User], las: str) -> None:
     refused(server, world, response, 403, "is not one of the session's mrenclaves", name,
             told=f"measurement {OTHER} is not one this service accepts")
     assert MRENCLAVE not in response.text  # an anonymous caller learns nothing it expects
+
+
+def test_a_reader_presenting_its_certificate_is_told_the_full_reason(
+        world: tuple[CasServer, User], las: str, user: MakeUser) -> None:
+    """Attacks the redaction of refusals from both sides: the session's reader, posting
+    its attestation with its client certificate, is told what the session expects; a
+    certified identity that is not a reader is told only which check failed. What must
+    not happen: a non-reader learning the session's measurements."""
+    server, alice = world
+    mallory = user("mallory-attest")
+    mallory.attest(server)
+    for who, told in ((alice, "is not one of the session's mrenclaves"),
+                      (mallory, f"measurement {OTHER} is not one this service accepts")):
+        name, nonce, key = _fresh(world)
+        body = evidence(las, report_data(nonce, key.public_der), measurement=OTHER)
+        with who.http(server) as http:
+            response = http.post("/v1/attestation", json={
+                "session": name, "service": "application", "nonce": nonce,
+                "public_key": key.public_b64url, "evidence": body})
+        refused(server, world, response, 403, "is not one of the session's mrenclaves", name,
+                told=told)
+        assert (MRENCLAVE in response.text) is (who is alice), (who.name, response.text)
 
 
 def test_reused_nonce(world: tuple[CasServer, User], las: str) -> None:
@@ -423,7 +446,8 @@ def test_one_nonce_is_spent_once_across_two_replicas(cas_server: StartCas, user:
             answers = list(pool.map(spend, range(8)))
         codes = sorted(answer.status_code for answer in answers)
         assert codes == [200] + [403] * 7, [answer.text for answer in answers]
-        assert all("nonce already used (replay)" in answer.json()["error"]
+        assert all(answer.json()["kind"] == "refused"
+                   and "nonce already used (replay)" in answer.json()["reason"]
                    for answer in answers if answer.status_code == 403)
     finally:
         second.stop()

@@ -76,7 +76,8 @@ def check_one_winner(alice: User, server: CasServer, name: str, predecessor: str
     new_hash = responses[winner].json()["hash"]
     for response in responses:
         if response.status_code == 409:
-            reason = response.json()["error"]
+            assert response.json()["kind"] == "conflict", response.text
+            reason = response.json()["reason"]
             assert predecessor in reason, reason
             assert "stale predecessor" in reason or "changed concurrently" in reason, reason
 
@@ -113,7 +114,8 @@ def test_twenty_concurrent_creates_of_one_name(backend: tuple[CasServer, User]) 
     winner = next(i for i, r in enumerate(responses) if r.status_code == 201)
     for response in responses:
         if response.status_code == 409:
-            assert "already exists" in response.json()["error"], response.text
+            assert response.json()["kind"] == "conflict", response.text
+            assert "already exists" in response.json()["reason"], response.text
     with alice.http(server) as http:
         stored = http.get(f"/v1/sessions/{name}").json()
     assert stored["hash"] == responses[winner].json()["hash"]

@@ -57,11 +57,13 @@ def as_client(server: CasServer, someone: User) -> list[str | Path]:
             "--cacert", server.cert_path]
 
 
-def error_of(body: str) -> str:
+def error_of(body: str, kind: str) -> str:
+    """The reason of an error body, which must be exactly ``{kind, reason}``."""
     answer: Any = json.loads(body)
-    assert isinstance(answer, dict) and isinstance(answer.get("error"), str), body
-    assert answer["error"].strip(), body
-    return str(answer["error"])
+    assert isinstance(answer, dict) and set(answer) == {"kind", "reason"}, body
+    assert answer["kind"] == kind and isinstance(answer["reason"], str), body
+    assert answer["reason"].strip(), body
+    return str(answer["reason"])
 
 
 def seed_session(tmp_path: Path) -> tuple[str, str, Path]:
@@ -108,7 +110,7 @@ def test_curl_posts_the_seed_template_and_reads_it_back(
                                    "--data-binary", f"@{path}", f"{server.url}/session")
     assert code == 0, err
     assert status == 409, body
-    assert "already exists" in error_of(body)
+    assert "already exists" in error_of(body, "conflict")
 
 
 def test_curl_without_a_client_certificate_is_refused_with_401(
@@ -120,7 +122,7 @@ def test_curl_without_a_client_certificate_is_refused_with_401(
                                    "--data-binary", f"@{path}", f"{server.url}/session")
     assert code == 0, err
     assert status == 401, body
-    assert "client certificate" in error_of(body)
+    assert "client certificate" in error_of(body, "authentication_required")
 
     # Nothing was stored under that name.
     code, status, body, err = curl(alice.home, *as_client(server, alice),

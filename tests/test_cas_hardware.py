@@ -83,7 +83,8 @@ def test_the_sgx_sample_passes_signature_and_tcb_and_is_refused_for_its_binding(
     session = create(world, TOLERANT)
     answer = attest_with_the_sample(server, session)
     assert answer.status_code == 403, answer.text
-    assert "report_data does not bind this nonce and key" in answer.json()["error"]
+    assert answer.json()["kind"] == "refused"
+    assert "report_data does not bind this nonce and key" in answer.json()["reason"]
     assert "jwe" not in answer.text
     steps = audit(world, session)
     assert [(event, outcome) for event, outcome, _ in steps] == [
@@ -114,8 +115,9 @@ def test_without_the_tolerations_the_tcb_is_refused(world: tuple[CasServer, User
     session = create(world, attestation)
     answer = attest_with_the_sample(server, session)
     # The anonymous runtime is told which check failed; the audit log says why.
-    told = answer.json().get("reason", answer.json().get("error", ""))
-    assert answer.status_code == 403 and "TCB status" in told, answer.text
+    told = answer.json()["reason"]
+    assert answer.status_code == 403 and answer.json()["kind"] == "refused", answer.text
+    assert "TCB status" in told, answer.text
     assert "is not tolerated by this session" in told and "tolerate:" not in told
     assert audit(world, session)[-1] == ("attest", "refused", reason)
 
@@ -128,8 +130,8 @@ def test_a_wrong_mrenclave_is_refused_before_the_tcb(world: tuple[CasServer, Use
         assert http.post("/v1/sessions",
                          content=json.dumps(document).encode()).status_code == 201
     answer = attest_with_the_sample(server, str(document["name"]))
-    assert answer.status_code == 403
-    told = answer.json().get("reason", answer.json().get("error", ""))
+    assert answer.status_code == 403 and answer.json()["kind"] == "refused", answer.text
+    told = answer.json()["reason"]
     assert f"measurement {SGX_MRENCLAVE} is not one this service accepts" in told
     assert f"measurement {SGX_MRENCLAVE} is not one of the session's mrenclaves" in \
         audit(world, str(document["name"]))[-1][2]

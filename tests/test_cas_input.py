@@ -27,9 +27,13 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, settings
 
 from tdapp.cas.openapi import openapi_document
+from tdapp.errors import ErrorKind
 from tdapp.tls import key_hash
 
 MAX_BODY = 1024 * 1024
+# The kinds an error body may name for each status this module provokes.
+KINDS_OF_STATUS = {400: {"input", "usage"}, 404: {"not_found"}, 405: {"usage"},
+                   413: {"too_large"}}
 
 
 @dataclass
@@ -53,8 +57,9 @@ def reason_of(response: httpx.Response, status: int) -> str:
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json"), response.headers
     answer = response.json()
-    assert isinstance(answer, dict) and set(answer) == {"error"}, answer
-    reason = answer["error"]
+    assert isinstance(answer, dict) and set(answer) == {"kind", "reason"}, answer
+    assert answer["kind"] in KINDS_OF_STATUS[status], answer
+    reason = answer["reason"]
     assert isinstance(reason, str) and reason.strip(), answer
     assert "\n" not in reason, reason
     return reason
@@ -283,7 +288,8 @@ def test_generated_requests_never_get_a_server_error(case: Any, target: Target) 
     assert response.status_code < 500, (case.method, case.path, case.body,
                                         response.status_code, response.text)
     if response.status_code >= 400:
-        assert isinstance(response.json().get("error"), str), response.text
+        assert isinstance(response.json().get("reason"), str), response.text
+        assert response.json().get("kind") in {str(kind) for kind in ErrorKind}, response.text
 
 
 def test_no_unexpected_failure_was_logged_and_the_cas_still_answers(target: Target) -> None:

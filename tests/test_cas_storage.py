@@ -138,12 +138,14 @@ def test_refused_documents_leave_no_key_material_in_the_database(stored: Stored)
     long_key_body = long_key.text().replace(long_key.keys["encrypted-input-files"],
                                             long_key.keys["encrypted-input-files"] + "00")
     not_hex = secret_doc()
-    not_hex_body = not_hex.text().replace("kind: ascii", "kind: binary")
+    not_hex_body = (not_hex.text() + "secrets:\n- name: api_token\n  kind: binary\n"
+                    f"  value: {not_hex.secret}\n")
     with alice.http(server) as http:
         for body in (unknown_body, long_key_body, not_hex_body):
             response = http.post("/v1/sessions", content=body.encode())
             assert response.status_code == 400, response.text
-            reason = response.json()["error"]
+            assert response.json()["kind"] == "input", response.text
+            reason = response.json()["reason"]
             for what, needle in {**needles(unknown), **needles(long_key),
                                  **needles(not_hex)}.items():
                 assert needle.decode(errors="replace") not in reason, (what, reason)
@@ -355,5 +357,6 @@ def test_a_sealed_record_moved_to_another_row_is_refused(
     with owner.http(cas) as http:
         response = http.get(f"/v1/sessions/{second.name}")
     assert response.status_code != 200, response.text
-    assert "authentication" in response.json()["error"], response.text
+    assert response.json()["kind"] == "integrity", response.text
+    assert "authentication" in response.json()["reason"], response.text
     assert first.keys["encrypted-input-files"] not in response.text

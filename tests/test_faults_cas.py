@@ -242,9 +242,9 @@ def check_answers(readers: Readers) -> tuple[int, int]:
             continue
         assert status == 503, (status, text)
         body = httpx.Response(503, content=text.encode()).json()
-        assert set(body) == {"error"}, body
-        assert "database" in body["error"], body
-        assert "Traceback" not in body["error"], body
+        assert set(body) == {"kind", "reason"} and body["kind"] == "unavailable", body
+        assert "database" in body["reason"], body
+        assert "Traceback" not in body["reason"], body
         unavailable += 1
     assert readers.errors == [], readers.errors[:5]
     return ok, unavailable

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import httpx
 from aiohttp import web
@@ -32,10 +32,13 @@ from tdapp.attest.sim import SimPlatform, b64
 from tdapp.core.address import Address
 from tdapp.core.peer import endpoint, tcp_peer_uid
 from tdapp.errors import (
+    ErrorKind,
     InputError,
     RefusedError,
+    TdappError,
     UnavailableError,
     UsageError,
+    error_class,
 )
 from tdapp.home import tdapp_home
 from tdapp.serving import ServerTimeouts, serve_until_signalled
@@ -62,7 +65,7 @@ def build_las_app(state_dir: Path, *, serve_uid: int | None = None,
     It answers only connections whose socket ``serve_uid`` owns (default: the
     uid running it); ``unsafe_any_caller`` answers everyone who can connect.
     """
-    errors = error_middleware(service="LAS", max_body=MAX_BODY, status_of=lambda _: 400)
+    errors = error_middleware(service="LAS", max_body=MAX_BODY)
     middlewares = [errors]
     if not unsafe_any_caller:
         middlewares.append(_only_uid(os.geteuid() if serve_uid is None else serve_uid))
@@ -81,7 +84,8 @@ def _only_uid(uid: int) -> Middleware:
             log.warning("refused %s %s from %s: its socket belongs to uid %s, not %s",
                         request.method, request.path, request.remote,
                         "unknown" if caller is None else caller, uid)
-            return json_error(403, f"this LAS answers only uid {uid}, the user running it")
+            return json_error(RefusedError(f"this LAS answers only uid {uid}, the user "
+                                           "running it"))
         return await handler(request)
     return only_uid
 
@@ -204,10 +208,37 @@ class LasClient:
             raise UnavailableError(f"the LAS at {where} answered HTTP {response.status_code} "
                                    "without a JSON object")
         if response.status_code != 200:
-            reason = " ".join(str(answer.get("error", "no reason given")).split())[:200]
-            if 400 <= response.status_code < 500:
-                raise RefusedError(f"the LAS at {where} refused the request "
-                                   f"(HTTP {response.status_code}): {reason}")
-            raise UnavailableError(f"the LAS at {where} failed "
-                                   f"(HTTP {response.status_code}): {reason}")
+            reason = " ".join(str(answer.get("reason", "no reason given")).split())[:200]
+            kind = answer.get("kind")
+            raised = _las_error(kind if isinstance(kind, str) else "", response.status_code)
+            if issubclass(raised, RefusedError):
+                raise raised(f"the LAS at {where} refused the request "
+                             f"(HTTP {response.status_code}): {reason}")
+            raise raised(f"the LAS at {where} failed (HTTP {response.status_code}): {reason}")
         return answer
+
+
+def _las_error(kind: str, status: int) -> type[TdappError]:
+    """What a LAS client raises for an error answer of ``kind``.
+
+    RefusedError whenever the LAS would not answer what it was asked (bad fields,
+    too large, another uid): the runtime asking it is refused, whatever the cause.
+    Otherwise the LAS failed: UnavailableError, or its timeout or overload class.
+    An answer without a known kind goes by its status.
+    """
+    try:
+        known = ErrorKind(kind)
+    except ValueError:
+        return RefusedError if 400 <= status < 500 else UnavailableError
+    match known:
+        case (ErrorKind.USAGE | ErrorKind.INPUT | ErrorKind.TOO_LARGE | ErrorKind.NOT_FOUND
+              | ErrorKind.AUTHENTICATION_REQUIRED | ErrorKind.REFUSED | ErrorKind.CONFLICT
+              | ErrorKind.WRONG_KEY):
+            return RefusedError
+        case ErrorKind.TIMEOUT | ErrorKind.OVERLOADED:
+            return error_class(known)
+        case (ErrorKind.UNAVAILABLE | ErrorKind.INTEGRITY | ErrorKind.PROGRAM_FAILED
+              | ErrorKind.INTERNAL):
+            return UnavailableError
+        case unreachable:
+            assert_never(unreachable)

@@ -1,13 +1,21 @@
-"""The CAS's published OpenAPI 3.0 document (served at ``/openapi.json``)."""
+"""The CAS's published OpenAPI 3.0 document (served at ``/openapi.json``).
+
+Every error answer is ``{"kind", "reason"}``; the kinds and their statuses are
+in docs/cas.md, "Errors".
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tdapp import __version__
+from tdapp.errors import ErrorKind
 
-_ERROR = {"type": "object", "required": ["error"],
-          "properties": {"error": {"type": "string"}}}
+_ERROR = {"type": "object", "required": ["kind", "reason"], "additionalProperties": False,
+          "properties": {"kind": {"type": "string", "enum": [str(kind) for kind in ErrorKind],
+                                  "description": "what went wrong; a client acts on this"},
+                         "reason": {"type": "string",
+                                    "description": "one line for a person to read"}}}
 _HASHED = {"type": "object", "required": ["name", "hash"],
            "properties": {"name": {"type": "string"},
                           "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
@@ -32,13 +40,19 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    reasons = {400: "invalid request, with the reason", 401: "a client certificate is required",
-               403: "refused by the access policy", 404: "no such session or volume",
-               408: "the request body stalled past the body timeout",
-               409: "stale predecessor or name taken", 413: "request body too large",
-               429: "too many requests, or too many in progress, from this client "
-                    "(Retry-After)",
-               503: "database unavailable, or too many documents being checked (Retry-After)"}
+    reasons = {400: "input (or usage): invalid request, with the reason",
+               401: "authentication_required: a client certificate (or an instance token) "
+                    "is required",
+               403: "refused: by the access policy or the attestation checks",
+               404: "not_found: no such session, service or volume",
+               408: "timeout: the request body stalled past the body timeout",
+               409: "conflict: stale predecessor or tag, or name taken",
+               413: "too_large: request body too large",
+               429: "overloaded: too many requests, or too many in progress, from this "
+                    "client; nothing was done (Retry-After)",
+               503: "unavailable: database unavailable; integrity: stored data failed its "
+                    "check; overloaded: too many documents being checked, nothing was done "
+                    "(Retry-After)"}
     return {str(status): _json(_ERROR, reasons[status]) for status in statuses}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -69,10 +68,10 @@ class RateLimit:
         async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
             wait = self.allow(request.remote or "unknown")
             if wait:
-                response = json_error(429, f"too many requests from {request.remote}; "
-                                           f"the limit is {self.per_second:g} per second")
-                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-                return response
+                # Answered here, outside the error middleware: nothing of the request runs.
+                return json_error(Overloaded(f"too many requests from {request.remote}; the "
+                                             f"limit is {self.per_second:g} per second",
+                                             status=429, retry_after=wait))
             return await handler(request)
 
         return limit

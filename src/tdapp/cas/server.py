@@ -1,7 +1,8 @@
-"""The CAS's HTTPS API (aiohttp): routing, client identities, status codes.
+"""The CAS's HTTPS API (aiohttp): routing, client identities, error answers.
 
 It turns requests into calls on the authorities and their errors into JSON
-answers with a reason; it decides nothing itself. The client's identity is
+answers ``{"kind", "reason"}`` whose status is the error's own
+(:func:`tdapp.webjson.error_middleware`); it decides nothing itself. The client's identity is
 the key hash of the TLS client certificate it presented (certificates are
 issued by this CAS's client CA, see ``POST /v1/identities``). No request may
 produce a 500: an unexpected failure is logged and answered as one.
@@ -32,16 +33,8 @@ from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.openapi import openapi_document
 from tdapp.cas.ratelimit import Caller, RateLimit, WorkSlots
-from tdapp.cas.sessions import AuthenticationRequired, NotFoundError, SessionAuthority
-from tdapp.errors import (
-    ConflictError,
-    InputError,
-    IntegrityError,
-    RefusedError,
-    TdappError,
-    UnavailableError,
-    UsageError,
-)
+from tdapp.cas.sessions import SessionAuthority
+from tdapp.errors import AuthenticationRequired, InputError
 from tdapp.policy import Identity
 from tdapp.policy.reader import MAX_CHARS as MAX_DOCUMENT_BYTES
 from tdapp.tls import certificate_key_hash, issue_client_certificate, pem
@@ -59,15 +52,6 @@ _AUTHORITY = web.AppKey("authority", SessionAuthority)
 _ATTESTATION = web.AppKey("attestation", AttestationAuthority)
 _MATERIALS = web.AppKey("materials", CasMaterials)
 _SLOTS = web.AppKey("work slots", WorkSlots)
-
-
-def _status_of(error: TdappError) -> int:
-    for kind, status in ((IntegrityError, 503), (AuthenticationRequired, 401), (NotFoundError, 404),
-                         (RefusedError, 403), (ConflictError, 409), (UnavailableError, 503),
-                         (InputError, 400), (UsageError, 400)):
-        if isinstance(error, kind):
-            return status
-    return 500
 
 
 def client_identity(request: web.Request) -> Identity | None:
@@ -216,8 +200,11 @@ async def issue_nonce(request: web.Request) -> web.Response:
 
 async def attest(request: web.Request) -> web.Response:
     authority = request.app[_ATTESTATION]
+    # A reader of the session posting with its client certificate is told a refusal's
+    # full reason; anyone else only which check failed.
+    caller = client_identity(request)
     sealed, _ = await _judged(request, ATTESTATION_MAX_BODY, lambda body: authority.attest(
-        AttestationRequest.from_json(parse_json_object(body))))
+        AttestationRequest.from_json(parse_json_object(body)), caller=caller))
     return web.json_response({"jwe": sealed})
 
 
@@ -253,7 +240,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
                materials: CasMaterials, metrics: CasMetrics,
                rate_limit: RateLimit | None = None,
                work_slots: WorkSlots | None = None) -> web.Application:
-    errors = error_middleware(service="CAS", max_body=MAX_BODY, status_of=_status_of)
+    errors = error_middleware(service="CAS", max_body=MAX_BODY)
     middlewares = [metrics.middleware(), errors]
     if rate_limit is not None:
         middlewares.insert(1, rate_limit.middleware())

@@ -49,8 +49,9 @@ def verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path | 
         claims = _verify(evidence_file, tee, collateral, vcek, ask, ark, when)
     except EvidenceError as error:
         if as_json:
-            click.echo(json.dumps({"verified": False, "tee": tee, "error": error.message,
-                                   "at": when}))
+            # The refusal as services word theirs: a kind and a one-line reason.
+            click.echo(json.dumps({"verified": False, "tee": tee, "kind": str(error.kind),
+                                   "reason": error.message, "at": when}))
         raise
     if as_json:
         click.echo(json.dumps(_document(claims, when)))

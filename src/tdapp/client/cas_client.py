@@ -1,15 +1,19 @@
 """An HTTPS client for the CAS that trusts only the pinned certificate.
 
 Owns talking to a CAS: pin checks, certifying the local identity once per CAS,
-and turning HTTP answers into tdapp errors with the CAS's reason. Must never
-send a request to a CAS whose certificate is not the pinned one.
+and turning error answers ``{"kind", "reason"}`` into the tdapp error of their
+kind (:func:`tdapp.errors.error_for`) with the CAS's reason. A request the CAS
+refused as overloaded (429 or 503 with a Retry-After) is sent again, at most
+:data:`MAX_ATTEMPTS` times in all, when repeating it is safe. Must never send a
+request to a CAS whose certificate is not the pinned one.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -20,18 +24,19 @@ from tdapp.client.identity import ClientIdentity
 from tdapp.client.pins import PinStore, fetch_presented_certificate
 from tdapp.core.address import Address
 from tdapp.errors import (
-    ConflictError,
-    InputError,
+    ErrorKind,
     RefusedError,
     TdappError,
     UnavailableError,
+    error_for,
 )
 from tdapp.tls import certificate_request, fingerprint, pem, save_certificate
 
-_ERRORS: dict[int, type[TdappError]] = {
-    400: InputError, 401: RefusedError, 403: RefusedError, 404: InputError,
-    409: ConflictError, 413: InputError, 503: UnavailableError,
-}
+MAX_ATTEMPTS = 3
+"""Attempts of one request in all, when the CAS answers that it is overloaded."""
+MAX_RETRY_WAIT = 10.0
+"""The longest wait between attempts, whatever Retry-After asks (seconds)."""
+NONCE_PATH = "/v1/attestation/nonce"
 
 
 class CasClient:
@@ -97,25 +102,37 @@ class CasClient:
             headers["authorization"] = f"Bearer {bearer}"
         try:
             with httpx.Client(verify=self._context(with_identity), timeout=30) as http:
-                response = http.request(method, self.address.url + path, content=body,
-                                        headers=headers)
+                for attempt in range(1, MAX_ATTEMPTS + 1):
+                    response = http.request(method, self.address.url + path, content=body,
+                                            headers=headers)
+                    wait = _retry_wait(method, path, response)
+                    if wait is None or attempt == MAX_ATTEMPTS:
+                        break
+                    time.sleep(wait)
         except httpx.HTTPError as error:
             raise self._transport_error(error) from None
         try:
             payload = response.json()
         except ValueError:
-            payload = {"error": response.text.strip()[:200]}
+            payload = None
         if response.status_code >= 400:
-            reason = payload.get("error", response.reason_phrase) if isinstance(payload, dict) \
-                else response.reason_phrase
-            kind = _ERRORS.get(response.status_code, UnavailableError)
-            raise kind(f"CAS {self.address} refused ({response.status_code}): {reason}")
+            raise self._refusal(response.status_code, payload, response)
         if not isinstance(payload, dict):
             raise UnavailableError(f"CAS {self.address} sent an unexpected answer")
         return payload
 
+    def _refusal(self, status: int, payload: Any, response: httpx.Response) -> TdappError:
+        kind, reason = _kind_and_reason(payload)
+        if kind is None:
+            # Not the CAS's own error body (a proxy's page, say): nothing says what went
+            # wrong, only that the CAS did not serve the request.
+            text = " ".join(response.text.split())[:200] or response.reason_phrase
+            return UnavailableError(f"CAS {self.address} answered HTTP {status} without an "
+                                    f"error kind: {text}")
+        return error_for(kind)(f"CAS {self.address} refused ({status}): {reason}")
+
     def _transport_error(self, error: httpx.HTTPError) -> TdappError:
-        if "CERTIFICATE_VERIFY_FAILED" in str(error):
+        if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in _causes(error)):
             try:
                 presented = fingerprint(fetch_presented_certificate(self.address))
             except TdappError:
@@ -126,3 +143,42 @@ class CasClient:
                 f"on purpose, check the new fingerprint and run: tdapp cas attest "
                 f"{self.address} --accept NEW_FINGERPRINT")
         return UnavailableError(f"cannot reach the CAS at {self.address}: {error}")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what it was raised from or during (httpx wraps the ssl module's errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _kind_and_reason(payload: Any) -> tuple[str | None, str]:
+    """``(kind, reason)`` of an error body ``{"kind", "reason"}``; no kind for any other."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("kind"), str):
+        return None, ""
+    return payload["kind"], " ".join(str(payload.get("reason", "")).split())[:1000]
+
+
+def _retry_wait(method: str, path: str, response: httpx.Response) -> float | None:
+    """How long to wait before sending the request again, or None not to.
+
+    Only an overload refusal (429 or 503 with a Retry-After in seconds) is retried,
+    and only when repeating the request cannot do anything twice: a GET, a nonce
+    request (issuing one writes nothing), or any request the CAS refused as
+    ``overloaded``, which it does before any of the request's work (its rate limit
+    and work-slot queues, tdapp.cas.ratelimit).
+    """
+    retry_after = response.headers.get("Retry-After", "").strip()
+    if response.status_code not in (429, 503) or not (
+            retry_after.isascii() and retry_after.isdigit()):
+        return None
+    try:
+        kind, _ = _kind_and_reason(response.json())
+    except ValueError:
+        kind = None
+    if method != "GET" and path.split("?")[0] != NONCE_PATH and kind != ErrorKind.OVERLOADED:
+        return None
+    return min(float(retry_after), MAX_RETRY_WAIT)

@@ -23,7 +23,6 @@ from tdapp.errors import IntegrityError
 
 EvidenceSource = Callable[[bytes, str], Mapping[str, Any]]
 """(report_data, the session's attestation mode as the CAS states it) -> evidence."""
-"""Given the 64-byte report_data, return evidence binding it (LAS, TEE attester)."""
 
 
 class EphemeralKey:

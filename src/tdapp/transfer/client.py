@@ -4,7 +4,9 @@
 :class:`Backend` (like httpx's transports). A download is written to a
 temporary sibling of its target and renamed only on success, so a failed
 download leaves nothing. Failures are one-line UnavailableError (cannot reach,
-server failed) or InputError (missing file, refused, 404).
+server failed) or InputError (missing file, refused, 404); a transfer service's
+answer ``{"kind", "reason"}`` raises the class of its kind
+(:func:`tdapp.errors.error_for`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from tdapp.core.atomic import atomic_path
-from tdapp.errors import InputError, UnavailableError, UsageError
+from tdapp.errors import InputError, TdappError, UnavailableError, UsageError, error_for
 
 CHUNK = 256 * 1024
 Advance = Callable[[int], None]
@@ -135,11 +137,26 @@ class HttpBackend:
 
 def _fail(what: str, response: httpx.Response) -> None:
     status = response.status_code
-    reason = _one_line(response.text) or response.reason_phrase
-    message = f"{what}: {status} {reason}"
-    if status >= 500:
-        raise UnavailableError(message)
-    raise InputError(message)
+    kind, reason = _error_body(response)
+    message = f"{what}: {status} {_one_line(reason) or response.reason_phrase}"
+    error: type[TdappError]
+    if kind is not None:
+        error = error_for(kind)
+    else:
+        # Not a transfer service's answer (a proxy, another upload service): its status.
+        error = UnavailableError if status >= 500 else InputError
+    raise error(message)
+
+
+def _error_body(response: httpx.Response) -> tuple[str | None, str]:
+    """``(kind, reason)`` of a ``{"kind", "reason"}`` answer, else ``(None, its text)``."""
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("kind"), str):
+        return answer["kind"], str(answer.get("reason", ""))
+    return None, response.text
 
 
 # -- s3 ------------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 ``POST /upload`` takes a raw body (name from ``?name=`` or ``X-File-Name``) or
 ``multipart/form-data`` (its first file part) and answers ``text/plain``: one
 line, the download URL ``BASE/d/<token>/<name>``. ``GET /d/<token>/<name>``
-answers the bytes. Errors are one ``text/plain`` line with a status saying
-their kind (400, 404, 408, 413). Uploads stream to a spool file and are published
-only when complete (and as long as Content-Length said); an upload that pauses
-longer than the body timeout (:class:`tdapp.serving.ServerTimeouts`) is cut off,
-its connection closed and its spool file deleted. Must never expose a partial or
-oversized upload, nor keep one.
+answers the bytes. Errors are JSON ``{"kind", "reason"}`` with the status of
+their kind (:mod:`tdapp.webjson`: ``input`` 400, ``not_found`` 404, ``timeout``
+408, ``too_large`` 413; docs/cas.md, "Errors"). Uploads stream to a spool file
+and are published only when complete (and as long as Content-Length said); an
+upload that pauses longer than the body timeout
+(:class:`tdapp.serving.ServerTimeouts`) is cut off, its connection closed and its
+spool file deleted. Must never expose a partial or oversized upload, nor keep one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from aiohttp import BodyPartReader, StreamReader, web
+from aiohttp import BodyPartReader, StreamReader, http_exceptions, web
 
 from tdapp.core.address import Address
+from tdapp.errors import InputError, NotFoundError, TdappError, TimedOutError, TooLargeError
 from tdapp.home import private_dir
 from tdapp.serving import BodyTimeout, ServerTimeouts, serve_until_signalled, within_body_deadline
 from tdapp.transfer.store import (
@@ -37,21 +39,17 @@ from tdapp.transfer.store import (
     safe_name,
     valid_key,
 )
+from tdapp.webjson import error_middleware
 
 DEFAULT_PORT = 8090
 DEFAULT_MAX_SIZE = 1 << 30
 MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries around the file
 log = logging.getLogger("tdapp.transfer")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Rejected(Exception):
-    """An upload or download refused with an HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+# What reading a request body raises when its client went away or sent a broken
+# body: the connection reset (aiohttp's C parser), or a payload error of its pure
+# Python parser (a short Content-Length body, a bad chunk).
+_CUT_OFF = (ConnectionError, web.RequestPayloadError, http_exceptions.HttpProcessingError)
 
 
 @dataclass
@@ -73,21 +71,6 @@ def text(status: int, line: str) -> web.Response:
     return web.Response(status=status, text=f"{line}\n", content_type="text/plain")
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except Rejected as error:
-        return text(error.status, error.reason)
-    except web.HTTPException as error:
-        if error.status >= 400:
-            return text(error.status, error.reason)
-        raise
-    except Exception:
-        log.exception("unexpected failure on %s %s", request.method, request.path)
-        return text(500, "internal error; see the transfer service log")
-
-
 def build_transfer_app(store: ObjectStore | Path, *, max_size: int = DEFAULT_MAX_SIZE,
                        public_url: str | None = None) -> web.Application:
     """The service's application; ``store`` is an ObjectStore or a folder for a FolderStore.
@@ -96,7 +79,8 @@ def build_transfer_app(store: ObjectStore | Path, *, max_size: int = DEFAULT_MAX
     """
     if isinstance(store, Path):
         store = FolderStore(store)
-    app = web.Application(client_max_size=MULTIPART_SLACK, middlewares=[_errors])
+    errors = error_middleware(service="transfer service", max_body=MULTIPART_SLACK, logger=log)
+    app = web.Application(client_max_size=MULTIPART_SLACK, middlewares=[errors])
     base = public_url.rstrip("/") if public_url else None
     app[_SETTINGS] = Settings(store, max_size, base, base_url=base)
     app.router.add_post("/upload", _upload)
@@ -104,8 +88,8 @@ def build_transfer_app(store: ObjectStore | Path, *, max_size: int = DEFAULT_MAX
     return app
 
 
-def _too_large(limit: int) -> Rejected:
-    return Rejected(413, f"upload larger than the limit of {limit} bytes")
+def _too_large(limit: int) -> TooLargeError:
+    return TooLargeError(f"upload larger than the limit of {limit} bytes")
 
 
 async def _upload(request: web.Request) -> web.Response:
@@ -126,26 +110,26 @@ async def _upload(request: web.Request) -> web.Response:
                 requested = request.query.get("name") or request.headers.get("X-File-Name")
                 size = await _copy(request, request.content, handle, limit)
             if length is not None and request.content.total_bytes != length:
-                raise Rejected(400, f"upload incomplete: {request.content.total_bytes} of "
-                                    f"{length} bytes received")
+                raise InputError(f"upload incomplete: {request.content.total_bytes} of "
+                                 f"{length} bytes received")
         name = safe_name(requested)
         await settings.store.publish(spooled, token, name)
-    except Rejected as error:
+    except TdappError as error:
         remove_quietly(spooled)
-        log.info("upload refused: %s", error.reason)
+        log.info("upload refused: %s", error.message)
         raise
     except BodyTimeout as error:
         remove_quietly(spooled)
         log.info("upload from %s stalled (%s); nothing kept", request.remote, error)
-        raise Rejected(408, f"upload incomplete: {error}") from None
+        raise TimedOutError(f"upload incomplete: {error}") from None
+    except _CUT_OFF as error:
+        remove_quietly(spooled)
+        log.info("upload cut off (%s); nothing kept", type(error).__name__)
+        raise InputError("upload incomplete: the connection broke") from None
     except (Exception, asyncio.CancelledError) as error:
         remove_quietly(spooled)
-        if isinstance(error, OSError | asyncio.CancelledError) or "payload" in type(
-                error).__name__.lower() or "length" in type(error).__name__.lower():
-            log.info("upload cut off (%s); nothing kept", type(error).__name__)
-            if isinstance(error, asyncio.CancelledError):
-                raise
-            raise Rejected(400, "upload incomplete: the connection broke") from None
+        if isinstance(error, asyncio.CancelledError):
+            log.info("upload cut off (the request was cancelled); nothing kept")
         raise
     base = settings.base_url or f"http://{request.host}"
     log.info("stored %s/%s (%d bytes)", token, name, size)
@@ -173,11 +157,17 @@ async def _copy(request: web.Request, source: StreamReader | BodyPartReader,
 async def _receive_multipart(request: web.Request, handle: BinaryIO,
                              limit: int) -> tuple[str | None, int]:
     """Copy the first file part to ``handle``; skip the rest; ``(filename, size)``."""
-    reader = await request.multipart()
+    try:
+        reader = await request.multipart()
+    except ValueError:
+        raise InputError("the multipart body has no valid boundary") from None
     while True:
-        part = await within_body_deadline(request, reader.next())
+        try:
+            part = await within_body_deadline(request, reader.next())
+        except ValueError:  # aiohttp's parser found no boundary where one must be
+            raise InputError("the multipart body is malformed") from None
         if part is None:
-            raise Rejected(400, "the multipart body has no file part")
+            raise InputError("the multipart body has no file part")
         if isinstance(part, BodyPartReader) and part.filename is not None:
             size = await _copy(request, part, handle, limit)
             break
@@ -195,7 +185,7 @@ async def _download(request: web.Request) -> web.StreamResponse:
     if valid_key(token, name):
         answer = await request.app[_SETTINGS].store.respond(token, name, request)
     if answer is None:
-        raise Rejected(404, "no such download")
+        raise NotFoundError("no such download")
     return answer
 
 
