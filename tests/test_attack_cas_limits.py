@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import pytest
 from cas_fixtures import (
+    MRENCLAVE,
     CasServer,
     MakeUser,
     SessionDoc,
@@ -86,7 +87,7 @@ def _attest(cas: Cas, session: str, nonce: str, key: EphemeralKey) -> httpx.Resp
     with anonymous_http(cas.server) as http:
         return http.post("/v1/attestation", json={
             "session": session, "service": "application", "nonce": nonce,
-            "public_key": key.public_b64url, "evidence": None})
+            "public_key": key.public_b64url, "workload": MRENCLAVE, "evidence": None})
 
 
 def _audit(cas: Cas, session: str) -> list[dict[str, Any]]:

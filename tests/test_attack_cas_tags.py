@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy
 import yaml
 from cas_fixtures import (
+    MRENCLAVE,
     CasServer,
     MakeUser,
     Postgres,
@@ -36,6 +37,7 @@ from cas_fixtures import (
 )
 from cryptography import x509
 
+from tdapp.attest import Workload
 from tdapp.cas.store import database_url
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import EphemeralKey, obtain_configuration
@@ -151,7 +153,8 @@ def runtime(server: CasServer) -> CasClient:
 
 
 def instance_token(backend: Backend, name: str, service: str) -> str:
-    released = obtain_configuration(runtime(backend.server), name, service, lambda _d, _m: {})
+    released = obtain_configuration(runtime(backend.server), Workload(MRENCLAVE, name, service),
+                                    lambda _d, _m: {})
     return released.token.get_secret_value()
 
 
@@ -163,7 +166,7 @@ def release(backend: Backend, name: str, service: str) -> httpx.Response:
         assert nonce.status_code == 201, nonce.text
         return http.post("/v1/attestation", json={
             "session": name, "service": service, "nonce": nonce.json()["nonce"],
-            "public_key": key.public_b64url, "evidence": None})
+            "public_key": key.public_b64url, "workload": MRENCLAVE, "evidence": None})
 
 
 def report(backend: Backend, token: str, name: str, volume: str, old: str | None,

@@ -43,6 +43,7 @@ from cas_fixtures import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_cas_attestation import (
     attempt,
+    bind,
     create,
     evidence,
     new_nonce,
@@ -51,7 +52,7 @@ from test_cas_attestation import (
     runtime,
 )
 
-from tdapp.attest import report_data
+from tdapp.attest import Workload
 from tdapp.attest.sim import SimPlatform, platform_id
 from tdapp.client.key_release import EphemeralKey, obtain_configuration, report_tag
 from tdapp.core.canonical import canonical_json
@@ -161,7 +162,7 @@ def test_sim_evidence_signed_with_the_attackers_own_key_releases_nothing(
     before = tags(target.world, target.name)
     attacker = SimPlatform.load_or_create(tmp_path / "attacker")
     nonce, key = new_nonce(target.server, target.name), EphemeralKey()
-    data = report_data(nonce, key.public_der)  # the exact binding the CAS will check
+    data = bind(nonce, key, target.name)  # the exact binding the CAS will check
     if forgery == "own platform":
         body = attacker.evidence(measurement=MRENCLAVE, report_data=data, debug=False,
                                  issued_at=time.time())
@@ -191,14 +192,15 @@ def test_evidence_from_another_real_las_releases_nothing(target: Target, las: st
     tags stay, and the refusal does not show the platform the session trusts."""
     before = tags(target.world, target.name)
     nonce, key = new_nonce(target.server, target.name), EphemeralKey()
-    answer = use_it(target, evidence(other_las, report_data(nonce, key.public_der)), nonce, key)
+    answer = use_it(target, evidence(other_las, bind(nonce, key, target.name)), nonce, key)
     refused(target.server, target.world, answer, 403, "is not in the allowed platforms",
             target.name, told=f"platform {platform_of(other_las)} is not one this session names")
     assert platform_of(las) not in answer.text
     assert tags(target.world, target.name) == before
     # The control: the LAS the session names is trusted, so the refusal was the platform's.
-    released = obtain_configuration(runtime(target.server), target.name, "application",
-                                    lambda data, _mode: evidence(las, data))
+    released = obtain_configuration(
+        runtime(target.server), Workload(MRENCLAVE, target.name, "application"),
+        lambda data, _mode: evidence(las, data))
     assert released.session == target.name
 
 
@@ -210,7 +212,7 @@ def _bad_evidence(world: World, las: str, other_las: str, check: str
     server, _ = world
     doc = create(world, SessionDoc(unique_name("redact")))
     nonce, key = new_nonce(server, doc.name), EphemeralKey()
-    data = report_data(nonce, key.public_der)
+    data = bind(nonce, key, doc.name)
     body = {"measurement": evidence(las, data, measurement=WRONG),
             "platform": evidence(other_las, data),
             "debug": evidence(las, data, debug=True)}[check]
@@ -234,7 +236,7 @@ def test_a_refused_non_reader_learns_nothing_the_session_holds(
     for caller in ("anonymous", "certified non-reader"):
         doc, body, nonce, key = _bad_evidence(world, las, other_las, check)
         request = {"session": doc.name, "service": "application", "nonce": nonce,
-                   "public_key": key.public_b64url, "evidence": body}
+                   "public_key": key.public_b64url, "workload": MRENCLAVE, "evidence": body}
         client = anonymous_http(server) if caller == "anonymous" else bob.http(server)
         with client as http:
             answer = http.post("/v1/attestation", json=request)
@@ -253,7 +255,7 @@ def test_the_sessions_owner_is_told_the_full_reason(world: World, las: str,
     with alice.http(server) as http:
         answer = http.post("/v1/attestation", json={
             "session": doc.name, "service": "application", "nonce": nonce,
-            "public_key": key.public_b64url, "evidence": body})
+            "public_key": key.public_b64url, "workload": MRENCLAVE, "evidence": body})
     assert answer.status_code == 403 and "jwe" not in answer.json(), answer.text
     assert FULL["measurement"] in reason_of(answer), answer.text
 
@@ -280,13 +282,13 @@ def test_a_debug_restart_does_not_loosen_a_stored_hardware_session(
     assert shown.code == 0, shown.err
     assert yaml.safe_load(shown.out)["security"]["attestation"]["mode"] == "hardware"
     nonce, key = new_nonce(loose, doc.name), EphemeralKey()
-    answer = attempt(loose, doc.name, evidence(las, report_data(nonce, key.public_der)),
+    answer = attempt(loose, doc.name, evidence(las, bind(nonce, key, doc.name)),
                      nonce, key)
     refused(loose, world, answer, 403, "sim evidence is not accepted", doc.name)
     assert stored(world, doc.name) == hashed
     # The control: a session created now gets the debug CAS's sim, and that LAS will do.
     fresh = create(world, SessionDoc(unique_name("fresh")))
-    released = obtain_configuration(runtime(loose), fresh.name, "application",
+    released = obtain_configuration(runtime(loose), Workload(MRENCLAVE, fresh.name, "application"),
                                     lambda data, _mode: evidence(las, data))
     assert released.mode == "sim"
 
@@ -311,7 +313,7 @@ def test_a_hardware_session_refuses_the_trusted_las_even_on_a_debug_cas(
     doc = create(world, SessionDoc(unique_name("hw")), {"attestation": {"mode": "hardware"}})
     before = tags(world, doc.name)
     with pytest.raises(RefusedError, match="sim evidence is not accepted"):
-        obtain_configuration(runtime(server), doc.name, "application",
+        obtain_configuration(runtime(server), Workload(MRENCLAVE, doc.name, "application"),
                              lambda data, _mode: evidence(las, data))
     assert tags(world, doc.name) == before
     assert stored(world, doc.name)["security"]["attestation"] == {"mode": "hardware"}
@@ -359,8 +361,8 @@ def test_a_built_template_trusts_only_the_las_it_found(
     assert stored(production, name)["security"]["attestation"] == {
         "mode": "sim", "platforms": [platform_of(las)]}
     with pytest.raises(RefusedError, match=f"platform {platform_of(other_las)} is not one"):
-        obtain_configuration(runtime(server), name, "application",
+        obtain_configuration(runtime(server), Workload(measurement, name, "application"),
                              lambda data, _mode: evidence(other_las, data, measurement))
-    released = obtain_configuration(runtime(server), name, "application",
+    released = obtain_configuration(runtime(server), Workload(measurement, name, "application"),
                                     lambda data, _mode: evidence(las, data, measurement))
     assert released.session == name

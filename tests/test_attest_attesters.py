@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tdapp.attest import report_data
+from tdapp.attest import Workload, report_data
 from tdapp.attest.attesters import (
     MAX_BLOB,
     TSM_ATTEMPTS,
@@ -38,7 +38,7 @@ from tdapp.attest.las import LasClient
 from tdapp.attest.sim import sign_evidence
 from tdapp.errors import InputError, UnavailableError, UsageError
 
-DATA = report_data("a nonce", b"an ephemeral key")
+DATA = report_data("a nonce", b"an ephemeral key", Workload("c0" * 32, "a session", "a service"))
 OTHER = bytes(range(64))  # another writer's report data
 MEASUREMENT = "c0" * 32
 VCEK = "63da758d-e664-4564-adc5-f4b93be8accd"

@@ -27,12 +27,12 @@ import pytest
 from aiohttp import web
 from conftest import CliResult, assert_error
 
-from tdapp.attest import SimVerifier, report_data, verifier_for
+from tdapp.attest import SimVerifier, Workload, report_data, verifier_for
 from tdapp.attest.las import LasClient, build_las_app, is_loopback, platform_of
 from tdapp.errors import ExitCode, InputError, RefusedError, UnavailableError, UsageError
 
 MEASUREMENT = "c0" * 32
-DATA = report_data("a nonce", b"an ephemeral key")
+DATA = report_data("a nonce", b"an ephemeral key", Workload("c0" * 32, "a session", "a service"))
 # Runs the CLI with the las group registered, whether or not tdapp.cli has it yet.
 CLI = ("import sys; from tdapp.cli import cli, run; from tdapp.cli.las import las; "
        "cli.add_command(las); sys.exit(run(sys.argv[1:]))")

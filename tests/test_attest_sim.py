@@ -24,6 +24,7 @@ from tdapp.attest import (
     EvidenceError,
     PlatformIn,
     SimVerifier,
+    Workload,
     report_data,
     verifier_for,
 )
@@ -34,7 +35,7 @@ from tdapp.errors import ExitCode, RefusedError
 KEY = Ed25519PrivateKey.generate()
 OTHER_KEY = Ed25519PrivateKey.generate()
 MEASUREMENT = "5a" * 32
-DATA = report_data("nonce", b"ephemeral key")
+DATA = report_data("nonce", b"ephemeral key", Workload("c0" * 32, "a session", "a service"))
 NOW = 1_700_000_000.0
 DROP = object()
 

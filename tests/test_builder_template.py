@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -126,3 +127,60 @@ def test_a_template_into_a_missing_folder_fails_before_building(cli: Cli, app: P
     assert result.err.splitlines() == [
         f"tdapp: error: cannot write {tmp_path / 'no' / 't.yml'}: its folder does not exist"]
     assert not (tmp_path / "home" / "images" / "copy_demo").exists()
+
+
+VM = {"mrtd": "a1" * 48, "rtmr0": "b2" * 48, "rtmr1": "c3" * 48, "rtmr2": "d4" * 48}
+
+
+@pytest.mark.parametrize("tee", ["tdx", "snp"])
+def test_a_confidential_vm_template_pins_the_vm_and_the_workload(
+        cli: Cli, app: Path, tmp_path: Path, tee: str) -> None:
+    from tdapp.policy.enforced import parse_enforceable_session
+
+    target = tmp_path / f"{tee}.yml"
+    built = cli("build", app, "--name", "copy_demo", "--tee", tee, "-o", target)
+    assert built.code == 0, built.err
+    measured = built.out.strip()
+    text = target.read_text()
+    # The VM half is left to fill in; the workload half is the image's measurement.
+    wanted = {"tdx": {"TDX_MRTD", "TDX_RTMR0", "TDX_RTMR1", "TDX_RTMR2"},
+              "snp": {"SNP_MEASUREMENT"}}[tee]
+    assert wanted <= set(template_variables(text))
+    values = {**VALUES, **dict.fromkeys(wanted, "e5" * 48)}
+    session = parse_enforceable_session(fill_template(text, values), source=str(target))
+    (variant,) = session.services[0].attestation
+    assert variant.mrenclave == (measured,) and not variant.unsafe_any_workload
+    assert (variant.tdx if tee == "tdx" else variant.snp) is not None
+    assert session.security.attestation.mode == "hardware"
+
+
+def test_vm_measurements_from_a_file_are_written_in(cli: Cli, app: Path, tmp_path: Path) -> None:
+    vm = tmp_path / "vm.json"
+    vm.write_text(json.dumps(VM))
+    target = tmp_path / "tdx.yml"
+    assert cli("build", app, "--name", "copy_demo", "--tee", "tdx", "--vm-measurements", vm,
+               "-o", target).code == 0
+    (variant,) = parsed(target).services[0].attestation
+    assert variant.tdx is not None and variant.tdx.mrtd == (VM["mrtd"],)
+    assert variant.tdx.rtmr2 == VM["rtmr2"]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--tee", "sim", "--mode", "hardware"), "do not go together"),
+    (("--tee", "tdx", "--mode", "sim"), "do not go together"),
+    (("--vm-measurements", "VM"), "needs --tee tdx or --tee snp"),
+])
+def test_inconsistent_tee_options_are_refused(cli: Cli, app: Path, tmp_path: Path,
+                                              args: tuple[str, ...], fragment: str) -> None:
+    (tmp_path / "VM").write_text("{}")
+    args = tuple(str(tmp_path / "VM") if arg == "VM" else arg for arg in args)
+    result = cli("build", app, "--name", "copy_demo", *args, "-o", tmp_path / "t.yml")
+    assert result.code == 2 and fragment in result.err and "Traceback" not in result.err
+
+
+def test_bad_vm_measurements_are_one_line(cli: Cli, app: Path, tmp_path: Path) -> None:
+    vm = tmp_path / "vm.json"
+    vm.write_text(json.dumps({"mrtd": "short"}))
+    result = cli("build", app, "--name", "copy_demo", "--tee", "tdx", "--vm-measurements", vm,
+                 "-o", tmp_path / "t.yml")
+    assert result.code == 3 and "mrtd must be 96 hex" in result.err

@@ -35,7 +35,7 @@ from cas_fixtures import (
 )
 from jwcrypto.common import JWException
 
-from tdapp.attest import report_data
+from tdapp.attest import Workload, report_data
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.sealing import MasterKey
 from tdapp.client.cas_client import CasClient
@@ -119,11 +119,18 @@ def runtime(server: CasServer) -> CasClient:
 
 
 def attempt(server: CasServer, session: str, evidence_body: dict[str, Any] | None,
-            nonce: str, key: EphemeralKey, service: str = "application") -> httpx.Response:
+            nonce: str, key: EphemeralKey, service: str = "application",
+            workload: str = MRENCLAVE) -> httpx.Response:
     with anonymous_http(server) as http:
         return http.post("/v1/attestation", json={
             "session": session, "service": service, "nonce": nonce,
-            "public_key": key.public_b64url, "evidence": evidence_body})
+            "public_key": key.public_b64url, "workload": workload, "evidence": evidence_body})
+
+
+def bind(nonce: str, key: EphemeralKey, session: str, *, service: str = "application",
+         workload: str = MRENCLAVE) -> bytes:
+    """The report_data a runtime of ``workload`` puts in its evidence for this attempt."""
+    return report_data(nonce, key.public_der, Workload(workload, session, service))
 
 
 def new_nonce(server: CasServer, session: str, service: str = "application") -> str:
@@ -154,7 +161,7 @@ def test_the_right_program_gets_its_configuration_and_only_it_can_read_it(
     doc = create(world, SessionDoc(unique_name("ok"), injected="[db]\npassword=s3cret\n"))
     nonce = new_nonce(server, doc.name)
     key = EphemeralKey()
-    answer = attempt(server, doc.name, evidence(las, report_data(nonce, key.public_der)),
+    answer = attempt(server, doc.name, evidence(las, bind(nonce, key, doc.name)),
                      nonce, key)
     assert answer.status_code == 200, answer.text
     sealed = answer.json()["jwe"]
@@ -187,7 +194,7 @@ def test_the_python_client_does_the_whole_exchange(world: tuple[CasServer, User]
                                                    las: str) -> None:
     server, _ = world
     doc = create(world, SessionDoc(unique_name("client")))
-    released = obtain_configuration(runtime(server), doc.name, "application",
+    released = obtain_configuration(runtime(server), Workload(MRENCLAVE, doc.name, "application"),
                                     lambda data, _mode: evidence(las, data))
     assert (released.session, released.service) == (doc.name, "application")
 
@@ -201,7 +208,7 @@ def _fresh(world: tuple[CasServer, User], **security: Any) -> tuple[str, str, Ep
 def test_wrong_measurement(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world)
-    body = evidence(las, report_data(nonce, key.public_der), measurement=OTHER)
+    body = evidence(las, bind(nonce, key, name), measurement=OTHER)
     response = attempt(server, name, body, nonce, key)
     refused(server, world, response, 403, "is not one of the session's mrenclaves", name,
             told=f"measurement {OTHER} is not one this service accepts")
@@ -220,11 +227,11 @@ def test_a_reader_presenting_its_certificate_is_told_the_full_reason(
     for who, told in ((alice, "is not one of the session's mrenclaves"),
                       (mallory, f"measurement {OTHER} is not one this service accepts")):
         name, nonce, key = _fresh(world)
-        body = evidence(las, report_data(nonce, key.public_der), measurement=OTHER)
+        body = evidence(las, bind(nonce, key, name), measurement=OTHER)
         with who.http(server) as http:
             response = http.post("/v1/attestation", json={
                 "session": name, "service": "application", "nonce": nonce,
-                "public_key": key.public_b64url, "evidence": body})
+                "public_key": key.public_b64url, "workload": MRENCLAVE, "evidence": body})
         refused(server, world, response, 403, "is not one of the session's mrenclaves", name,
                 told=told)
         assert (MRENCLAVE in response.text) is (who is alice), (who.name, response.text)
@@ -233,7 +240,7 @@ def test_a_reader_presenting_its_certificate_is_told_the_full_reason(
 def test_reused_nonce(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world)
-    body = evidence(las, report_data(nonce, key.public_der))
+    body = evidence(las, bind(nonce, key, name))
     assert attempt(server, name, body, nonce, key).status_code == 200
     refused(server, world, attempt(server, name, body, nonce, key), 403,
             "nonce already used (replay)", name)
@@ -249,7 +256,7 @@ def test_expired_nonce(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, _, key = _fresh(world)
     nonce = _minted_by_the_cas(server, name, "application", time.time() - 121)
-    body = evidence(las, report_data(nonce, key.public_der))
+    body = evidence(las, bind(nonce, key, name))
     refused(server, world, attempt(server, name, body, nonce, key), 403, "nonce expired", name)
 
 
@@ -267,17 +274,17 @@ def test_nonce_not_issued_for_this_service(world: tuple[CasServer, User], las: s
         "another service": _minted_by_the_cas(server, name, "other", time.time()),
         "truncated": nonce[:-2],
     }[forgery]
-    body = evidence(las, report_data(forged, key.public_der))
+    body = evidence(las, bind(forged, key, name))
     refused(server, world, attempt(server, name, body, forged, key), 403, "unknown nonce", name)
 
 
 def test_a_refused_attempt_spends_its_nonce(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world)
-    wrong = evidence(las, report_data(nonce, key.public_der), measurement=OTHER)
+    wrong = evidence(las, bind(nonce, key, name), measurement=OTHER)
     refused(server, world, attempt(server, name, wrong, nonce, key), 403,
             "is not one of the session's mrenclaves", name, told="is not one this service")
-    right = evidence(las, report_data(nonce, key.public_der))
+    right = evidence(las, bind(nonce, key, name))
     refused(server, world, attempt(server, name, right, nonce, key), 403,
             "nonce already used (replay)", name)
 
@@ -287,8 +294,8 @@ def test_report_data_binding_another_nonce_or_key(world: tuple[CasServer, User],
                                                    binds: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world)
-    data = report_data("00" * 32, key.public_der) if binds == "another nonce" else \
-        report_data(nonce, EphemeralKey().public_der)
+    data = bind("00" * 32, key, name) if binds == "another nonce" else \
+        bind(nonce, EphemeralKey(), name)
     refused(server, world, attempt(server, name, evidence(las, data), nonce, key), 403,
             "report_data does not bind", name)
 
@@ -297,7 +304,7 @@ def test_platform_not_allowed(world: tuple[CasServer, User], las: str, other_las
     server, _ = world
     allowed = httpx.get(f"http://{las}/v1/platform", timeout=10).json()["platform"]
     name, nonce, key = _fresh(world, attestation={"mode": "sim", "platforms": [allowed]})
-    body = evidence(other_las, report_data(nonce, key.public_der))
+    body = evidence(other_las, bind(nonce, key, name))
     response = attempt(server, name, body, nonce, key)
     refused(server, world, response, 403, "is not in the allowed platforms", name,
             told=f"platform {platform_of(other_las)} is not one this session names")
@@ -307,7 +314,7 @@ def test_platform_not_allowed(world: tuple[CasServer, User], las: str, other_las
 def test_bad_signature(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world)
-    body = evidence(las, report_data(nonce, key.public_der))
+    body = evidence(las, bind(nonce, key, name))
     signature = bytearray(base64.b64decode(body["signature"]))
     signature[0] ^= 1
     body["signature"] = base64.b64encode(bytes(signature)).decode()
@@ -317,7 +324,7 @@ def test_bad_signature(world: tuple[CasServer, User], las: str) -> None:
 def test_sim_evidence_for_a_hardware_session(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world, attestation={"mode": "hardware"})
-    body = evidence(las, report_data(nonce, key.public_der))
+    body = evidence(las, bind(nonce, key, name))
     refused(server, world, attempt(server, name, body, nonce, key), 403,
             "sim evidence is not accepted", name)
 
@@ -325,10 +332,10 @@ def test_sim_evidence_for_a_hardware_session(world: tuple[CasServer, User], las:
 def test_debug_evidence_needs_the_toleration(world: tuple[CasServer, User], las: str) -> None:
     server, _ = world
     name, nonce, key = _fresh(world)
-    body = evidence(las, report_data(nonce, key.public_der), debug=True)
+    body = evidence(las, bind(nonce, key, name), debug=True)
     refused(server, world, attempt(server, name, body, nonce, key), 403, "debug-mode", name)
     name, nonce, key = _fresh(world, attestation={"mode": "sim", "tolerate": ["debug-mode"]})
-    body = evidence(las, report_data(nonce, key.public_der), debug=True)
+    body = evidence(las, bind(nonce, key, name), debug=True)
     assert attempt(server, name, body, nonce, key).status_code == 200
 
 
@@ -342,7 +349,7 @@ def test_a_service_the_session_does_not_have(world: tuple[CasServer, User]) -> N
 
 def _attested(world: tuple[CasServer, User], las: str, doc: SessionDoc) -> str:
     server, _ = world
-    released = obtain_configuration(runtime(server), doc.name, "application",
+    released = obtain_configuration(runtime(server), Workload(MRENCLAVE, doc.name, "application"),
                                     lambda data, _mode: evidence(las, data))
     return released.token.get_secret_value()
 
@@ -430,7 +437,7 @@ def test_one_nonce_is_spent_once_across_two_replicas(cas_server: StartCas, user:
         doc = create((first, alice), SessionDoc(unique_name("replica-nonce")))
         nonce = new_nonce(first, doc.name)  # issued by one replica...
         key = EphemeralKey()
-        body = evidence(las, report_data(nonce, key.public_der))
+        body = evidence(las, bind(nonce, key, doc.name))
         barrier = threading.Barrier(8)
 
         def spend(index: int) -> httpx.Response:
@@ -440,7 +447,7 @@ def test_one_nonce_is_spent_once_across_two_replicas(cas_server: StartCas, user:
                 barrier.wait(timeout=30)
                 return http.post("/v1/attestation", json={
                     "session": doc.name, "service": "application", "nonce": nonce,
-                    "public_key": key.public_b64url, "evidence": body})
+                    "public_key": key.public_b64url, "workload": MRENCLAVE, "evidence": body})
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(spend, range(8)))

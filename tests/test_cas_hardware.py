@@ -61,7 +61,7 @@ def attest_with_the_sample(server: CasServer, session: str) -> httpx.Response:
         quote = base64.b64encode((DCAP / "sgx_quote").read_bytes()).decode()
         return http.post("/v1/attestation", json={
             "session": session, "service": "application", "nonce": nonce,
-            "public_key": EphemeralKey().public_b64url,
+            "public_key": EphemeralKey().public_b64url, "workload": "00" * 32,
             "evidence": {"tee": "sgx", "quote": quote}})
 
 

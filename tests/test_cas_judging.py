@@ -7,7 +7,7 @@ told holds none of the session's expectations.
 
 from __future__ import annotations
 
-from tdapp.attest import Claims, Tee, report_data
+from tdapp.attest import Claims, Tee, Workload, report_data
 from tdapp.cas.judging import checks_for, public_reason
 from tdapp.policy import Session, parse_session
 from tdapp.policy.security import AttestationMode
@@ -15,6 +15,7 @@ from tdapp.policy.security import AttestationMode
 MEASURED = "ab" * 32
 PLATFORM = "cd" * 32
 NONCE, KEY = "00" * 32, b"key"
+WORKLOAD = Workload(MEASURED, "s", "app")
 
 
 def session(security: str) -> Session:
@@ -32,7 +33,7 @@ services:
 def first_refusal(doc: Session, mode: AttestationMode, evidence: Claims) -> str | None:
     service = doc.service("app")
     assert service is not None
-    for label, policy in checks_for(doc, service, mode, NONCE, KEY):
+    for label, policy in checks_for(doc, service, mode, NONCE, KEY, WORKLOAD, evidence.tee):
         if not policy.verify(evidence).ok:
             return label
     return None
@@ -40,7 +41,7 @@ def first_refusal(doc: Session, mode: AttestationMode, evidence: Claims) -> str 
 
 def claims(**values: object) -> Claims:
     fields: dict[str, object] = {
-        "tee": Tee.SGX, "measurement": MEASURED, "report_data": report_data(NONCE, KEY),
+        "tee": Tee.SGX, "measurement": MEASURED, "report_data": report_data(NONCE, KEY, WORKLOAD),
         "platform": PLATFORM, "debug": False, "tcb_status": "UpToDate"}
     fields.update(values)
     return Claims(**fields)  # type: ignore[arg-type]
@@ -84,7 +85,9 @@ def test_public_reasons_hold_nothing_the_session_expects() -> None:
     assert service is not None
     seen = claims(tee=Tee.SIM, measurement="11" * 32, platform="22" * 32,
                   tcb_status="OutOfDate", debug=True, report_data=b"\x01" * 64)
-    for label, policy in checks_for(doc, service, AttestationMode.SIM, NONCE, KEY):
+    theirs = Workload("33" * 32, "s", "app")  # what the caller says it runs
+    for label, policy in checks_for(doc, service, AttestationMode.SIM, NONCE, KEY, theirs,
+                                    seen.tee):
         verdict = policy.verify(seen)
-        told = public_reason(label, seen, verdict.reason or "-")
+        told = public_reason(label, seen, verdict.reason or "-", theirs.measurement)
         assert MEASURED not in told and PLATFORM not in told and "debug-mode]" not in told

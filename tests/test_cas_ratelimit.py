@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cas_fixtures import CasServer, StartCas, anonymous_http, unique_name
+from cas_fixtures import MRENCLAVE, CasServer, StartCas, anonymous_http, unique_name
 from cryptography import x509
 
 from tdapp.cas.ratelimit import RateLimit
@@ -112,7 +112,7 @@ def _runtime(server: CasServer) -> CasClient:
 def _large_attestation() -> dict[str, Any]:
     """An attestation request for no session, large enough to need a work slot."""
     return {"session": unique_name("nobody"), "service": "application", "nonce": "00",
-            "public_key": "AA", "evidence": {"padding": "x" * HELD_LENGTH}}
+            "public_key": "AA", "workload": MRENCLAVE, "evidence": {"padding": "x" * HELD_LENGTH}}
 
 
 def test_an_overloaded_refusal_is_retried_and_the_retry_is_judged(

@@ -25,6 +25,7 @@ from seed_data import SEED_TEMPLATE
 from test_cas_attestation import (  # noqa: F401 - las and world are fixtures
     OTHER,
     attempt,
+    bind,
     evidence,
     las,
     new_nonce,
@@ -32,7 +33,6 @@ from test_cas_attestation import (  # noqa: F401 - las and world are fixtures
     world,
 )
 
-from tdapp.attest import report_data
 from tdapp.client.key_release import EphemeralKey
 from tdapp.policy import SessionError, fill_template, parse_session
 from tdapp.policy.enforced import parse_enforceable_session, unenforced
@@ -251,7 +251,7 @@ def test_image_measurements_are_checked_too(
     assert created.status_code == 201, created.text
     nonce = new_nonce(server, doc.name)
     key = EphemeralKey()
-    response = attempt(server, doc.name, evidence(las, report_data(nonce, key.public_der)),
+    response = attempt(server, doc.name, evidence(las, bind(nonce, key, doc.name)),
                        nonce, key)
     refused(server, world, response, 403, "is not one of the session's mrenclaves", doc.name,
             told=f"measurement {MRENCLAVE} is not one the service's image accepts")

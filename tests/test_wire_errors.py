@@ -21,6 +21,7 @@ import httpx
 import pytest
 from aiohttp import web
 from cas_fixtures import (
+    MRENCLAVE,
     CasServer,
     MakeUser,
     SessionDoc,
@@ -145,7 +146,7 @@ def test_cas_bodies(cas: tuple[CasServer, User]) -> None:
         session = no_evidence_session(server, alice)
         assert "nonce" in assert_error(http.post("/v1/attestation", json={
             "session": session, "service": "application", "nonce": "00" * 40,
-            "public_key": "AA", "evidence": None}), 403, ErrorKind.REFUSED)
+            "public_key": "AA", "workload": MRENCLAVE, "evidence": None}), 403, ErrorKind.REFUSED)
 
 
 def test_the_cas_client_raises_the_class_of_each_kind(
@@ -158,7 +159,7 @@ def test_the_cas_client_raises_the_class_of_each_kind(
     with pytest.raises(RefusedError, match=r"refused \(403\): .*nonce") as refused:
         anonymous.request_json("POST", "/v1/attestation", {
             "session": session, "service": "application", "nonce": "00" * 40,
-            "public_key": "AA", "evidence": None})
+            "public_key": "AA", "workload": MRENCLAVE, "evidence": None})
     assert type(refused.value) is RefusedError
     with pytest.raises(AuthenticationRequired, match=r"refused \(401\): a client certificate"):
         anonymous.request("GET", f"/v1/sessions/{session}")

@@ -11,7 +11,7 @@ whole chain was checked, and never let a failure pass as anything but an
 The LAS (aiohttp) is not imported here, to keep the verifying side light.
 """
 
-from tdapp.attest.binding import REPORT_DATA_SIZE, report_data
+from tdapp.attest.binding import REPORT_DATA_SIZE, Workload, report_data
 from tdapp.attest.claims import HARDWARE_TEES, TEE_KINDS, Claims, EvidenceError, Tee
 from tdapp.attest.policy import (
     AllOf,
@@ -29,6 +29,8 @@ from tdapp.attest.policy import (
     TeeIn,
     UnsafeNoOp,
     Verdict,
+    WorkloadIn,
+    WorkloadIsMeasured,
 )
 from tdapp.attest.verifiers import (
     EvidenceVerifier,
@@ -62,6 +64,9 @@ __all__ = [
     "UnsafeNoOp",
     "Verdict",
     "VerifierSettings",
+    "Workload",
+    "WorkloadIn",
+    "WorkloadIsMeasured",
     "report_data",
     "verifier_for",
 ]

@@ -83,6 +83,41 @@ class MeasurementIn(_Shown):
                        f"mrenclaves ({_expected(self.measurements, 'expected one of')})")
 
 
+class WorkloadIn(_Shown):
+    """The workload the evidence binds (the tdapp image measurement in ``report_data``) is
+    one of the session's.
+
+    In a confidential VM the hardware measures the VM, so this, together with
+    :class:`ReportDataIs` for the same workload, is what pins the program. The
+    claimed workload comes from the request; it counts only because the
+    binding check proves the evidence carries it.
+    """
+
+    def __init__(self, measurements: Collection[str], claimed: str) -> None:
+        self.measurements = frozenset(value.lower() for value in _strings(measurements))
+        self.claimed = claimed.lower()
+
+    def verify(self, claims: Claims) -> Verdict:
+        if self.claimed in self.measurements:
+            return Success()
+        return Failure(f"workload {self.claimed} is not one of the variant's mrenclaves "
+                       f"({_expected(self.measurements, 'expected one of')})")
+
+
+class WorkloadIsMeasured(_Shown):
+    """The bound workload is the measurement the platform signed (``sim``: what the LAS
+    was asked to sign is what the runtime says it runs)."""
+
+    def __init__(self, claimed: str) -> None:
+        self.claimed = claimed.lower()
+
+    def verify(self, claims: Claims) -> Verdict:
+        if self.claimed == claims.measurement.lower():
+            return Success()
+        return Failure(f"the evidence binds workload {self.claimed} but measures "
+                       f"{claims.measurement}")
+
+
 class SgxSignerIs(_Shown):
     """SGX signer-based identity: MRSIGNER and ISVPRODID equal, ISVSVN within bounds."""
 

@@ -92,6 +92,9 @@ class ReleasedConfiguration(_Wire):
     session: str
     service: str
     mode: AttestationMode
+    # The tdapp image measurement the CAS accepted, bound in the evidence: the
+    # runtime runs nothing else.
+    workload: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     command: tuple[str, ...]
     environment: dict[str, str] = Field(repr=False)
     pwd: str

@@ -8,16 +8,14 @@ a canonical encoding of all of that (docs/measurement.md). This package must
 never let a measurement depend on timestamps, owners, paths or file order, nor
 leave a half-written image under an image's name.
 
-For the runtime: ``image = load_image(name)`` refuses an image whose files no
-longer give its recorded measurement; then, right before running, compare
-``measure_image(image.path)`` with the session's ``mrenclaves`` (it
-recomputes everything from disk), make what ``image.root`` holds the
+For the runtime: ``image, measured = hold_image(name, folder)`` copies the
+image into a folder of its own and measures the copy (refusing one whose files
+no longer give its recorded measurement); it binds ``measured`` into its
+evidence and runs the copy, so the host cannot swap files between the
+measurement and the run. Then make what ``image.root`` holds the
 program's ``/`` read-only (its entries bound over a tmpfs root, where the
 volume mount points can be made), bind each of ``image.host_paths`` (globs)
-read-only, and apply ``image.heap`` and ``image.stack``. Measuring and then
-running the same files needs them kept still: copy the image (into memory)
-under ``locked(shared=True)`` from tdapp.builder.store, measure the copy, run
-the copy.
+read-only, and apply ``image.heap`` and ``image.stack``.
 
 - :func:`build_image` — ``tdapp build``
 - :func:`measure_image` — recompute a measurement from the files on disk
@@ -30,7 +28,14 @@ from tdapp.builder.archive import export_image, import_image
 from tdapp.builder.build import BuildOptions, build_image
 from tdapp.builder.manifest import Config, FileRecord, Manifest, parse_size
 from tdapp.builder.measure import canonical_bytes, measure_image, measurement
-from tdapp.builder.store import Image, image_store_dir, list_images, load_image, remove_image
+from tdapp.builder.store import (
+    Image,
+    hold_image,
+    image_store_dir,
+    list_images,
+    load_image,
+    remove_image,
+)
 from tdapp.builder.template import session_template, write_template
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "build_image",
     "canonical_bytes",
     "export_image",
+    "hold_image",
     "image_store_dir",
     "import_image",
     "list_images",

@@ -145,6 +145,23 @@ def locked(*, shared: bool = False) -> Iterator[None]:
         os.close(fd)
 
 
+def hold_image(name: str, destination: Path) -> tuple[Image, str]:
+    """A private copy of image ``name`` at ``destination`` and its measurement, taken from
+    the copy: what runs is exactly what was measured, whatever happens to the store
+    afterwards. Refused if the copy does not give the image's recorded measurement."""
+    with locked(shared=True):
+        stored = load_image(name, verify=False)
+        try:
+            shutil.copytree(stored.path, destination, symlinks=True)
+        except (OSError, shutil.Error) as error:
+            raise InputError(f"cannot copy image {name} to {destination}: {error}") from None
+    held = Image.from_manifest(read_manifest(destination), destination)
+    actual = measure_image(destination)
+    if actual != held.measurement:
+        raise modified_error(name, actual, held.measurement)
+    return held, actual
+
+
 def remove_image(name: str) -> None:
     path = image_store_dir() / check_name(name)
     with locked():

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from tdapp.attest import (
     Claims,
     UnsafeNoOp,
     VerifierSettings,
+    Workload,
     verifier_for,
 )
 from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
@@ -55,12 +57,16 @@ from tdapp.volume import VolumeKey, VolumeTag
 INSTANCE_LIFETIME = 24 * 3600.0
 
 
+_MEASUREMENT = re.compile(r"[0-9a-f]{64}")
+
+
 @dataclass(frozen=True)
 class AttestationRequest:
     session: str
     service: str
     nonce: str
     public_key: str  # base64url DER SubjectPublicKeyInfo of the runtime's ephemeral key
+    workload: str  # the measurement of the image the runtime is about to run (hex64)
     evidence: Mapping[str, Any] | None
 
     @classmethod
@@ -68,11 +74,14 @@ class AttestationRequest:
         if not isinstance(body, dict):
             raise InputError("the attestation request must be a JSON object")
         fields = {}
-        for name in ("session", "service", "nonce", "public_key"):
+        for name in ("session", "service", "nonce", "public_key", "workload"):
             value = body.get(name)
             if not isinstance(value, str) or not value:
                 raise InputError(f"the attestation request needs a string {name!r}")
             fields[name] = value
+        if not _MEASUREMENT.fullmatch(fields["workload"]):
+            raise InputError("'workload' must be the image's measurement: 64 lower-case hex "
+                             "characters")
         evidence = body.get("evidence")
         if evidence is not None and not isinstance(evidence, dict):
             raise InputError("'evidence' must be a JSON object")
@@ -142,7 +151,7 @@ class AttestationAuthority:
         token_hash = _token_hash(token)
         expires_at = time.time() + INSTANCE_LIFETIME
         configuration = ReleasedConfiguration(
-            session=session.name, service=service.name, mode=mode,
+            session=session.name, service=service.name, mode=mode, workload=request.workload,
             command=tuple(service.argv()),
             # `NAME:` with no value is the empty string, as in a shell's `NAME=`.
             environment={name: value or "" for name, value in service.environment.items()},
@@ -172,12 +181,13 @@ class AttestationAuthority:
             case AttestationMode.HARDWARE | AttestationMode.SIM:
                 claims = self._verified_claims(request)
                 steps.append(AuditEntry("attest.evidence", Outcome.ACCEPTED, _describe(claims)))
+                workload = Workload(request.workload, session.name, service.name)
                 for label, policy in checks_for(session, service, mode, request.nonce,
-                                                _der(public_key)):
+                                                _der(public_key), workload, claims.tee):
                     verdict = policy.verify(claims)
                     if not verdict.ok:
-                        raise CheckFailed(label, verdict.reason,
-                                          public_reason(label, claims, verdict.reason))
+                        raise CheckFailed(label, verdict.reason, public_reason(
+                            label, claims, verdict.reason, workload.measurement))
                     steps.append(AuditEntry(f"attest.{label}", Outcome.ACCEPTED, f"{label}: ok"))
                 return claims.measurement
             case AttestationMode.MAA:

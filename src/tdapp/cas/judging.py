@@ -29,6 +29,9 @@ from tdapp.attest import (
     TcbStatusTolerated,
     Tee,
     TeeIn,
+    Workload,
+    WorkloadIn,
+    WorkloadIsMeasured,
     report_data,
 )
 from tdapp.errors import RefusedError
@@ -40,12 +43,16 @@ ADVISORY_TOLERATIONS = {"insecure-igpu": "INTEL-SA-00219", "aepic-leak": "INTEL-
 
 
 def checks_for(session: Session, service: Service, mode: AttestationMode, nonce: str,
-               public_key_der: bytes) -> list[tuple[str, Policy]]:
-    """The session's checks for verified evidence, in the order they are judged and
-    logged (``mode`` is ``hardware`` or ``sim``).
+               public_key_der: bytes, workload: Workload, tee: Tee) -> list[tuple[str, Policy]]:
+    """The session's checks for verified evidence of ``tee``, in the order they are
+    judged and logged (``mode`` is ``hardware`` or ``sim``).
 
-    The binding of nonce and key comes last, so a refusal for it shows that the
-    evidence passed every check of the program and the platform first.
+    Where the platform measures the program itself (``sgx``: MRENCLAVE; ``sim``:
+    what the LAS signed) ``mrenclaves`` pin that measurement; in a confidential VM
+    (``tdx``, ``snp``) the hardware measures the VM, and a variant's ``mrenclave``
+    pins the workload the evidence binds. The binding of nonce, key and workload
+    comes last, so a refusal for it shows that the evidence passed every check of
+    the program and the platform first.
     """
     attestation = session.security.attestation
     match mode:
@@ -64,8 +71,8 @@ def checks_for(session: Session, service: Service, mode: AttestationMode, nonce:
                                if toleration in attestation.tolerate))
     checks: list[tuple[str, Policy]] = [
         ("tee", TeeIn(tees, mode=str(mode))),
-        ("measurement", _variants(service)),
-        *_image_measurements(session, service),
+        ("measurement", _variants(service, workload.measurement)),
+        *_image_measurements(session, service, workload.measurement, tee),
         ("debug", DebugTolerated("debug-mode" in attestation.tolerate)),
         ("tcb", TcbStatusTolerated(attestation.tolerate, ignored)),
     ]
@@ -73,7 +80,10 @@ def checks_for(session: Session, service: Service, mode: AttestationMode, nonce:
         # A sim session always names its LAS platforms (fixed at creation): an
         # empty list here accepts no platform at all.
         checks.append(("platform", PlatformIn(attestation.platforms)))
-    checks.append(("report_data", ReportDataIs(report_data(nonce, public_key_der))))
+    if tee is Tee.SIM:
+        # A LAS signs what it is asked: the workload bound must be what it measured.
+        checks.append(("workload", WorkloadIsMeasured(workload.measurement)))
+    checks.append(("report_data", ReportDataIs(report_data(nonce, public_key_der, workload))))
     return checks
 
 
@@ -87,13 +97,16 @@ class CheckFailed(RefusedError):
         self.public = public
 
 
-def public_reason(label: str, claims: Claims, reason: str) -> str:
-    """What a refused caller who is not a reader may learn: the check, and its own values."""
+def public_reason(label: str, claims: Claims, reason: str, workload: str) -> str:
+    """What a refused caller who is not a reader may learn: the check, and its own values
+    (``workload``: the measurement its request names)."""
+    program = f"measurement {claims.measurement}" + (
+        f" running workload {workload}" if claims.tee in (Tee.TDX, Tee.SNP) else "")
     shown = {
         "tee": f"{claims.tee} evidence is not accepted for this session",
-        "measurement": f"measurement {claims.measurement} is not one this service accepts",
-        "image_measurement": f"measurement {claims.measurement} is not one the service's "
-                             "image accepts",
+        "measurement": f"{program} is not one this service accepts",
+        "image_measurement": f"{program} is not one the service's image accepts",
+        "workload": reason,  # the caller's own two values
         "debug": "debug-mode evidence is not tolerated by this session",
         "tcb": f"the platform's TCB status {claims.tcb_status}"
                + (f" (advisories {', '.join(claims.advisories)})" if claims.advisories else "")
@@ -106,12 +119,15 @@ def public_reason(label: str, claims: Claims, reason: str) -> str:
             "its audit log")
 
 
-def _variants(service: Service) -> Policy:
+def _variants(service: Service, workload: str) -> Policy:
     """Any one of the service's attestation variants, each the AllOf of its factors."""
     variants: list[Policy] = []
     for variant in service.attestation_variants():
         factors: list[Policy] = []
-        if variant.mrenclave:
+        if variant.mrenclave and (variant.tdx is not None or variant.snp is not None):
+            # A confidential VM's variant: the VM's registers below, the workload here.
+            factors.append(WorkloadIn(variant.mrenclave, workload))
+        elif variant.mrenclave:
             factors.append(MeasurementIn(variant.mrenclave))
         if variant.signer is not None:
             signer = variant.signer
@@ -128,11 +144,14 @@ def _variants(service: Service) -> Policy:
     return variants[0] if len(variants) == 1 else AnyOf(variants)
 
 
-def _image_measurements(session: Session, service: Service) -> list[tuple[str, Policy]]:
+def _image_measurements(session: Session, service: Service, workload: str,
+                        tee: Tee) -> list[tuple[str, Policy]]:
     """The 2018 form lists ``mrenclaves`` on the image too: code must match both."""
     image = session.image(service.image_name) if service.image_name else None
     if image is None or not image.mrenclaves:
         return []
+    if tee in (Tee.TDX, Tee.SNP):
+        return [("image_measurement", WorkloadIn(image.mrenclaves, workload))]
     return [("image_measurement", MeasurementIn(image.mrenclaves))]
 
 

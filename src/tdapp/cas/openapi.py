@@ -110,6 +110,8 @@ def openapi_document() -> dict[str, Any]:
                                            "service": {"type": "string"},
                                            "nonce": {"type": "string"},
                                            "public_key": {"type": "string"},
+                                           "workload": {"type": "string",
+                                                        "pattern": "^[0-9a-f]{64}$"},
                                            "evidence": {"type": "object"}},
                                           optional=("evidence",)),
                 "responses": {"200": _json({"type": "object", "required": ["jwe"],

@@ -25,6 +25,7 @@ from tdapp.builder import (
 from tdapp.builder.container import build_from_container
 from tdapp.builder.manifest import MODES
 from tdapp.builder.store import modified_error
+from tdapp.builder.template import TemplateTee, vm_values
 from tdapp.errors import InputError, UsageError
 
 
@@ -78,8 +79,16 @@ def _created(image: Image) -> str:
               help="Heap limit (bytes, or K, M, G).")
 @click.option("--stack", type=SIZE, default="4M", show_default=True,
               help="Stack limit (bytes, or K, M, G).")
-@click.option("--mode", type=click.Choice(MODES), default="sim", show_default=True,
-              help="Attestation the image is meant for; hardware adds it to the template.")
+@click.option("--mode", type=click.Choice(MODES), default=None,
+              help="Attestation the image is meant for (part of its measurement): sim "
+                   "(default) or hardware (the default for --tee sgx, tdx or snp).")
+@click.option("--tee", type=click.Choice([tee.value for tee in TemplateTee]), default=None,
+              help="Where it will run, for the template: sim, sgx, or a tdx or snp "
+                   "confidential VM (the template then pins the VM and the workload).")
+@click.option("--vm-measurements", "vm_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="JSON with the VM's measurements for a tdx template "
+                                 "(mrtd, rtmr0, rtmr1, rtmr2) or an snp one (measurement); "
+                                 "without it the template has $TDX_MRTD … to fill in.")
 @click.option("--host-path", "host_paths", multiple=True, metavar="PATH",
               help="Host path (glob allowed) the program may read, e.g. /usr/bin/python3. "
                    "Repeatable.")
@@ -89,8 +98,8 @@ def _created(image: Image) -> str:
               help="The LAS whose platform a sim template accepts (default: the one tdapp "
                    "up announced, else 127.0.0.1:18766).")
 def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: str | None,
-          heap: int, stack: int, mode: str, host_paths: tuple[str, ...],
-          template: Path | None, las_address: str | None) -> None:
+          heap: int, stack: int, mode: str | None, tee: str | None, vm_file: Path | None,
+          host_paths: tuple[str, ...], template: Path | None, las_address: str | None) -> None:
     """Build APP_DIR (or the container image --image REF) into the image NAME and print
     its measurement.
 
@@ -106,6 +115,12 @@ def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: st
     if reference is not None and host_paths:
         raise UsageError("--host-path cannot be used with --image: a container image holds "
                          "its whole root file system, and no host file may be part of it")
+    target = TemplateTee(tee) if tee is not None else None
+    if mode is None:
+        mode = "sim" if target in (None, TemplateTee.SIM) else "hardware"
+    if target is not None and (target is TemplateTee.SIM) != (mode == "sim"):
+        raise UsageError(f"--tee {target} and --mode {mode} do not go together")
+    vm = _vm_measurements(vm_file, target) if vm_file is not None else None
     if template is not None and not template.absolute().parent.is_dir():
         # Checked first, so that a build is not wasted on a template that cannot be written.
         raise InputError(f"cannot write {template}: its folder does not exist")
@@ -125,12 +140,24 @@ def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: st
         _note(f"from {image.source.reference} ({image.source.digest})")
     if template is not None:
         platform = _las_platform(las_address) if image.mode == "sim" else None
-        write_template(image, template, las_platform=platform)
+        write_template(image, template, las_platform=platform, tee=target, vm=vm)
         _note(f"wrote session template {template}")
         if image.mode == "sim" and platform is None:
             _note("no LAS answered: the template accepts the platform of the LAS that "
                   "encryptedpush finds ($LAS_PLATFORM)")
     click.echo(image.measurement)
+
+
+def _vm_measurements(path: Path, tee: TemplateTee | None) -> dict[str, str]:
+    if tee is None:
+        raise UsageError("--vm-measurements needs --tee tdx or --tee snp")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"cannot read VM measurements from {path}: {error}") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: expected a JSON object of VM measurements")
+    return vm_values(tee, document)
 
 
 @click.command()

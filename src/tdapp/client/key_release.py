@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
-from tdapp.attest import report_data
+from tdapp.attest import Workload, report_data
 from tdapp.attest.release import ReleasedConfiguration
 from tdapp.client.cas_client import CasClient
 from tdapp.errors import IntegrityError
@@ -49,21 +49,29 @@ class EphemeralKey:
         return ReleasedConfiguration.from_json(token.payload)
 
 
-def obtain_configuration(cas: CasClient, session: str, service: str,
+def obtain_configuration(cas: CasClient, workload: Workload,
                          evidence_for: EvidenceSource) -> ReleasedConfiguration:
-    """Attest to the CAS and get this run's configuration, readable only by this process."""
+    """Attest to the CAS for ``workload`` (the measured image, for a session's service)
+    and get this run's configuration, readable only by this process."""
+    session, service = workload.session, workload.service
     issued = cas.request_json("POST", "/v1/attestation/nonce",
                               {"session": session, "service": service})
     nonce = str(issued["nonce"])
     key = EphemeralKey()
-    evidence = evidence_for(report_data(nonce, key.public_der), str(issued.get("mode", "")))
+    evidence = evidence_for(report_data(nonce, key.public_der, workload),
+                            str(issued.get("mode", "")))
     answer = cas.request_json("POST", "/v1/attestation", {
         "session": session, "service": service, "nonce": nonce,
-        "public_key": key.public_b64url, "evidence": dict(evidence)})
+        "public_key": key.public_b64url, "workload": workload.measurement,
+        "evidence": dict(evidence)})
     released = key.open(str(answer["jwe"]))
     if (released.session, released.service) != (session, service):
         raise IntegrityError(f"the CAS released the configuration of {released.session}/"
                              f"{released.service}, not of {session}/{service}")
+    if released.workload != workload.measurement:
+        raise IntegrityError(f"the CAS released the configuration for workload "
+                             f"{released.workload}, not for {workload.measurement}, the "
+                             "image this runtime measured; running nothing")
     return released
 
 

@@ -18,6 +18,7 @@ from tdapp.policy.values import (
     U16,
     U64,
     AbsolutePath,
+    Flag,
     FspfKey,
     FspfTag,
     Hash,
@@ -108,18 +109,33 @@ class SnpFactors(Frozen):
 
 
 class AttestationVariant(Frozen):
-    """One way to pass attestation: all of its factors must hold."""
+    """One way to pass attestation: all of its factors must hold.
+
+    With ``tdx`` or ``snp`` (a confidential VM, which the hardware measures as a
+    whole) ``mrenclave`` names the workload: the tdapp image measurement the
+    runtime binds into the evidence. Such a variant must name one, or say
+    ``unsafe_any_workload: true``: then any program in that VM gets the keys.
+    """
 
     mrenclave: Measurements = ()
     signer: Signer | None = None
     tdx: TdxFactors | None = None
     snp: SnpFactors | None = None
+    unsafe_any_workload: Flag = False
 
     @model_validator(mode="after")
     def _has_a_factor(self) -> AttestationVariant:
         if not self.mrenclave and self.signer is None and self.tdx is None and self.snp is None:
             # An empty variant would admit any code at all.
             fail("an attestation variant needs mrenclave, signer, tdx or snp")
+        vm = self.tdx is not None or self.snp is not None
+        if vm and not self.mrenclave and not self.unsafe_any_workload:
+            fail("a tdx or snp variant pins the VM, not the program in it: name the "
+                 "workload (mrenclave: the tdapp image measurement, tdapp measure NAME "
+                 "prints it), or say unsafe_any_workload: true", "tdx" if self.tdx else "snp")
+        if self.unsafe_any_workload and (self.mrenclave or not vm):
+            fail("unsafe_any_workload applies only to a tdx or snp variant without "
+                 "mrenclave", "unsafe_any_workload")
         return self
 
 

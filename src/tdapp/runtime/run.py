@@ -1,7 +1,10 @@
 """``tdapp run``: one trusted run of a DApp, from encrypted inputs to a published output.
 
-Order matters and is the point of this module: fetch the bundle; measure the
-image that will run (not a label); attest and receive the configuration;
+Order matters and is the point of this module: copy the image into this run's
+own folder and measure the copy, which is what will run (not a label, and not
+the store's files, which the host could swap after the check); fetch the
+bundle; attest for that workload and receive the configuration, refusing one
+released for another workload;
 unpack only the session's volumes and open each against the tag the CAS holds
 (a rollback fails here); run the program sandboxed with the session's command,
 environment and working folder only, for at most the run's time limit;
@@ -27,9 +30,10 @@ from pathlib import Path
 from typing import Any, assert_never
 
 from tdapp.attest.attesters import choose_attester
+from tdapp.attest.binding import Workload
 from tdapp.attest.las import LasClient
 from tdapp.attest.release import ReleasedConfiguration
-from tdapp.builder import Image, load_image, measure_image
+from tdapp.builder import Image, hold_image
 from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
 from tdapp.client.key_release import obtain_configuration, report_tag
@@ -97,11 +101,12 @@ def run_dapp(request: RunRequest, log: Log) -> str:
     if not (math.isfinite(request.timeout) and request.timeout > 0):
         raise InputError(f"the run's time limit must be a positive number of seconds, got "
                          f"{request.timeout}")
-    image = load_image(request.image)
-    measurement = measure_image(image.path)
-    log(f"image {request.image}: measurement {measurement}")
     remove_abandoned()
     with ciphertext_folder() as root:
+        # Measured once, from a copy only this run uses: what runs is what the
+        # evidence binds, whatever happens to the image store meanwhile.
+        image, measurement = hold_image(request.image, root / "image")
+        log(f"image {request.image}: measurement {measurement}")
         bundle = root / "inputs.zip"
         download(request.url, bundle)
         las = LasClient(request.las)
@@ -114,7 +119,8 @@ def run_dapp(request: RunRequest, log: Log) -> str:
             return attester.evidence(data, measurement)
 
         released = obtain_configuration(
-            CasClient.connect(request.cas, anonymous=True), session, service, evidence)
+            CasClient.connect(request.cas, anonymous=True),
+            Workload(measurement, session, service), evidence)
         log(f"attested to {request.cas} ({released.mode} mode)")
         wanted = {volume.name for volume in released.volumes}
         volumes = unpack(bundle, root / "sealed", wanted)
