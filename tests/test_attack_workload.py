@@ -4,8 +4,10 @@ The attacker runs code the session did not name on a platform the session
 trusts: another image in an accepted confidential VM, the accepted image in
 another VM, a sim runtime that tells the LAS one measurement and binds
 another, or a host that swaps the image's files between the measurement and
-the run. Effects that must not happen: a configuration released, a session
-stored whose VM variant pins no program, a swapped file run.
+the run; and a CAS that releases a configuration meant for another image.
+Effects that must not happen: a configuration released, a session stored
+whose VM variant pins no program, a swapped file run, another image's
+configuration used.
 
 Hardware CVM evidence cannot be made here (its signature covers report_data),
 so the VM cases judge verified claims with the CAS's own checks
@@ -180,3 +182,35 @@ def test_files_swapped_after_the_measurement_are_not_run(
     # And a store that no longer gives its recorded measurement is not held at all.
     with pytest.raises(IntegrityError):
         hold_image("swap", tmp_path / "run2" / "image")
+
+
+class _CasReleasingAnotherWorkload:
+    """A CAS that answers every attestation with a configuration for another image."""
+
+    def request_json(self, method: str, path: str, body: dict[str, object],
+                     **_: object) -> dict[str, object]:
+        import base64
+
+        from cryptography.hazmat.primitives.serialization import load_der_public_key
+        from pydantic import SecretStr
+
+        from tdapp.attest.release import ReleasedConfiguration
+        from tdapp.cas.attestation import _encrypt_to
+
+        if path.endswith("/nonce"):
+            return {"nonce": "ab" * 40, "mode": "sim"}
+        raw = str(body["public_key"])
+        key = load_der_public_key(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        released = ReleasedConfiguration(
+            session=str(body["session"]), service=str(body["service"]), mode="sim",
+            workload=OTHER, command=("/evil",), environment={}, pwd="/", volumes=(),
+            injection_files=(), token=SecretStr("t"), expires_at=0)
+        return {"jwe": _encrypt_to(key, released)}  # type: ignore[arg-type]
+
+
+def test_a_configuration_released_for_another_workload_is_not_used() -> None:
+    from tdapp.client.key_release import obtain_configuration
+
+    with pytest.raises(IntegrityError, match=f"for workload {OTHER}, not for {MRENCLAVE}"):
+        obtain_configuration(_CasReleasingAnotherWorkload(),  # type: ignore[arg-type]
+                             Workload(MRENCLAVE, "s", "app"), lambda _data, _mode: {})

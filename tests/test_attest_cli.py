@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CliResult
+from conftest import CliResult, assert_error
 
 from tdapp.attest import DebugTolerated
 from tdapp.attest.snp import verify_report
@@ -89,3 +90,28 @@ def test_snp_sample_needs_the_debug_toleration() -> None:
 def test_a_quote_without_collateral_is_a_usage_error(cli: Cli) -> None:
     result = cli("attest", "verify", DCAP / "sgx_quote", "--tee", "sgx")
     assert result.code == ExitCode.USAGE and "--collateral" in result.err
+
+
+@pytest.mark.parametrize("pin", ["abc", "zz" * 32, "69d063b4" * 9])
+def test_a_malformed_pin_is_a_usage_error(cli: Cli, pin: str) -> None:
+    """Attack: a --pin-ark that is not a SHA-256 fingerprint. Effect that must not
+    happen: a traceback, or verification going on with the pin ignored."""
+    assert_error(cli(*snp("--pin-ark", pin)), ExitCode.USAGE, "is not a SHA-256 fingerprint")
+
+
+def test_pin_ark_is_for_snp_only(cli: Cli) -> None:
+    """Attack: --pin-ark given with a DCAP quote. Effect that must not happen: the option
+    silently ignored."""
+    assert_error(cli(*dcap("sgx_quote", "--pin-ark", "00" * 32)), ExitCode.USAGE, "--tee snp")
+
+
+def test_a_given_ark_must_still_match_a_pin(cli: Cli) -> None:
+    """Attack: a self-made root passed with --ark. Effect that must not happen: trust in
+    it without a pin; with the pin added, its chain is still checked (the ASK is not a
+    self-signed root)."""
+    ask = SNP / "milan_ask.der"
+    own_root = [ask if arg == SNP / "milan_ark.der" else arg for arg in snp()]
+    assert_error(cli(*own_root), ExitCode.REFUSED, "is not a pinned AMD root")
+    pin = hashlib.sha256(ask.read_bytes()).hexdigest()
+    assert_error(cli(*own_root, "--pin-ark", pin), ExitCode.REFUSED,
+                 "ARK certificate is not self-signed")

@@ -11,12 +11,13 @@ import base64
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tdapp.attest import EvidenceError, verifier_for
-from tdapp.attest.dcap import DcapVerifier, collateral_from_file, verify_quote
+from tdapp.attest.dcap import DcapVerifier, _claims, collateral_from_file, verify_quote
 
 DCAP = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dcap"
 SGX_AT, TDX_AT, OUTDATED_AT = 1750334171, 1750331763, 1772323200
@@ -152,3 +153,42 @@ def test_malformed_evidence_is_a_typed_refusal(evidence: dict[str, object],
                                                 fragment: str) -> None:
     with pytest.raises(EvidenceError, match=re.escape(fragment)):
         DcapVerifier("sgx").verify(evidence, at=SGX_AT)
+
+
+# What dcap-qvl returns for a verified TDX 1.0 body; TDX 1.5 nests it under "base".
+_TD10 = {"mr_td": "11" * 48, "mr_config_id": "00" * 48, "td_attributes": "01" + "00" * 7,
+         "report_data": "22" * 64, **{f"rt_mr{i}": f"{i}{i}" * 48 for i in range(4)}}
+
+
+def test_a_td15_body_is_read_like_a_td10_body_with_its_two_extra_registers() -> None:
+    """Attack: a v5 quote's body nested under TD15/base. Effect that must not happen: a
+    KeyError (a crash), or TD15's claims differing from the same body as TD10."""
+    td15 = {"base": _TD10, "tee_tcb_svn2": "0d" + "00" * 15, "mr_service_td": "33" * 48}
+    old = _claims({"status": "UpToDate", "report": {"TD10": _TD10}, "ppid": "ab"}, "tdx")
+    new = _claims({"status": "UpToDate", "report": {"TD15": td15}, "ppid": "ab"}, "tdx")
+    assert (new.measurement, new.report_data, new.debug) == ("11" * 48, b"\x22" * 64, True)
+    assert old == replace(new, values={key: value for key, value in new.values.items()
+                                       if key not in ("mrservicetd", "teetcbsvn2")})
+    assert new.values["mrservicetd"] == "33" * 48
+    assert new.values["teetcbsvn2"] == "0d" + "00" * 15
+
+
+@pytest.mark.parametrize(("report", "fragment"), [
+    ({"TD15": {**_TD10}}, "a TD15 report without its TD10 base"),
+    ({"TD15": {"base": {**_TD10, "mr_td": "11"}, "tee_tcb_svn2": "00" * 16,
+               "mr_service_td": "00" * 48}}, "mr_td is not 48 bytes of hex"),
+    ({"TD15": {"base": _TD10, "tee_tcb_svn2": "00" * 16}}, "mr_service_td is not 48 bytes"),
+    ({"TD10": {key: value for key, value in _TD10.items() if key != "report_data"}},
+     "report_data is not 64 bytes of hex"),
+    ({"TD15Ex": {"base": _TD10}}, "unknown report kind 'TD15Ex'"),
+    ({"SgxEnclave": {"mr_enclave": "00" * 32}}, "mr_signer is not 32 bytes"),
+    ({"SgxEnclave": {"mr_enclave": "00" * 32, "mr_signer": "00" * 32, "isv_prod_id": "0"}},
+     "isv_prod_id is not a 16-bit number"),
+])
+def test_an_unexpected_report_shape_is_an_evidence_error(report: dict[str, object],
+                                                          fragment: str) -> None:
+    """Attack: a dcap-qvl result of a shape tdapp does not know (another version of the
+    binding, another body type). Effect that must not happen: anything but an
+    EvidenceError naming the field (a KeyError or TypeError would crash the CLI)."""
+    with pytest.raises(EvidenceError, match=re.escape(fragment)):
+        _claims({"status": "UpToDate", "report": report}, None)

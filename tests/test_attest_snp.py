@@ -30,12 +30,15 @@ from cryptography.x509.oid import NameOID
 from tdapp.attest.claims import Claims, EvidenceError
 from tdapp.attest.snp import (
     MILAN_ARK_SHA256,
+    MILAN_GENOA_TCB,
     REPORT_SIZE,
     SnpVerifier,
     parse_report,
+    tcb_layout,
     tcb_parts,
     verify_report,
 )
+from tdapp.attest.snp import TURIN_TCB as TURIN_TCB_LAYOUT
 from tdapp.errors import RefusedError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "snp"
@@ -47,7 +50,8 @@ pytestmark = [
 ]
 
 AMD_OID = "1.3.6.1.4.1.3704.1"
-TCB_OIDS = {"blSPL": "3.1", "teeSPL": "3.2", "snpSPL": "3.3", "ucodeSPL": "3.8"}
+TCB_OIDS = {"blSPL": "3.1", "teeSPL": "3.2", "snpSPL": "3.3", "ucodeSPL": "3.8",
+            "fmcSPL": "3.9"}
 SAMPLE_TCB = {"blSPL": 2, "teeSPL": 0, "snpSPL": 5, "ucodeSPL": 0x44}
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 DAY = timedelta(days=1)
@@ -155,6 +159,8 @@ TAIL_OFFSETS = [0x330, 0x400, REPORT_SIZE - 1]
 
 
 def _expected_reason(offset: int) -> str:
+    if offset < 4:  # version 2 → 3 or more: such a report must name its CPU family
+        return "CPU family 0x0, whose TCB layout is not known"
     if 0x180 <= offset < 0x188:
         return "reported_tcb"
     if 0x1A0 <= offset < 0x1E0:
@@ -469,8 +475,10 @@ def test_expired_ask_is_named(fake: Fake) -> None:
 @pytest.mark.parametrize(("fields", "match"), [
     ({"u32_at_00": 1}, "version 1 is not supported"),
     ({"u32_at_34": 2}, "signature algorithm is 2"),
-    ({"u32_at_48": 1 << 2}, "signed by key kind 1"),
-    ({"u32_at_00": 3, "u8_at_188": 0x1A}, "CPU family 0x1a"),
+    ({"u32_at_48": 1 << 2}, "signed by key kind 1, a VLEK: only VCEK-signed reports"),
+    ({"u32_at_48": 7 << 2}, "signed by key kind 7, not a VCEK"),
+    ({"u32_at_00": 3, "u8_at_188": 0x1B}, "CPU family 0x1b, whose TCB layout is not known"),
+    ({"u32_at_00": 3, "u8_at_188": 0x17}, "CPU family 0x17"),
 ])
 def test_unsupported_report_forms_are_refused(fake: Fake, fields: dict[str, int],
                                               match: str) -> None:
@@ -479,6 +487,59 @@ def test_unsupported_report_forms_are_refused(fake: Fake, fields: dict[str, int]
 
 def test_version_3_from_genoa_is_accepted(fake: Fake) -> None:
     fake.verify(report=fake.signed(fake.report, u32_at_00=3, u8_at_188=0x19))
+
+
+# Turin's TCB_VERSION: FMC, bootloader, TEE, SNP in bytes 0-3, microcode in byte 7.
+TURIN_TCB = {"fmcSPL": 1, "blSPL": 2, "teeSPL": 3, "snpSPL": 4, "ucodeSPL": 0x50}
+TURIN_TCB_U64 = 0x50 << 56 | 4 << 24 | 3 << 16 | 2 << 8 | 1
+
+
+def turin_report(fake: Fake, tcb: int = TURIN_TCB_U64) -> bytes:
+    return fake.signed(fake.report, u32_at_00=3, u8_at_188=0x1A, u64_at_180=tcb)
+
+
+def test_turin_report_is_read_in_turins_tcb_layout(fake: Fake) -> None:
+    """A family 1Ah report's TCB must be read with the FMC SPL first: read in Milan's
+    layout its SVNs would be matched against the wrong VCEK extensions."""
+    report = turin_report(fake)
+    assert tcb_parts(TURIN_TCB_U64, TURIN_TCB_LAYOUT) == TURIN_TCB
+    assert tcb_layout(parse_report(report)) is TURIN_TCB_LAYOUT
+    claims = fake.verify(report=report, vcek=fake.vcek(
+        extensions=vcek_extensions(TURIN_TCB, hwid=CHIP_ID[:8])))
+    assert claims.values["reported_tcb"] == "5000000004030201"
+
+
+@pytest.mark.parametrize(("tcb", "hwid", "match"), [
+    (SAMPLE_TCB, CHIP_ID[:8], "VCEK certificate has no fmcSPL extension"),
+    ({**TURIN_TCB, "snpSPL": 5}, CHIP_ID[:8],
+     "reported_tcb snpSPL is 4, but the VCEK is issued for snpSPL 5"),
+    ({**TURIN_TCB, "fmcSPL": 0}, CHIP_ID[:8],
+     "reported_tcb fmcSPL is 1, but the VCEK is issued for fmcSPL 0"),
+    (TURIN_TCB, CHIP_ID, r"hwID extension must hold 8 bytes, got 64 \(Turin layout\)"),
+    (TURIN_TCB, b"\xff" + CHIP_ID[1:8], "differs from the VCEK's hwID ff01"),
+], ids=["milan-vcek", "other-snp-spl", "other-fmc-spl", "64-byte-hwid", "other-chip"])
+def test_turin_report_with_a_vcek_for_another_tcb_or_chip_is_refused(
+        fake: Fake, tcb: Mapping[str, int], hwid: bytes, match: str) -> None:
+    """A Milan-style VCEK (no FMC SPL, 64-byte hwID), or one for another Turin TCB or
+    chip, must not vouch for a Turin report."""
+    extensions = vcek_extensions(tcb, hwid=hwid)
+    if "fmcSPL" not in tcb:
+        extensions = [ext for ext in extensions if ext.oid.dotted_string != f"{AMD_OID}.3.9"]
+    fake.refused(match, report=turin_report(fake), vcek=fake.vcek(extensions=extensions))
+
+
+def test_turin_reserved_tcb_bytes_must_be_zero(fake: Fake) -> None:
+    """Bytes 4-6 of Turin's TCB_VERSION are reserved: a report setting them is refused
+    even by a VCEK whose SPLs all match."""
+    fake.refused("non-zero reserved bytes", report=turin_report(fake, TURIN_TCB_U64 | 1 << 40),
+                 vcek=fake.vcek(extensions=vcek_extensions(TURIN_TCB, hwid=CHIP_ID[:8])))
+
+
+def test_genoa_report_is_read_in_the_milan_layout(fake: Fake) -> None:
+    """Genoa (family 19h, like Milan) keeps Milan's TCB layout; a version 2 report has no
+    CPUID fields and is read the same way."""
+    genoa = parse_report(fake.signed(fake.report, u32_at_00=3, u8_at_188=0x19, u8_at_189=0x11))
+    assert tcb_layout(genoa) is MILAN_GENOA_TCB is tcb_layout(parse_report(fake.report))
 
 
 def test_random_reports_are_refused_with_evidence_error(sample: Sample) -> None:

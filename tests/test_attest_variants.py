@@ -18,6 +18,7 @@ from tdapp.attest.dcap import verify_quote
 from tdapp.cas.judging import _variants
 from tdapp.policy import SessionError, parse_session
 
+WORKLOAD = "c0" * 32  # the tdapp image a confidential VM's runtime says it runs
 DCAP = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dcap"
 pytestmark = pytest.mark.skipif(not DCAP.is_dir(), reason="../shared/testdata/dcap is missing")
 
@@ -43,34 +44,38 @@ def service(attestation: Any) -> Any:
 def test_tdx_factors(tdx: Claims) -> None:
     values = tdx.values
     exact = {"tdx": {"mrtd": values["mrtd"], "rtmr0": values["rtmr0"],
-                     "rtmr1": str(values["rtmr1"]).upper(), "mrconfigid": "0" * 96}}
-    assert _variants(service(exact)).verify(tdx).ok
-    wrong = {"tdx": {"mrtd": values["mrtd"], "rtmr2": "ab" * 48}}
-    verdict = _variants(service(wrong)).verify(tdx)
+                     "rtmr1": str(values["rtmr1"]).upper(), "mrconfigid": "0" * 96},
+             "mrenclave": [WORKLOAD]}
+    assert _variants(service(exact), WORKLOAD).verify(tdx).ok
+    wrong = {"tdx": {"mrtd": values["mrtd"], "rtmr2": "ab" * 48}, "mrenclave": [WORKLOAD]}
+    verdict = _variants(service(wrong), WORKLOAD).verify(tdx)
     assert not verdict.ok and verdict.reason.startswith("tdx rtmr2 d833feef")
     assert "is not the session's (expected abab" in verdict.reason
 
 
 def test_a_variant_of_another_tee_does_not_match(tdx: Claims, sgx: Claims) -> None:
     sgx_only = service({"mrenclave": [sgx.measurement]})
-    verdict = _variants(sgx_only).verify(tdx)
+    verdict = _variants(sgx_only, WORKLOAD).verify(tdx)
     assert not verdict.ok and "is not one of the session's mrenclaves" in verdict.reason
-    tdx_only = service({"tdx": {"mrtd": [tdx.measurement]}})
-    verdict = _variants(tdx_only).verify(sgx)
+    tdx_only = service({"tdx": {"mrtd": [tdx.measurement]}, "mrenclave": [WORKLOAD]})
+    verdict = _variants(tdx_only, WORKLOAD).verify(sgx)
     assert not verdict.ok and verdict.reason == "sgx evidence does not match a tdx attestation " \
         "variant"
-    either = service([{"mrenclave": [sgx.measurement]}, {"tdx": {"mrtd": [tdx.measurement]}}])
-    assert _variants(either).verify(tdx).ok and _variants(either).verify(sgx).ok
+    either = service([{"mrenclave": [sgx.measurement]},
+                      {"tdx": {"mrtd": [tdx.measurement]}, "mrenclave": [WORKLOAD]}])
+    assert _variants(either, WORKLOAD).verify(tdx).ok
+    assert _variants(either, WORKLOAD).verify(sgx).ok
 
 
 def test_sgx_signer_factor(sgx: Claims) -> None:
     signer = str(sgx.values["mrsigner"])
     assert _variants(service({"signer": {"mrsigner": signer, "isvprodid": 0,
-                                         "isvsvn_min": 0}})).verify(sgx).ok
+                                         "isvsvn_min": 0}}), WORKLOAD).verify(sgx).ok
     verdict = _variants(service({"signer": {"mrsigner": signer, "isvprodid": 0,
-                                            "isvsvn_min": 1}})).verify(sgx)
+                                            "isvsvn_min": 1}}), WORKLOAD).verify(sgx)
     assert not verdict.ok and verdict.reason == "isvsvn 0 is below the session's minimum 1"
-    verdict = _variants(service({"signer": {"mrsigner": "00" * 32, "isvprodid": 0}})).verify(sgx)
+    verdict = _variants(service({"signer": {"mrsigner": "00" * 32, "isvprodid": 0}}),
+                        WORKLOAD).verify(sgx)
     assert not verdict.ok and verdict.reason.startswith("mrsigner 815f42f1")
 
 

@@ -1,11 +1,13 @@
 """AMD SEV-SNP evidence: the ATTESTATION_REPORT layout and its verification up to a pinned root.
 
-Owns the report layout (SEV-SNP ABI; the Milan/Genoa TCB_VERSION format) and
-the check of the chain ARK → ASK → VCEK → report. Claims are returned only
-after all of: the ARK's SHA-256 is pinned and the ARK signs itself; ARK → ASK
-→ VCEK are each signed with RSASSA-PSS/SHA-384 (salt 48) and valid at ``at``;
-the report is signed by the VCEK's P-384 key; the report's ``reported_tcb``
-and ``chip_id`` are those the VCEK was issued for.
+Owns the report layout (SEV-SNP ABI; the TCB_VERSION format of each generation:
+Milan and Genoa share one, Turin adds an FMC SPL and moves the others) and the
+check of the chain ARK → ASK → VCEK → report. Claims are returned only after
+all of: the ARK's SHA-256 is pinned and the ARK signs itself; ARK → ASK → VCEK
+are each signed with RSASSA-PSS/SHA-384 (salt 48) and valid at ``at``; the
+report is signed by the VCEK's P-384 key; the report's ``reported_tcb`` and
+``chip_id`` are those the VCEK was issued for, read in the layout of the
+generation the report names (CPUID family, report version 3 and later).
 
 It must never trust a certificate that does not chain to a pinned ARK, never
 judge the claims (debug, measurement, TCB level are for the policies), never
@@ -39,13 +41,19 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 from tdapp.attest.claims import Claims, EvidenceError, Tee, base64_field
 
 TEE = Tee.SNP
+# SHA-256 over the DER of AMD's self-signed root keys (KDS cert_chain of each product line).
 MILAN_ARK_SHA256 = "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd"
+GENOA_ARK_SHA256 = "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1"
+# Turin's ARK is not pinned: no Turin ARK was at hand to check against its ASK's signature.
+# An operator who has fetched and checked it adds its fingerprint (--pin-ark).
+AMD_ARK_SHA256S = (MILAN_ARK_SHA256, GENOA_ARK_SHA256)
 REPORT_SIZE = 1184
 SIGNED_SIZE = 0x2A0  # the signature covers bytes 0x000-0x29F
 SIGNATURE_R, SIGNATURE_S, SIGNATURE_PART_SIZE, SIGNATURE_END = 0x2A0, 0x2E8, 72, 0x330
 ECDSA_P384_SHA384 = 1
 DEBUG_POLICY_BIT = 1 << 19
 SIGNING_KEY_VCEK = 0
+SIGNING_KEY_VLEK = 1
 EVIDENCE_FIELDS = frozenset({"tee", "report", "vcek", "ask", "ark"})
 CERTIFICATES = ("vcek", "ask", "ark")
 # Far above AMD's certificates (< 2 KiB): bounds the work done on unverified input.
@@ -55,12 +63,32 @@ _REPORT_CHARS = 4 * math.ceil(REPORT_SIZE / 3)
 # (as well as with those a certificate declares) refuses any other hash, MGF or salt length.
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 _AMD_OID = "1.3.6.1.4.1.3704.1"
-# (VCEK extension name, OID under _AMD_OID, byte of the Milan/Genoa TCB_VERSION u64)
-TCB_PARTS = (("blSPL", "3.1", 0), ("teeSPL", "3.2", 1), ("snpSPL", "3.3", 6),
-             ("ucodeSPL", "3.8", 7))
 _HWID_OID = f"{_AMD_OID}.4"
-_TURIN_FAMILY = 0x1A  # Turin and later put an FMC SPL in the TCB: another layout
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class TcbLayout:
+    """How one generation packs its SPLs into the TCB_VERSION u64, and its VCEK's hwID size.
+
+    ``parts``: (VCEK extension name, OID under AMD's arc, byte of the u64); every
+    other byte is reserved and must be zero.
+    """
+
+    name: str
+    parts: tuple[tuple[str, str, int], ...]
+    hwid_size: int
+
+
+MILAN_GENOA_TCB = TcbLayout("Milan/Genoa", (("blSPL", "3.1", 0), ("teeSPL", "3.2", 1),
+                                            ("snpSPL", "3.3", 6), ("ucodeSPL", "3.8", 7)), 64)
+# Turin (family 1Ah): FMC SPL in byte 0, the others moved down; its VCEK's hwID is the
+# first 8 bytes of CHIP_ID.
+TURIN_TCB = TcbLayout("Turin", (("fmcSPL", "3.9", 0), ("blSPL", "3.1", 1), ("teeSPL", "3.2", 2),
+                                ("snpSPL", "3.3", 3), ("ucodeSPL", "3.8", 7)), 8)
+TCB_PARTS = MILAN_GENOA_TCB.parts
+_MILAN_GENOA_FAMILY = 0x19  # Zen 3 (Milan) and Zen 4 (Genoa, Bergamo, Siena)
+_TURIN_FAMILY = 0x1A  # Zen 5 (Turin)
 
 
 @dataclass(frozen=True)
@@ -110,9 +138,24 @@ class SnpReport:
         return (self.flags >> 2) & 0b111
 
 
-def tcb_parts(tcb: int) -> dict[str, int]:
-    """The SVNs of a Milan/Genoa TCB_VERSION, named as in the VCEK's extensions."""
-    return {name: (tcb >> (8 * byte)) & 0xFF for name, _, byte in TCB_PARTS}
+def tcb_parts(tcb: int, layout: TcbLayout = MILAN_GENOA_TCB) -> dict[str, int]:
+    """The SVNs of a TCB_VERSION in ``layout``, named as in the VCEK's extensions."""
+    return {name: (tcb >> (8 * byte)) & 0xFF for name, _, byte in layout.parts}
+
+
+def tcb_layout(report: SnpReport) -> TcbLayout:
+    """The TCB_VERSION layout of the generation ``report`` comes from.
+
+    Reports before version 3 carry no CPUID fields; they come from firmware older
+    than any Turin firmware, so they are Milan or Genoa. EvidenceError for a
+    family whose layout is not known.
+    """
+    if report.version < 3 or report.cpuid_family == _MILAN_GENOA_FAMILY:
+        return MILAN_GENOA_TCB
+    if report.cpuid_family == _TURIN_FAMILY:
+        return TURIN_TCB
+    _fail(f"SNP report is from CPU family 0x{report.cpuid_family:x}, whose TCB layout is not "
+          f"known (0x{_MILAN_GENOA_FAMILY:x}: Milan and Genoa, 0x{_TURIN_FAMILY:x}: Turin)")
 
 
 def parse_report(report: bytes) -> SnpReport:
@@ -154,7 +197,7 @@ def parse_report(report: bytes) -> SnpReport:
 
 
 def verify_report(report: bytes, *, vcek: bytes, ask: bytes, ark: bytes, at: float,
-                  pinned_arks: Collection[str] = (MILAN_ARK_SHA256,)) -> Claims:
+                  pinned_arks: Collection[str] = AMD_ARK_SHA256S) -> Claims:
     """The Claims of ``report`` checked through ``vcek`` → ``ask`` → ``ark`` (DER) at ``at``.
 
     Raises EvidenceError (one line naming what failed) on anything wrong;
@@ -164,10 +207,11 @@ def verify_report(report: bytes, *, vcek: bytes, ask: bytes, ark: bytes, at: flo
     when = _instant(at)
     parsed = parse_report(report)
     _check_form(parsed)
+    layout = tcb_layout(parsed)
     vcek_cert = _verify_chain(vcek=vcek, ask=ask, ark=ark, when=when, pins=pins)
     # Binding before the signature so that a VCEK for another chip or TCB gets a precise
     # reason, not just "bad signature"; nothing is returned until the signature passes.
-    _check_binding(parsed, vcek_cert)
+    _check_binding(parsed, vcek_cert, layout)
     _check_signature(parsed, bytes(report), vcek_cert)
     values: dict[str, str | int] = {
         "measurement": parsed.measurement.hex(), "host_data": parsed.host_data.hex(),
@@ -192,7 +236,7 @@ class SnpVerifier:
 
     tee = TEE
 
-    def __init__(self, *, pinned_arks: Collection[str] = (MILAN_ARK_SHA256,),
+    def __init__(self, *, pinned_arks: Collection[str] = AMD_ARK_SHA256S,
                  certificates: Mapping[str, bytes] | None = None) -> None:
         self.pinned_arks = normalize_pins(pinned_arks)
         configured = dict(certificates or {})
@@ -246,12 +290,15 @@ def _check_form(report: SnpReport) -> None:
     if report.signature_algo != ECDSA_P384_SHA384:
         _fail(f"SNP report signature algorithm is {report.signature_algo}, only "
               f"{ECDSA_P384_SHA384} (ECDSA P-384 with SHA-384) is supported")
+    if report.signing_key == SIGNING_KEY_VLEK:
+        # A VLEK chains ARK → ASVK → VLEK, and AMD issues it to a cloud provider, not a
+        # chip: no ASVK is pinned or checked here, so such a report cannot be verified.
+        _fail(f"SNP report is signed by key kind {SIGNING_KEY_VLEK}, a VLEK: only "
+              "VCEK-signed reports are supported (the VLEK chain ARK → ASVK → VLEK is "
+              "not checked)")
     if report.signing_key != SIGNING_KEY_VCEK:
-        _fail(f"SNP report is signed by key kind {report.signing_key} (1 is a VLEK), "
-              "only VCEK-signed reports are supported")
-    if report.version >= 3 and report.cpuid_family >= _TURIN_FAMILY:
-        _fail(f"SNP report is from CPU family 0x{report.cpuid_family:x}, whose TCB layout "
-              "is not supported (Milan and Genoa only)")
+        _fail(f"SNP report is signed by key kind {report.signing_key}, not a VCEK: only "
+              "VCEK-signed reports are supported")
     # Not signed: if these could vary, one genuine report would have many encodings.
     if any(report.signature_reserved):
         _fail("SNP report has non-zero reserved bytes after its signature")
@@ -344,15 +391,15 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _check_binding(report: SnpReport, vcek: x509.Certificate) -> None:
+def _check_binding(report: SnpReport, vcek: x509.Certificate, layout: TcbLayout) -> None:
     """The VCEK is issued for one chip at one TCB: the report must name exactly those."""
     try:
         extensions = {ext.oid.dotted_string: ext.value for ext in vcek.extensions}
     except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType, ValueError, TypeError):
         _fail("VCEK certificate has malformed extensions")
-    reported = tcb_parts(report.reported_tcb)
+    reported = tcb_parts(report.reported_tcb, layout)
     issued_tcb = 0
-    for name, oid, byte in TCB_PARTS:
+    for name, oid, byte in layout.parts:
         value = _der_byte_integer(name, _extension_bytes(extensions, f"{_AMD_OID}.{oid}", name))
         if reported[name] != value:
             _fail(f"SNP report's reported_tcb {name} is {reported[name]}, but the VCEK is "
@@ -362,12 +409,16 @@ def _check_binding(report: SnpReport, vcek: x509.Certificate) -> None:
         _fail(f"SNP report's reported_tcb {report.reported_tcb:016x} has non-zero reserved "
               f"bytes (the VCEK is issued for {issued_tcb:016x})")
     hwid = _extension_bytes(extensions, _HWID_OID, "hwID")
-    # KDS puts the 64 raw bytes in the extension; accept them wrapped in an OCTET STRING too.
-    if len(hwid) == 66 and hwid[:2] == b"\x04\x40":
+    # KDS puts the raw bytes in the extension; accept them wrapped in an OCTET STRING too.
+    size = layout.hwid_size
+    if len(hwid) == size + 2 and hwid[:2] == bytes((0x04, size)):
         hwid = hwid[2:]
-    if len(hwid) != 64:
-        _fail(f"VCEK hwID extension must hold 64 bytes, got {len(hwid)}")
-    if hwid != report.chip_id:
+    if len(hwid) != size:
+        _fail(f"VCEK hwID extension must hold {size} bytes, got {len(hwid)} "
+              f"({layout.name} layout)")
+    # A Turin VCEK names the chip by the first 8 bytes of CHIP_ID; the report's signature
+    # covers the rest.
+    if hwid != report.chip_id[:size]:
         _fail(f"SNP report's chip_id {report.chip_id[:8].hex()}… differs from the VCEK's "
               f"hwID {hwid[:8].hex()}…")
 

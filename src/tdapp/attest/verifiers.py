@@ -25,7 +25,7 @@ from tdapp.attest import sim
 from tdapp.attest.claims import TEE_KINDS, Claims, EvidenceError, Tee, base64_field
 from tdapp.attest.dcap import TEES as DCAP_TEES
 from tdapp.attest.dcap import CollateralSource, DcapVerifier
-from tdapp.attest.snp import MILAN_ARK_SHA256, SnpVerifier
+from tdapp.attest.snp import AMD_ARK_SHA256S, SnpVerifier
 from tdapp.attest.snp import TEE as SNP_TEE
 from tdapp.core.canonical import canonical_json
 
@@ -50,12 +50,12 @@ class VerifierSettings:
 
     ``collateral``: where DCAP collateral comes from when the evidence carries none
     (a cache file or a PCCS). ``snp_pinned_arks``: SHA-256 fingerprints of the AMD
-    root keys trusted. ``snp_certificates``: configured ``ark``/``ask``/``vcek``
-    DER certificates, used when the evidence carries none.
+    root keys trusted (by default AMD's Milan and Genoa ARKs). ``snp_certificates``:
+    configured ``ark``/``ask``/``vcek`` DER certificates, used when the evidence carries none.
     """
 
     collateral: CollateralSource | None = None
-    snp_pinned_arks: tuple[str, ...] = (MILAN_ARK_SHA256,)
+    snp_pinned_arks: tuple[str, ...] = AMD_ARK_SHA256S
     snp_certificates: Mapping[str, bytes] = field(default_factory=dict)
 
 

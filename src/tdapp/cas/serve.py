@@ -17,7 +17,7 @@ from aiohttp import web
 
 from tdapp.attest import VerifierSettings
 from tdapp.attest.dcap import collateral_from_file, collateral_from_pccs
-from tdapp.attest.snp import MILAN_ARK_SHA256
+from tdapp.attest.snp import AMD_ARK_SHA256S
 from tdapp.cas.attestation import AttestationAuthority
 from tdapp.cas.materials import CasMaterials
 from tdapp.cas.metrics import CasMetrics
@@ -51,7 +51,7 @@ class HardwareOptions:
                       else collateral_from_pccs(self.pccs) if self.pccs else None)
         certificates = {name: _read(path) for name, path in
                         (("ark", self.snp_ark), ("ask", self.snp_ask)) if path is not None}
-        pins: tuple[str, ...] = (MILAN_ARK_SHA256,)
+        pins: tuple[str, ...] = AMD_ARK_SHA256S
         if "ark" in certificates:
             # An operator who names an ARK file trusts it: pin exactly that root.
             pins = (hashlib.sha256(certificates["ark"]).hexdigest(),)

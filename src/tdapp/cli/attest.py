@@ -32,12 +32,17 @@ def attest() -> None:
 @click.option("--vcek", type=_FILE, default=None, help="SNP: the chip's VCEK certificate (DER).")
 @click.option("--ask", type=_FILE, default=None, help="SNP: AMD's ASK certificate (DER).")
 @click.option("--ark", type=_FILE, default=None,
-              help="SNP: AMD's ARK certificate (DER); it must match a pinned root.")
+              help="SNP: AMD's ARK certificate (DER); it must match a pinned root (built in: "
+                   "Milan and Genoa; --pin-ark adds one).")
+@click.option("--pin-ark", "pin_arks", multiple=True, metavar="SHA256",
+              help="SNP: also trust the AMD root whose DER has this SHA-256 (64 hex digits), "
+                   "e.g. Turin's, after checking it yourself. Repeatable.")
 @click.option("--at", "at", type=float, default=None, metavar="UNIX_TIME",
               help="Verify as of this time (default: now).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path | None,
-           ask: Path | None, ark: Path | None, at: float | None, as_json: bool) -> None:
+           ask: Path | None, ark: Path | None, pin_arks: tuple[str, ...], at: float | None,
+           as_json: bool) -> None:
     """Verify EVIDENCE_FILE cryptographically and print its claims and TCB status.
 
     Exits 0 only when the evidence is genuine and its chain valid at the time;
@@ -46,7 +51,7 @@ def verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path | 
     """
     when = time.time() if at is None else at
     try:
-        claims = _verify(evidence_file, tee, collateral, vcek, ask, ark, when)
+        claims = _verify(evidence_file, tee, collateral, vcek, ask, ark, pin_arks, when)
     except EvidenceError as error:
         if as_json:
             # The refusal as services word theirs: a kind and a one-line reason.
@@ -65,17 +70,21 @@ def verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path | 
 
 
 def _verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path | None,
-            ask: Path | None, ark: Path | None, at: float) -> Claims:
+            ask: Path | None, ark: Path | None, pin_arks: tuple[str, ...],
+            at: float) -> Claims:
     raw = evidence_file.read_bytes()
     if tee == "snp":
-        from tdapp.attest.snp import SnpVerifier
+        from tdapp.attest.snp import AMD_ARK_SHA256S, SnpVerifier
 
         certificates = {name: path.read_bytes() for name, path in
                         (("vcek", vcek), ("ask", ask), ("ark", ark)) if path is not None}
         evidence = _document_or(raw, tee, {"tee": "snp", "report": _b64(raw)})
-        return SnpVerifier(certificates=certificates).verify(evidence, at=at)
-    if vcek or ask or ark:
-        raise UsageError("--vcek, --ask and --ark are for --tee snp")
+        # A given --ark only supplies the certificate: trust still comes from a pin, and a
+        # pin the operator adds is added to AMD's, never in place of them.
+        pins = (*AMD_ARK_SHA256S, *(_pin(value) for value in pin_arks))
+        return SnpVerifier(pinned_arks=pins, certificates=certificates).verify(evidence, at=at)
+    if vcek or ask or ark or pin_arks:
+        raise UsageError("--vcek, --ask, --ark and --pin-ark are for --tee snp")
     from tdapp.attest.dcap import DcapVerifier, collateral_from_file
 
     evidence = _document_or(raw, tee, {"tee": tee, "quote": _b64(raw)})
@@ -108,6 +117,13 @@ def _document(claims: Claims, at: float) -> dict[str, Any]:
         "at": datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "claims": dict(claims.values),
     }
+
+
+def _pin(value: str) -> str:
+    pin = value.strip().lower()
+    if len(pin) != 64 or not all(char in "0123456789abcdef" for char in pin):
+        raise UsageError(f"--pin-ark {value[:80]!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return pin
 
 
 def _b64(raw: bytes) -> str:

@@ -49,8 +49,8 @@ def cas() -> None:
 @click.option("--pccs", metavar="URL", default=None,
               help="Fetch DCAP collateral from this PCCS when a quote carries none.")
 @click.option("--snp-ark", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              default=None, help="Trust this AMD root key (DER) instead of the built-in Milan "
-                                 "ARK pin.")
+              default=None, help="Trust exactly this root key (DER) for SEV-SNP, instead of "
+                                 "the built-in AMD Milan and Genoa ARK pins.")
 @click.option("--snp-ask", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               default=None, help="AMD ASK (DER) for SEV-SNP reports that carry none.")
 @click.option("--verify-at", type=float, default=None, metavar="UNIX_TIME",
