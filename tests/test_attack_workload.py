@@ -214,3 +214,86 @@ def test_a_configuration_released_for_another_workload_is_not_used() -> None:
     with pytest.raises(IntegrityError, match=f"for workload {OTHER}, not for {MRENCLAVE}"):
         obtain_configuration(_CasReleasingAnotherWorkload(),  # type: ignore[arg-type]
                              Workload(MRENCLAVE, "s", "app"), lambda _data, _mode: {})
+
+
+# -- RTMR3: the workloads a TDX guest measured, replayed against its quote ---------------
+
+DCAP = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dcap"
+
+
+def test_the_event_format_is_fixed() -> None:
+    import hashlib
+
+    from tdapp.attest.eventlog import replay, workload_event
+
+    event = workload_event(Workload("ab" * 32, "demo", "application"))
+    assert event.line() == ('tdapp.dev workload {"measurement":"' + "ab" * 32
+                            + '","service":"application","session":"demo"}')
+    digest = hashlib.sha384(event.line().encode()).digest()
+    assert replay([event]) == hashlib.sha384(bytes(48) + digest).digest()
+    assert replay([]) == bytes(48)
+
+
+@pytest.mark.parametrize("line", ["tdapp.dev  workload x", "tdapp.dev workload a\tb", "one",
+                                  "tdapp.dev workload \u200ex"])
+def test_a_malformed_event_line_is_refused(line: str) -> None:
+    from tdapp.attest.eventlog import EventLogError, parse_log
+
+    with pytest.raises(EventLogError):
+        parse_log([line])
+
+
+@pytest.mark.skipif(not DCAP.is_dir(), reason="../shared/testdata/dcap is missing")
+def test_a_log_that_does_not_replay_to_the_quotes_rtmr3_is_refused() -> None:
+    import base64
+
+    from tdapp.attest import EvidenceError
+    from tdapp.attest.dcap import DcapVerifier, collateral_from_file
+    from tdapp.attest.eventlog import workload_event
+
+    quote = base64.b64encode((DCAP / "tdx_quote").read_bytes()).decode()
+    verifier = DcapVerifier("tdx", collateral=collateral_from_file(
+        DCAP / "tdx_quote_collateral.json"))
+    at = 1750331763
+    # This real quote's RTMR3 is all zeros: an empty log replays to it ...
+    claims = verifier.verify({"tee": "tdx", "quote": quote, "event_log": []}, at=at)
+    assert claims.runtime_events == ()
+    # ... and a log claiming a workload was measured does not.
+    line = workload_event(Workload(MRENCLAVE, "s", "app")).line()
+    with pytest.raises(EvidenceError, match="does not replay to the quote's RTMR3"):
+        verifier.verify({"tee": "tdx", "quote": quote, "event_log": [line]}, at=at)
+    with pytest.raises(EvidenceError, match="event_log"):
+        verifier.verify({"tee": "tdx", "quote": quote, "event_log": "not a list"}, at=at)
+
+
+def logged_claims(*workloads: Workload) -> Claims:
+    from dataclasses import replace
+
+    from tdapp.attest.eventlog import workload_event
+
+    bound = Workload(MRENCLAVE, "cvm", "app")
+    return replace(tdx_claims(MRTD, bound),
+                   runtime_events=tuple(workload_event(w).line() for w in workloads))
+
+
+def first_refusal(claims: Claims) -> str | None:
+    session = parse_session(PINNED)
+    service = session.service("app")
+    assert service is not None
+    for label, policy in checks_for(session, service, AttestationMode.HARDWARE, NONCE, KEY,
+                                    Workload(MRENCLAVE, "cvm", "app"), claims.tee,
+                                    runtime_events=bool(claims.runtime_events)):
+        verdict = policy.verify(claims)
+        if not verdict.ok:
+            return f"{label}: {verdict.reason}"
+    return None
+
+
+def test_rtmr3_must_name_the_bound_workload_last() -> None:
+    ours, theirs = Workload(MRENCLAVE, "cvm", "app"), Workload(OTHER, "cvm", "app")
+    assert first_refusal(logged_claims(theirs, ours)) is None
+    # The VM's last measured workload is another image: the bound one did not start here.
+    refusal = first_refusal(logged_claims(ours, theirs))
+    assert refusal is not None and refusal.startswith("rtmr3: RTMR3's last workload is " + OTHER)
+    refusal = first_refusal(logged_claims(Workload(MRENCLAVE, "other-session", "app")))
+    assert refusal is not None and refusal.startswith("rtmr3: ")

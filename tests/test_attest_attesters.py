@@ -12,6 +12,7 @@ are plain files here, which is all they look like from inside.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import struct
 import time
@@ -82,6 +83,11 @@ class FakeConfigfs(_Fs):
             (path / "auxblob").write_bytes(self.auxblob)
 
     def write(self, path: Path, data: bytes) -> None:
+        if path.name == "rtmr3:sha384":
+            # The kernel's measurement interface extends; it never sets.
+            assert len(data) == 48, "an RTMR extension is one SHA-384 digest"
+            path.write_bytes(hashlib.sha384(path.read_bytes() + data).digest())
+            return
         super().write(path, data)
         if path.name == "inblob":
             self.inblob_writes += 1
@@ -463,3 +469,37 @@ def test_tsm_folder_not_writable(tmp_path: Path) -> None:
     assert probe_hardware(**roots(tmp_path)) is None
     with pytest.raises(UnavailableError, match="is not writable by this user"):
         choose_attester("tsm", las=None, **roots(tmp_path))
+
+
+# --- tsm on TDX: the workload extended into RTMR3 and logged --------------------------------
+
+def test_tdx_guest_extends_rtmr3_with_the_workload_and_logs_it(tmp_path: Path) -> None:
+    from tdapp.attest.eventlog import parse_log, replay, workload_event
+
+    measurements = tmp_path / "measurements"
+    measurements.mkdir()
+    (measurements / "rtmr3:sha384").write_bytes(bytes(48))
+    root = tmp_path / "report"
+    root.mkdir()
+    attester = TsmAttester(root, measurements=measurements, event_log=tmp_path / "run" / "log")
+    attester._fs = FakeConfigfs("tdx_guest")
+    first, second = (Workload(m * 32, "s", "app") for m in ("c0", "d1"))
+    evidence = attester.evidence(DATA, MEASUREMENT, workload=first)
+    assert evidence["event_log"] == [workload_event(first).line()]
+    evidence = attester.evidence(DATA, MEASUREMENT, workload=second)
+    # The whole history, in order, and it replays to what the (emulated) kernel holds.
+    events = parse_log(evidence["event_log"])
+    assert [e.line() for e in events] == [workload_event(w).line() for w in (first, second)]
+    assert replay(events) == (measurements / "rtmr3:sha384").read_bytes()
+    assert evidence["quote"] == b64(tdx_quote(DATA))
+    assert oct((tmp_path / "run" / "log").stat().st_mode & 0o777) == "0o600"
+    assert_clean(root)
+
+
+def test_without_the_kernel_interface_nothing_is_logged(tmp_path: Path) -> None:
+    attester = TsmAttester(tmp_path, measurements=tmp_path / "absent",
+                           event_log=tmp_path.parent / f"{tmp_path.name}-log")
+    attester._fs = FakeConfigfs("tdx_guest")
+    evidence = attester.evidence(DATA, MEASUREMENT, workload=Workload("c0" * 32, "s", "app"))
+    assert "event_log" not in evidence
+    assert not (tmp_path.parent / f"{tmp_path.name}-log").exists()

@@ -4,7 +4,9 @@ An :class:`Attester` turns the 64 bytes of ``report_data`` (:mod:`.binding`)
 into evidence a verifier (:mod:`.verifiers`) understands:
 
 * ``tsm``: Linux configfs-tsm (``/sys/kernel/config/tsm/report``), which gives
-  TDX quotes (``{"tee": "tdx", "quote": …}``) and SEV-SNP reports
+  TDX quotes (``{"tee": "tdx", "quote": …}``, with ``"event_log"`` when the
+  kernel lets the runtime extend RTMR3 with the workload: see
+  :mod:`tdapp.attest.eventlog`) and SEV-SNP reports
   (``{"tee": "snp", "report": …}`` plus ``vcek``/``ask``/``ark`` when the host
   supplies its certificates);
 * ``gramine``: Gramine's ``/dev/attestation`` pseudo-files, which give SGX DCAP
@@ -25,23 +27,28 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import struct
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
-from tdapp.attest.binding import REPORT_DATA_SIZE
+from tdapp.attest.binding import REPORT_DATA_SIZE, Workload
+from tdapp.attest.eventlog import workload_event
 from tdapp.errors import InputError, UnavailableError, UsageError
 
 if TYPE_CHECKING:  # the LAS module pulls in aiohttp; hardware attesters do not need it
     from tdapp.attest.las import LasClient
 
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
+DEFAULT_TDX_MEASUREMENTS = Path("/sys/class/misc/tdx_guest/measurements")  # Linux 6.16+
+RTMR3_FILE = "rtmr3:sha384"
+DEFAULT_EVENT_LOG = Path("/run/tdapp/rtmr3.log")
 DEFAULT_GRAMINE_ROOT = Path("/dev/attestation")
 TEE_SETTINGS = ("auto", "sim", "tsm", "gramine")
 # Far above any real quote, report or certificate chain (the kernel caps outblob at
@@ -67,11 +74,14 @@ class Attester(Protocol):
 
     name: str
 
-    def evidence(self, report_data: bytes, measurement: str) -> dict[str, Any]:
+    def evidence(self, report_data: bytes, measurement: str, *,
+                 workload: Workload | None = None) -> dict[str, Any]:
         """Evidence carrying the 64 bytes ``report_data``.
 
         ``measurement`` is used by ``sim`` only (the LAS signs what the runtime
         measured); hardware attesters ignore it, since the hardware measures.
+        ``workload``, in a TDX guest whose kernel allows it, is extended into
+        RTMR3 and logged before the quote is made.
         """
         ...
 
@@ -131,12 +141,35 @@ class TsmAttester:
 
     name = "tsm"
 
-    def __init__(self, root: Path = DEFAULT_TSM_ROOT) -> None:
+    def __init__(self, root: Path = DEFAULT_TSM_ROOT, *,
+                 measurements: Path = DEFAULT_TDX_MEASUREMENTS,
+                 event_log: Path = DEFAULT_EVENT_LOG) -> None:
         self.root = root
+        self.measurements = measurements
+        self.event_log = event_log
         self._fs = _Fs()
 
-    def evidence(self, report_data: bytes, measurement: str) -> dict[str, Any]:
+    def evidence(self, report_data: bytes, measurement: str, *,
+                 workload: Workload | None = None) -> dict[str, Any]:
         _check_report_data(report_data)
+        rtmr3 = self.measurements / RTMR3_FILE
+        if workload is not None and self._fs.exists(rtmr3):
+            # Extend, quote and read the log under one lock: another run in this VM
+            # extending in between would make the log and the quote disagree.
+            with _locked_log(self.event_log) as log:
+                event = workload_event(workload)
+                _io(lambda path: self._fs.write(path, event.digest()), rtmr3,
+                    "cannot extend RTMR3 through")
+                log.write((event.line() + "\n").encode("utf-8"))
+                log.flush()
+                os.fsync(log.fileno())
+                evidence = self._quote(report_data)
+                if evidence["tee"] == "tdx":
+                    evidence["event_log"] = _log_lines(self.event_log)
+                return evidence
+        return self._quote(report_data)
+
+    def _quote(self, report_data: bytes) -> dict[str, Any]:
         # A fresh entry per report: entries are shared state between writers, and
         # a random name keeps other programs (and our other threads) out of ours.
         entry = self.root / f"tdapp-{secrets.token_hex(8)}"
@@ -204,6 +237,28 @@ class TsmAttester:
         return int(text)
 
 
+@contextlib.contextmanager
+def _locked_log(path: Path) -> Iterator[BinaryIO]:
+    """The event log, opened to append, under an exclusive lock."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise UnavailableError(f"cannot open the runtime event log {path}: "
+                               f"{error.strerror or error}") from None
+    with os.fdopen(fd, "ab") as log:
+        fcntl.flock(log.fileno(), fcntl.LOCK_EX)
+        yield log
+
+
+def _log_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UnavailableError(f"cannot read the runtime event log {path}: {error}") from None
+    return text.splitlines()
+
+
 class GramineAttester:
     """SGX DCAP quotes through Gramine's ``/dev/attestation`` pseudo-files."""
 
@@ -213,7 +268,8 @@ class GramineAttester:
         self.root = root
         self._fs = _Fs()
 
-    def evidence(self, report_data: bytes, measurement: str) -> dict[str, Any]:
+    def evidence(self, report_data: bytes, measurement: str, *,
+                 workload: Workload | None = None) -> dict[str, Any]:
         _check_report_data(report_data)
         if not self._fs.exists(self.root):
             raise UnavailableError(f"{self.root} does not exist: not running inside Gramine "
@@ -243,7 +299,8 @@ class SimAttester:
     def __init__(self, las: LasClient) -> None:
         self.las = las
 
-    def evidence(self, report_data: bytes, measurement: str) -> dict[str, Any]:
+    def evidence(self, report_data: bytes, measurement: str, *,
+                 workload: Workload | None = None) -> dict[str, Any]:
         _check_report_data(report_data)
         evidence = self.las.evidence(report_data, measurement)
         # A LAS is another process: check it signed our report data, not something else.

@@ -68,6 +68,8 @@ class Claims:
     advisories: tuple[str, ...] = ()
     issued_at: float = 0.0
     values: Mapping[str, str | int] = field(default_factory=lambda: MappingProxyType({}))
+    # tdx: the runtime event log, checked to replay to the quote's RTMR3 (eventlog.py).
+    runtime_events: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tee", Tee(self.tee))  # a verifier bug if not a known kind

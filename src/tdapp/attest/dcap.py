@@ -11,13 +11,17 @@ debug enclave and TD itself, with no option to accept one, so no toleration can
 admit such a quote. It must never build Claims from a quote dcap-qvl did not
 verify, and must raise nothing but :class:`EvidenceError`.
 
-Evidence: ``{"tee": "sgx"|"tdx", "quote": base64, "collateral": {…}}`` where
-``collateral`` (optional) is dcap-qvl's QuoteCollateralV3 JSON; it is signed by
-Intel, so it may travel with the evidence.
+Evidence: ``{"tee": "sgx"|"tdx", "quote": base64, "collateral": {…},
+"event_log": [line, …]}`` where ``collateral`` (optional) is dcap-qvl's
+QuoteCollateralV3 JSON; it is signed by Intel, so it may travel with the
+evidence. ``event_log`` (optional, tdx) is the runtime event log
+(:mod:`tdapp.attest.eventlog`): accepted only if it replays to the quote's
+RTMR3, and then in ``Claims.runtime_events``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -27,11 +31,12 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 
 from tdapp.attest.claims import Claims, EvidenceError, Tee, base64_field
+from tdapp.attest.eventlog import EventLogError, parse_log, replay
 
 TEES = ("sgx", "tdx")
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_COLLATERAL_CHARS = 1024 * 1024
-_FIELDS = frozenset({"tee", "quote", "collateral"})
+_FIELDS = frozenset({"tee", "quote", "collateral", "event_log"})
 _SGX_DEBUG = 0x02  # ATTRIBUTES.DEBUG, bit 1 of the first byte
 _TD_DEBUG = 0x01  # TDATTRIBUTES.DEBUG, bit 0 of the first byte
 # dcap-qvl's report kinds (its ``Report`` enum): an SGX enclave, a TDX 1.0 body (quote v4)
@@ -43,6 +48,21 @@ _HEX = re.compile(r"[0-9a-fA-F]*")
 
 CollateralSource = Callable[[bytes], str]
 """Given a raw quote, the QuoteCollateralV3 JSON for it (or EvidenceError)."""
+
+
+def _with_event_log(claims: Claims, lines: object) -> Claims:
+    """``claims`` with the runtime event log, which must replay to the quote's RTMR3."""
+    if claims.tee is not Tee.TDX:
+        _fail("event_log applies to tdx evidence only")
+    try:
+        events = parse_log(lines)
+    except EventLogError as error:
+        _fail(f"tdx evidence field 'event_log': {error}")
+    replayed = replay(events).hex()
+    if replayed != str(claims.values.get("rtmr3", "")).lower():
+        _fail(f"the runtime event log does not replay to the quote's RTMR3 (replayed "
+              f"{replayed[:16]}…, quote has {str(claims.values.get('rtmr3'))[:16]}…)")
+    return dataclasses.replace(claims, runtime_events=tuple(e.line() for e in events))
 
 
 def collateral_from_file(path: Path) -> CollateralSource:
@@ -89,8 +109,11 @@ class DcapVerifier:
         if evidence.get("tee") != self.tee:
             _fail(f"expected {self.tee} evidence")
         quote = _quote(evidence.get("quote"), self.tee)
-        return verify_quote(quote, self._collateral_text(evidence, quote), at=at,
-                            expected_tee=self.tee)
+        claims = verify_quote(quote, self._collateral_text(evidence, quote), at=at,
+                              expected_tee=self.tee)
+        if "event_log" not in evidence:
+            return claims
+        return _with_event_log(claims, evidence["event_log"])
 
     def _collateral_text(self, evidence: Mapping[str, Any], quote: bytes) -> str:
         carried = evidence.get("collateral")

@@ -18,7 +18,9 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from tdapp.attest.binding import Workload
 from tdapp.attest.claims import Claims
+from tdapp.attest.eventlog import EventLogError, RuntimeEvent, last_workload
 
 log = logging.getLogger("tdapp.attest")
 ALL_ADVISORIES = "*"
@@ -116,6 +118,28 @@ class WorkloadIsMeasured(_Shown):
             return Success()
         return Failure(f"the evidence binds workload {self.claimed} but measures "
                        f"{claims.measurement}")
+
+
+class LoggedWorkloadIs(_Shown):
+    """The last workload a TDX guest's runtime event log (replayed to RTMR3 when the
+    quote was verified) names is the workload the evidence binds."""
+
+    def __init__(self, workload: Workload) -> None:
+        self.workload = workload
+
+    def verify(self, claims: Claims) -> Verdict:
+        try:
+            logged = last_workload([RuntimeEvent.parse(line) for line in claims.runtime_events])
+        except EventLogError as error:
+            return Failure(f"the runtime event log is malformed: {error}")
+        if logged is None:
+            return Failure("the runtime event log names no tdapp workload")
+        if logged != self.workload:
+            return Failure(f"RTMR3's last workload is {logged.measurement} for "
+                           f"{logged.session}/{logged.service}, not the bound "
+                           f"{self.workload.measurement} for {self.workload.session}/"
+                           f"{self.workload.service}")
+        return Success()
 
 
 class SgxSignerIs(_Shown):

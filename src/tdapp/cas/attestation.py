@@ -183,7 +183,8 @@ class AttestationAuthority:
                 steps.append(AuditEntry("attest.evidence", Outcome.ACCEPTED, _describe(claims)))
                 workload = Workload(request.workload, session.name, service.name)
                 for label, policy in checks_for(session, service, mode, request.nonce,
-                                                _der(public_key), workload, claims.tee):
+                                                _der(public_key), workload, claims.tee,
+                                                runtime_events=bool(claims.runtime_events)):
                     verdict = policy.verify(claims)
                     if not verdict.ok:
                         raise CheckFailed(label, verdict.reason, public_reason(

@@ -21,6 +21,7 @@ from tdapp.attest import (
     Claims,
     ClaimsMatch,
     DebugTolerated,
+    LoggedWorkloadIs,
     MeasurementIn,
     PlatformIn,
     Policy,
@@ -43,7 +44,8 @@ ADVISORY_TOLERATIONS = {"insecure-igpu": "INTEL-SA-00219", "aepic-leak": "INTEL-
 
 
 def checks_for(session: Session, service: Service, mode: AttestationMode, nonce: str,
-               public_key_der: bytes, workload: Workload, tee: Tee) -> list[tuple[str, Policy]]:
+               public_key_der: bytes, workload: Workload, tee: Tee, *,
+               runtime_events: bool = False) -> list[tuple[str, Policy]]:
     """The session's checks for verified evidence of ``tee``, in the order they are
     judged and logged (``mode`` is ``hardware`` or ``sim``).
 
@@ -52,7 +54,9 @@ def checks_for(session: Session, service: Service, mode: AttestationMode, nonce:
     (``tdx``, ``snp``) the hardware measures the VM, and a variant's ``mrenclave``
     pins the workload the evidence binds. The binding of nonce, key and workload
     comes last, so a refusal for it shows that the evidence passed every check of
-    the program and the platform first.
+    the program and the platform first. A TDX guest that logged its runtime
+    events (``runtime_events``: the log replayed to RTMR3) must have logged the
+    bound workload last.
     """
     attestation = session.security.attestation
     match mode:
@@ -80,6 +84,8 @@ def checks_for(session: Session, service: Service, mode: AttestationMode, nonce:
         # A sim session always names its LAS platforms (fixed at creation): an
         # empty list here accepts no platform at all.
         checks.append(("platform", PlatformIn(attestation.platforms)))
+    if tee is Tee.TDX and runtime_events:
+        checks.append(("rtmr3", LoggedWorkloadIs(workload)))
     if tee is Tee.SIM:
         # A LAS signs what it is asked: the workload bound must be what it measured.
         checks.append(("workload", WorkloadIsMeasured(workload.measurement)))

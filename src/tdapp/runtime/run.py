@@ -110,17 +110,17 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         bundle = root / "inputs.zip"
         download(request.url, bundle)
         las = LasClient(request.las)
+        workload = Workload(measurement, session, service)
 
         def evidence(data: bytes, mode: str) -> Mapping[str, Any]:
             # Only a session the CAS says is sim (or none) can be served by a LAS.
             sim_allowed = mode in (AttestationMode.SIM, AttestationMode.NONE)
             attester = choose_attester(request.tee, las=las, sim_allowed=sim_allowed)
             log(f"attester: {attester.name}")
-            return attester.evidence(data, measurement)
+            return attester.evidence(data, measurement, workload=workload)
 
         released = obtain_configuration(
-            CasClient.connect(request.cas, anonymous=True),
-            Workload(measurement, session, service), evidence)
+            CasClient.connect(request.cas, anonymous=True), workload, evidence)
         log(f"attested to {request.cas} ({released.mode} mode)")
         wanted = {volume.name for volume in released.volumes}
         volumes = unpack(bundle, root / "sealed", wanted)
