@@ -25,6 +25,11 @@ BINDING_VERSION = 2
 _MEASUREMENT = re.compile(r"[0-9a-f]{64}")
 
 
+def is_measurement(value: str) -> bool:
+    """A tdapp image measurement in its one spelling: 64 lower-case hex characters."""
+    return _MEASUREMENT.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class Workload:
     """What is about to run: the tdapp image's measurement, for a session's service."""
@@ -34,7 +39,7 @@ class Workload:
     service: str
 
     def __post_init__(self) -> None:
-        if not _MEASUREMENT.fullmatch(self.measurement):
+        if not is_measurement(self.measurement):
             raise InputError("a workload measurement is 64 lower-case hex characters")
         for name in ("session", "service"):
             if not getattr(self, name):

@@ -23,7 +23,6 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from tdapp.attest import (
     Workload,
     verifier_for,
 )
+from tdapp.attest.binding import is_measurement
 from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
 from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
@@ -55,9 +55,6 @@ from tdapp.policy.security import AttestationMode
 from tdapp.volume import VolumeKey, VolumeTag
 
 INSTANCE_LIFETIME = 24 * 3600.0
-
-
-_MEASUREMENT = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class AttestationRequest:
             if not isinstance(value, str) or not value:
                 raise InputError(f"the attestation request needs a string {name!r}")
             fields[name] = value
-        if not _MEASUREMENT.fullmatch(fields["workload"]):
+        if not is_measurement(fields["workload"]):
             raise InputError("'workload' must be the image's measurement: 64 lower-case hex "
                              "characters")
         evidence = body.get("evidence")
