@@ -12,7 +12,14 @@ The LAS (aiohttp) is not imported here, to keep the verifying side light.
 """
 
 from tdapp.attest.binding import REPORT_DATA_SIZE, Workload, report_data
-from tdapp.attest.claims import HARDWARE_TEES, TEE_KINDS, Claims, EvidenceError, Tee
+from tdapp.attest.claims import (
+    HARDWARE_TEES,
+    TEE_KINDS,
+    VM_TEES,
+    Claims,
+    EvidenceError,
+    Tee,
+)
 from tdapp.attest.policy import (
     AllOf,
     AnyOf,
@@ -44,6 +51,7 @@ __all__ = [
     "HARDWARE_TEES",
     "REPORT_DATA_SIZE",
     "TEE_KINDS",
+    "VM_TEES",
     "AllOf",
     "AnyOf",
     "Claims",

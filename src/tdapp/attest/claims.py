@@ -37,6 +37,8 @@ class Tee(StrEnum):
 
 TEE_KINDS = tuple(kind.value for kind in Tee)
 HARDWARE_TEES = frozenset(kind for kind in Tee if kind.is_hardware)
+# Confidential VMs: the hardware measures the VM, so the workload is bound in report_data.
+VM_TEES = frozenset({Tee.TDX, Tee.SNP})
 
 
 class EvidenceError(RefusedError):

@@ -46,9 +46,16 @@ from tdapp.attest.binding import is_measurement
 from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
 from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
-from tdapp.cas.sessions import NotFoundError, SessionAuthority
+from tdapp.cas.sessions import SessionAuthority
 from tdapp.cas.store import AuditEntry, NewInstance, Outcome, SpentNonce, Store
-from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
+from tdapp.errors import (
+    ConflictError,
+    InputError,
+    IntegrityError,
+    NotFoundError,
+    RefusedError,
+    TdappError,
+)
 from tdapp.policy import Identity, Service, Session
 from tdapp.policy.modes import LEGACY_MODE
 from tdapp.policy.security import AttestationMode

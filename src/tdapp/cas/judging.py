@@ -16,6 +16,7 @@ from typing import Any, assert_never
 
 from tdapp.attest import (
     HARDWARE_TEES,
+    VM_TEES,
     AllOf,
     AnyOf,
     Claims,
@@ -107,7 +108,7 @@ def public_reason(label: str, claims: Claims, reason: str, workload: str) -> str
     """What a refused caller who is not a reader may learn: the check, and its own values
     (``workload``: the measurement its request names)."""
     program = f"measurement {claims.measurement}" + (
-        f" running workload {workload}" if claims.tee in (Tee.TDX, Tee.SNP) else "")
+        f" running workload {workload}" if claims.tee in VM_TEES else "")
     shown = {
         "tee": f"{claims.tee} evidence is not accepted for this session",
         "measurement": f"{program} is not one this service accepts",
@@ -156,7 +157,7 @@ def _image_measurements(session: Session, service: Service, workload: str,
     image = session.image(service.image_name) if service.image_name else None
     if image is None or not image.mrenclaves:
         return []
-    if tee in (Tee.TDX, Tee.SNP):
+    if tee in VM_TEES:
         return [("image_measurement", WorkloadIn(image.mrenclaves, workload))]
     return [("image_measurement", MeasurementIn(image.mrenclaves))]
 

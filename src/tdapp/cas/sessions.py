@@ -28,9 +28,15 @@ from typing import NoReturn
 from tdapp.cas.records import RecordMacs
 from tdapp.cas.sealing import MasterKey
 from tdapp.cas.store import AuditEvent, Outcome, Store, StoredSession, StoredTag
-from tdapp.errors import AuthenticationRequired as AuthenticationRequired
-from tdapp.errors import ConflictError, InputError, IntegrityError, RefusedError, TdappError
-from tdapp.errors import NotFoundError as NotFoundError
+from tdapp.errors import (
+    AuthenticationRequired,
+    ConflictError,
+    InputError,
+    IntegrityError,
+    NotFoundError,
+    RefusedError,
+    TdappError,
+)
 from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
 from tdapp.policy.enforced import parse_enforceable_session
 from tdapp.policy.modes import with_fixed_mode

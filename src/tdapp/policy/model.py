@@ -60,9 +60,10 @@ class Volume(Frozen):
     def _key_and_tag(self) -> Volume:
         if (self.fspf_key is None) != (self.fspf_tag is None):
             # A key without a tag cannot be checked for freshness, a tag without a
-            # key cannot be opened. With neither, the volume is made on first use.
-            fail("give both fspf_key and fspf_tag, or neither (the volume is then "
-                 "initialised on first use)", "fspf_key" if self.fspf_tag is None else "fspf_tag")
+            # key cannot be opened. With neither, SCONE makes the volume on first use
+            # (tdapp does not: tdapp.policy.enforced refuses that at creation).
+            fail("give both fspf_key and fspf_tag", "fspf_key" if self.fspf_tag is None
+                 else "fspf_tag")
         if self.import_ is not None:
             for key in ("fspf_key", "fspf_tag", "export"):
                 if getattr(self, key):
@@ -74,7 +75,8 @@ class Volume(Frozen):
 
     @property
     def auto_initialised(self) -> bool:
-        """Neither key nor tag given (and not imported): the CAS makes them on first use."""
+        """Neither key nor tag given (and not imported): in SCONE's language the volume is
+        made on first use; tdapp refuses such a volume at creation (tdapp.policy.enforced)."""
         return self.fspf_key is None and self.fspf_tag is None and self.import_ is None
 
 
@@ -89,7 +91,8 @@ class ImageVolume(Frozen):
 class InjectionFile(Frozen):
     """A file made in memory at ``path`` from ``content`` with placeholders replaced.
 
-    Without ``content`` the file the image has at ``path`` is read and injected.
+    Without ``content`` SCONE reads the file the image has at ``path``; tdapp
+    refuses that at creation (tdapp.policy.enforced).
     """
 
     path: AbsolutePath
