@@ -17,8 +17,9 @@ What it measures
 
     create     POST /v1/sessions with a distinct 0.3 YAML session.
     attest     POST /v1/attestation/nonce, then POST /v1/attestation with sim evidence
-               signed by an Ed25519 key of the benchmark, report_data binding the nonce to
-               a fresh EC P-256 key; one op = both requests, counted only on 200.
+               signed by the benchmark's own simulated platform (the one platform the
+               sessions name), report_data binding the nonce, a fresh EC P-256 key and
+               the workload; one op = both requests, counted only on 200.
     tag        PUT /v1/volume-tags with the instance token (from an untimed attestation),
                old -> new chained per client so each one should succeed.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import multiprocessing
 import os
@@ -55,12 +57,13 @@ from typing import Any
 import aiohttp
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
-from tdapp.attest import report_data
-from tdapp.attest.sim import sign_evidence
+from tdapp.attest import Workload, report_data
+from tdapp.attest.sim import platform_id, sign_evidence
 from tdapp.client.key_release import EphemeralKey
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -87,11 +90,20 @@ TARGET_CLIENTS = 32
 # -- session documents and evidence -------------------------------------------------------
 
 
+# The benchmark's simulated platform: fixed, so that the load processes and the
+# sessions they create agree on it (it protects nothing; sim is for development).
+PLATFORM = Ed25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"tdapp cas_load benchmark platform").digest())
+PLATFORM_ID = platform_id(PLATFORM.public_key().public_bytes(
+    serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
 def session_document(name: str) -> tuple[str, str]:
     """A distinct 0.3 session as YAML, and its output volume's initial tag."""
     tags = {volume: secrets.token_hex(16) for volume in VOLUMES}
     document = {
         "name": name, "version": "0.3",
+        "security": {"attestation": {"mode": "sim", "platforms": [PLATFORM_ID]}},
         "services": [{"name": SERVICE, "image_name": "copy_demo", "mrenclaves": [MRENCLAVE],
                       "command": "/application", "pwd": "/"}],
         "volumes": [{"name": volume, "fspf_key": secrets.token_hex(32),
@@ -183,12 +195,14 @@ class Client:
         nonce = str((await self._call("POST", "/v1/attestation/nonce", (200, 201),
                                       json=body))["nonce"])
         key = EphemeralKey()
+        workload = Workload(MRENCLAVE, self.session, SERVICE)
         evidence = sign_evidence(self.platform, measurement=MRENCLAVE,
-                                 report_data=report_data(nonce, key.public_der), debug=False,
-                                 issued_at=time.time())
+                                 report_data=report_data(nonce, key.public_der, workload),
+                                 debug=False, issued_at=time.time())
         answer = await self._call("POST", "/v1/attestation", (200,), json={
-            **body, "nonce": nonce, "public_key": key.public_b64url, "evidence": evidence})
-        return str(key.open(str(answer["jwe"]))["token"])
+            **body, "nonce": nonce, "public_key": key.public_b64url,
+            "workload": MRENCLAVE, "evidence": evidence})
+        return key.open(str(answer["jwe"])).token.get_secret_value()
 
     async def update_tag(self) -> None:
         new = secrets.token_hex(16)
@@ -231,7 +245,7 @@ async def _run_operation(clients: list[Client], operation: str, seconds: float) 
 async def _drive(spec: LoadSpec) -> dict[str, dict[str, Any]]:
     context = ssl.create_default_context(cafile=spec.ca_file)
     context.load_cert_chain(spec.cert_file, spec.key_file)
-    platform = Ed25519PrivateKey.generate()
+    platform = PLATFORM
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     clients = [Client(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, ssl=context),
                                             timeout=timeout),
