@@ -100,6 +100,7 @@ UNENFORCED: list[tuple[str, Edit, str]] = [
     ("secrets", _set("secrets", value=[{"name": "api_token", "kind": "ascii", "size": 16}]),
      "secrets"),
     ("access_policy", _set("access_policy", value=PLACEHOLDER), "placeholder"),
+    ("digest", _set("digest", value="ab" * 32), "pins nothing"),
 ]
 
 
@@ -255,3 +256,22 @@ def test_image_measurements_are_checked_too(
                        nonce, key)
     refused(server, world, response, 403, "is not one of the session's mrenclaves", doc.name,
             told=f"measurement {MRENCLAVE} is not one the service's image accepts")
+
+
+def test_a_stated_creator_must_be_the_real_one(owner: tuple[CasServer, User]) -> None:
+    """A document claiming another creator is not stored with that claim unchecked."""
+    server, alice = owner
+    doc = SessionDoc(unique_name("creator"))
+    claimed = {**doc.as_dict(), "creator": "ab" * 32}
+    with alice.http(server) as http:
+        refused = http.post("/v1/sessions", content=json.dumps(claimed).encode())
+        assert refused.status_code == 400 and "creator: the document names" in \
+            refused.json()["reason"], refused.text
+        assert http.get(f"/v1/sessions/{doc.name}").status_code == 404
+        own = {**doc.as_dict(), "creator": alice.identity}
+        made = http.post("/v1/sessions", content=json.dumps(own).encode())
+        assert made.status_code == 201, made.text
+        update = {**claimed, "predecessor": made.json()["hash"]}
+        assert http.put(f"/v1/sessions/{doc.name}",
+                        content=json.dumps(update).encode()).status_code == 400
+        assert http.get(f"/v1/sessions/{doc.name}").json()["hash"] == made.json()["hash"]

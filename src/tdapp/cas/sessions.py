@@ -37,7 +37,15 @@ from tdapp.errors import (
     RefusedError,
     TdappError,
 )
-from tdapp.policy import Identity, Session, SessionError, parse_session, session_hash
+from tdapp.policy import (
+    Identity,
+    Session,
+    SessionError,
+    certificate_identity,
+    parse_session,
+    session_hash,
+)
+from tdapp.policy.access import is_identity
 from tdapp.policy.enforced import parse_enforceable_session
 from tdapp.policy.modes import with_fixed_mode
 from tdapp.policy.security import AttestationMode
@@ -116,6 +124,7 @@ class SessionAuthority:
 
     def _create(self, session: Session, who: Identity | None) -> str:
         creator = self._require_identity(session.name, "session.create", who)
+        self._check_stated_creator(session, creator, "session.create")
         self._check_namespace(session.name, creator)
         session = self._fix_mode(session, None, "session.create", creator)
         digest = session_hash(session, creator)
@@ -143,6 +152,7 @@ class SessionAuthority:
             self._refuse(session.name, "session.update", who, ConflictError(
                 f"stale predecessor {session.predecessor}: session {session.name!r} is now at "
                 f"{current.hash}; read it again and reapply your change"))
+        self._check_stated_creator(session, current.creator, "session.update", actor)
         session = self._fix_mode(session, stored, "session.update", actor)
         added = self._added_tags(session, actor)
         digest = session_hash(session, current.creator)
@@ -156,6 +166,20 @@ class SessionAuthority:
                 f"session {session.name!r} changed concurrently; its predecessor "
                 f"{current.hash} is no longer current"))
         return digest
+
+    def _check_stated_creator(self, session: Session, creator: Identity, event: str,
+                              actor: Identity | None = None) -> None:
+        """A document's ``creator:`` (as SCONE's read-back shows it) must be the session's
+        real creator: the identity that creates it, or the stored creator on an update.
+        Anything else would be stored as a claim nobody checked."""
+        stated = session.creator
+        if stated is None:
+            return
+        identity = stated if is_identity(stated) else certificate_identity(stated)
+        if identity != creator:
+            self._refuse(session.name, event, actor or creator, InputError(
+                f"creator: the document names {identity}, but the session's creator is "
+                f"{creator} (the identity that created it); remove creator"))
 
     def _fix_mode(self, session: Session, predecessor: Session | None, event: str,
                   who: Identity) -> Session:

@@ -42,6 +42,13 @@ class Unenforced:
 Rule = Callable[[Session], Iterator[Unenforced]]
 
 
+def _read_back(session: Session) -> Iterator[Unenforced]:
+    if session.digest is not None and session.digest != "create":
+        yield Unenforced(("digest",), "a digest is what a CAS shows when it reads a session "
+                         "back; it pins nothing on submission: name the session an update "
+                         "replaces with predecessor, or say digest: create")
+
+
 def _placeholder_sections(session: Session) -> Iterator[Unenforced]:
     for path in session.delegated_sections():
         yield Unenforced(tuple(path.split(".")),
@@ -152,7 +159,7 @@ def _secrets(session: Session) -> Iterator[Unenforced]:
                          "values in the services' environment or injection files")
 
 
-RULES: tuple[Rule, ...] = (_placeholder_sections, _attestation, _security, _services,
+RULES: tuple[Rule, ...] = (_read_back, _placeholder_sections, _attestation, _security, _services,
                            _volumes, _images, _secrets)
 
 
