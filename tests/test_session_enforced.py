@@ -51,6 +51,13 @@ def _set(*path: str | int, value: object) -> Edit:
     return edit
 
 
+def _with_secret(edit: Edit) -> Edit:
+    def both(document: dict[str, Any]) -> None:
+        edit(document)
+        document["secrets"] = [{"name": "api_token", "kind": "ascii", "size": 16}]
+    return both
+
+
 def _unkeyed_volume(document: dict[str, Any]) -> None:
     del document["volumes"][1]["fspf_key"], document["volumes"][1]["fspf_tag"]
 
@@ -77,17 +84,20 @@ UNENFORCED: list[tuple[str, Edit, str]] = [
     ("services[0].environment.\\@\\@HOST_VALUE",
      _set("services", 0, "environment", "\\@\\@HOST_VALUE", value=""), "host"),
     ("services[0].environment.TOKEN", _set("services", 0, "environment", "TOKEN",
-                                           value=f"Bearer {PLACEHOLDER}"), "placeholder"),
+                                           value=f"Bearer {PLACEHOLDER}"),
+     "no secret named 'api_token'"),
     ("services[0].command", _set("services", 0, "command", value="/application @@1"), "@@N"),
-    ("services[0].command", _set("services", 0, "command", value=f"/application {PLACEHOLDER}"),
-     "placeholder"),
-    ("services[0].pwd", _set("services", 0, "pwd", value=f"/{PLACEHOLDER}"), "placeholder"),
+    ("services[0].command", _with_secret(_set("services", 0, "command",
+                                              value=f"/application {PLACEHOLDER}")),
+     "command line is public"),
+    ("services[0].pwd", _set("services", 0, "pwd", value=f"/{PLACEHOLDER}"), "no secret named"),
+    ("services[0].environment.TOKEN",
+     _with_secret(_set("services", 0, "environment", "TOKEN", value="$$SCONE::api_token:crt$$")),
+     "kind ascii have no format 'crt'"),
     ("volumes[1].update_policy", _set("volumes", 1, "update_policy", value="ephemeral"),
      "rollback protected"),
     ("volumes[1].update_policy",
      _set("volumes", 1, "update_policy", value="no_rollback_protection"), "rollback protected"),
-    ("volumes[1].export", _set("volumes", 1, "export", value=[{"session": "elsewhere"}]),
-     "exporting"),
     ("volumes[1].name", _unkeyed_volume, "first use"),
     ("images[0].volumes[1].update_policy",
      _set("images", 0, "volumes", 1, "update_policy", value="ephemeral"), "rollback"),
@@ -96,9 +106,17 @@ UNENFORCED: list[tuple[str, Edit, str]] = [
     ("images[0].injection_files[0].content",
      _set("images", 0, "injection_files", value=[{"path": "/etc/app.conf",
                                                   "content": f"token={PLACEHOLDER}"}]),
-     "placeholder"),
-    ("secrets", _set("secrets", value=[{"name": "api_token", "kind": "ascii", "size": 16}]),
-     "secrets"),
+     "no secret named"),
+    ("secrets[0].kind", _set("secrets", value=[{"name": "signing", "kind": "pgp-key"}]),
+     "OpenPGP"),
+    ("secrets[0].import_akv", _set("secrets", value=[{"name": "vaulted", "import_akv": {
+        "vault": "https://example.vault.azure.net"}}]), "Azure Key Vault"),
+    ("secrets[1].issuer", _set("secrets", value=[
+        {"name": "ca", "import": {"session": "elsewhere", "secret": "ca"}},
+        {"name": "leaf", "kind": "x509", "issuer": "ca"}]), "imported"),
+    ("secrets[0].value", _set("secrets", value=[
+        {"name": "fragment", "kind": "config-fragment", "value": {"a": "$$SCONE::nope$$"}}]),
+     "no secret named 'nope'"),
     ("access_policy", _set("access_policy", value=PLACEHOLDER), "placeholder"),
     ("digest", _set("digest", value="ab" * 32), "pins nothing"),
 ]
@@ -152,8 +170,9 @@ def test_the_seed_template_is_enforceable() -> None:
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 CORPORA = {
-    "scone-sessions": {"01", "02", "07", "11", "19", "20", "25"},
-    "conformance/sessions": {"09", "10", "11", "19", "20", "24", "26", "32"},
+    "scone-sessions": {"01", "02", "07", "11", "12", "19", "20", "24", "25", "26", "27", "28"},
+    "conformance/sessions": {"01", "06", "09", "10", "11", "12", "13", "14", "19", "20", "24",
+                             "26", "32", "33"},
 }
 
 
@@ -213,8 +232,8 @@ def owner(cas_server: StartCas, user: MakeUser) -> tuple[CasServer, User]:
     return server, alice
 
 
-@pytest.mark.parametrize("case", [UNENFORCED[0], UNENFORCED[12], UNENFORCED[19]],
-                         ids=["mode-maa", "ephemeral", "secrets"])
+@pytest.mark.parametrize("case", [UNENFORCED[0], UNENFORCED[13], UNENFORCED[20]],
+                         ids=["mode-maa", "ephemeral", "pgp-key"])
 def test_the_cas_refuses_and_stores_nothing(owner: tuple[CasServer, User],
                                             case: tuple[str, Edit, str]) -> None:
     server, alice = owner

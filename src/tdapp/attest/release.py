@@ -72,6 +72,9 @@ class VolumeGrant(_Wire):
     path: str
     key: WireKey = Field(repr=False)
     tag: WireTag | None  # None: the volume has no state yet
+    # False for a volume imported from another session: mounted read-only, its tag
+    # never reported (only the exporter's instances move it).
+    writable: bool = True
 
 
 class InjectedFile(_Wire):

@@ -25,7 +25,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, assert_never
 
@@ -46,7 +46,8 @@ from tdapp.attest.binding import is_measurement
 from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
 from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
-from tdapp.cas.sessions import SessionAuthority
+from tdapp.cas.sessions import OpenedSession, SessionAuthority
+from tdapp.cas.sharing import Grants, ImportRefused, Sharing
 from tdapp.cas.store import AuditEntry, NewInstance, Outcome, SpentNonce, Store
 from tdapp.errors import (
     ConflictError,
@@ -100,6 +101,7 @@ class AttestationAuthority:
         self._sessions = sessions
         self._records = sessions.records
         self._nonces = nonces
+        self._sharing = Sharing(store, sessions)
         self._verifiers = verifiers or VerifierSettings()
         # Fixed only to replay recorded evidence whose collateral has since expired.
         self._verify_at = verify_at
@@ -131,44 +133,54 @@ class AttestationAuthority:
         audit log.
         """
         event = "attest"
-        session, service = self._service(request.session, request.service, event)
+        opened, service = self._opened(request.session, request.service, event)
+        session = opened.session
         nonce = self._spendable(request, event)
         steps: list[AuditEntry] = []  # what passed, for the audit log
+        grants = Grants()
+        token = secrets.token_hex(32)
+        token_hash = _token_hash(token)
+        expires_at = time.time() + INSTANCE_LIFETIME
         try:
             public_key = self._public_key(request)
             mode = self.mode_of(session)
             measurement = self._judge(request, session, service, mode, public_key, steps)
-            volumes = self._volumes(session, service, request.session)
+            volumes = self._volumes(opened, service, grants)
+            fill = self._sharing.filler(opened, grants)
+            configuration = ReleasedConfiguration(
+                session=session.name, service=service.name, mode=mode,
+                workload=request.workload, command=tuple(service.argv()),
+                # `NAME:` with no value is the empty string, as in a shell's `NAME=`.
+                environment={name: fill(value or "")
+                             for name, value in service.environment.items()},
+                pwd=fill(service.pwd or "/"), volumes=tuple(volumes),
+                injection_files=self._injection_files(session, service, fill),
+                token=SecretStr(token), expires_at=expires_at)
         except TdappError as error:
             # A refused attempt spends its nonce: evidence is never judged twice.
             refused = AuditEntry(event, Outcome.REFUSED, error.message)
-            self._store.spend_nonce(nonce, [*steps, refused])
+            self._store.spend_nonce(nonce, [*steps, *grants.steps, refused])
             if isinstance(error, CheckFailed) and not self._sessions.may_read(
                     request.session, caller):
                 raise RefusedError(error.public) from None
+            if isinstance(error, ImportRefused) and not self._sessions.may_read(
+                    request.session, caller):
+                raise RefusedError(ImportRefused.public) from None
             if isinstance(error, UnknownTag) and not self._sessions.may_read(
                     request.session, caller):
                 raise RefusedError("the session is not ready: the tag of a volume this "
                                    "service mounts is not known") from None
             raise
-        token = secrets.token_hex(32)
-        token_hash = _token_hash(token)
-        expires_at = time.time() + INSTANCE_LIFETIME
-        configuration = ReleasedConfiguration(
-            session=session.name, service=service.name, mode=mode, workload=request.workload,
-            command=tuple(service.argv()),
-            # `NAME:` with no value is the empty string, as in a shell's `NAME=`.
-            environment={name: value or "" for name, value in service.environment.items()},
-            pwd=service.pwd or "/", volumes=tuple(volumes),
-            injection_files=self._injection_files(session, service),
-            token=SecretStr(token), expires_at=expires_at)
         accepted = AuditEntry(event, Outcome.ACCEPTED,
                               f"accepted {mode} attestation of {service.name} (measurement "
                               f"{measurement}); instance {token_hash[:16]}")
         instance = NewInstance(token_hash, measurement, expires_at, self._records.instance_mac(
             token_hash, session.name, service.name, measurement, expires_at))
-        if not self._store.spend_nonce(nonce, [*steps, accepted], instance):
+        if not self._store.spend_nonce(nonce, [*steps, *grants.steps, accepted], instance):
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
+        for exporter, entry in grants.exporter_audits:
+            self._store.record(exporter, entry.event, None, entry.outcome,
+                               f"{entry.reason} (instance {token_hash[:16]})")
         return _encrypt_to(public_key, configuration), token_hash
 
     def _judge(self, request: AttestationRequest, session: Session, service: Service,
@@ -260,8 +272,24 @@ class AttestationAuthority:
             self._refuse(session_name, event, RefusedError(
                 f"an instance of service {service_name!r} may not move volume {volume!r}: "
                 "its image does not mount it"))
+        declared = session.volume(volume)
+        if declared is not None and declared.import_ is not None:
+            self._refuse(session_name, event, RefusedError(
+                f"volume {volume!r} is imported: it is released read-only, and only the "
+                "exporting session's instances move its tag"))
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _opened(self, session_name: str, service_name: str,
+                event: str) -> tuple[OpenedSession, Service]:
+        opened = self._sessions.opened(session_name)
+        if opened is None:
+            self._refuse(session_name, event, NotFoundError(f"no session named {session_name!r}"))
+        service = opened.session.service(service_name)
+        if service is None:
+            self._refuse(session_name, event, NotFoundError(
+                f"session {session_name!r} has no service {service_name!r}"))
+        return opened, service
 
     def _service(self, session_name: str, service_name: str,
                  event: str) -> tuple[Session, Service]:
@@ -299,12 +327,21 @@ class AttestationAuthority:
         at = self._verify_at if self._verify_at is not None else time.time()
         return verifier_for(request.evidence, self._verifiers).verify(request.evidence, at=at)
 
-    def _volumes(self, session: Session, service: Service, name: str) -> list[VolumeGrant]:
+    def _volumes(self, opened: OpenedSession, service: Service,
+                 grants: Grants) -> list[VolumeGrant]:
+        session = opened.session
         image = session.image(service.image_name) if service.image_name else None
-        tags = self._store.volume_tags(name)
+        tags = self._store.volume_tags(session.name)
         result = []
         for mount in image.volumes if image is not None else ():
             volume = session.volume(mount.name)
+            if volume is not None and volume.import_ is not None:
+                shared = self._sharing.volume(opened, volume, grants)
+                result.append(VolumeGrant(
+                    name=mount.name, path=mount.path, key=VolumeKey.from_hex(shared.key),
+                    tag=None if shared.tag.tag is None else VolumeTag.from_hex(shared.tag.tag),
+                    writable=False))
+                continue
             row = tags.get(mount.name)
             if volume is None or row is None:
                 raise UnknownTag(f"the expected tag of volume {mount.name!r} is not known")
@@ -318,11 +355,12 @@ class AttestationAuthority:
         return result
 
     @staticmethod
-    def _injection_files(session: Session, service: Service) -> tuple[InjectedFile, ...]:
+    def _injection_files(session: Session, service: Service,
+                         fill: Callable[[str], str]) -> tuple[InjectedFile, ...]:
         image = session.image(service.image_name) if service.image_name else None
         if image is None:
             return ()
-        return tuple(InjectedFile(path=f.path, content=SecretStr(f.content or ""),
+        return tuple(InjectedFile(path=f.path, content=SecretStr(fill(f.content or "")),
                                   permission=f.permission) for f in image.injection_files)
 
     def _refuse(self, session: str | None, event: str, error: TdappError) -> NoReturn:

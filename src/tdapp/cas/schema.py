@@ -25,6 +25,8 @@ sessions = Table(
     Column("sealed_document", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Migration 0004: the session's secret values, sealed to its name, creator and hash.
+    Column("sealed_secrets", LargeBinary, nullable=True),
 )
 
 volume_tags = Table(

@@ -27,6 +27,8 @@ from typing import NoReturn
 
 from tdapp.cas.records import RecordMacs
 from tdapp.cas.sealing import MasterKey
+from tdapp.cas.secret_store import SecretSealer
+from tdapp.cas.secret_values import SecretValue, make_values
 from tdapp.cas.store import AuditEvent, Outcome, Store, StoredSession, StoredTag
 from tdapp.errors import (
     AuthenticationRequired,
@@ -79,6 +81,18 @@ class ReadSession:
     session: Session
     hash: str
     creator: Identity
+    # What the session's export_public secrets show (certificates, public keys, values).
+    public_secrets: dict[str, str]
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    """A stored session with its secret values, for the CAS's own decisions only."""
+
+    session: Session
+    hash: str
+    creator: Identity
+    values: dict[str, SecretValue]
 
 
 class SessionAuthority:
@@ -88,6 +102,7 @@ class SessionAuthority:
         self._master_key = master_key
         self.defaults = defaults or SessionDefaults()
         self.records = RecordMacs(master_key)
+        self._sealer = SecretSealer(master_key)
         # Sessions already unsealed and checked, by their exact stored record: a
         # sealed record is unique (random salt), so a hit is the same verified bytes.
         self._opened: dict[tuple[str, str, str, bytes], Session] = {}
@@ -128,9 +143,12 @@ class SessionAuthority:
         self._check_namespace(session.name, creator)
         session = self._fix_mode(session, None, "session.create", creator)
         digest = session_hash(session, creator)
-        record = StoredSession(session.name, digest, creator, 1, self._seal(session, creator))
+        values = self._make_values(session, {}, "session.create", creator)
+        record = StoredSession(session.name, digest, creator, 1, self._seal(session, creator),
+                               self._sealer.seal(values, session.name, creator, digest))
+        # An imported volume's tag is the exporter's: the importer keeps no row for it.
         tags = [self.records.first_tag(session.name, volume.name, volume.fspf_tag)
-                for volume in session.volumes]
+                for volume in session.volumes if volume.import_ is None]
         try:
             self._store.insert_session(record, tags, (
                 "session.create", creator, f"created with hash {digest}{_describe_tags(tags)}"))
@@ -156,8 +174,12 @@ class SessionAuthority:
         session = self._fix_mode(session, stored, "session.update", actor)
         added = self._added_tags(session, actor)
         digest = session_hash(session, current.creator)
+        kept = self._sealer.unseal(current.sealed_secrets, current.name, current.creator,
+                                   current.hash)
+        values = self._make_values(session, kept, "session.update", actor)
         record = StoredSession(session.name, digest, current.creator, current.revision + 1,
-                               self._seal(session, current.creator))
+                               self._seal(session, current.creator),
+                               self._sealer.seal(values, session.name, current.creator, digest))
         if not self._store.replace_session(
                 record, current.hash, added,
                 ("session.update", actor,
@@ -166,6 +188,14 @@ class SessionAuthority:
                 f"session {session.name!r} changed concurrently; its predecessor "
                 f"{current.hash} is no longer current"))
         return digest
+
+    def _make_values(self, session: Session, kept: dict[str, SecretValue], event: str,
+                     who: Identity) -> dict[str, SecretValue]:
+        """The values of the session's own secrets: given, kept (``migrate``) or made now."""
+        try:
+            return make_values(session, kept)
+        except TdappError as error:
+            self._refuse(session.name, event, who, error)
 
     def _check_stated_creator(self, session: Session, creator: Identity, event: str,
                               actor: Identity | None = None) -> None:
@@ -202,6 +232,8 @@ class SessionAuthority:
         stored = self._store.volume_tags(session.name)
         added: list[StoredTag] = []
         for volume in session.volumes:
+            if volume.import_ is not None:
+                continue  # its tag is the exporter's row
             row = stored.get(volume.name)
             if row is None:
                 added.append(self.records.first_tag(session.name, volume.name, volume.fspf_tag))
@@ -251,7 +283,10 @@ class SessionAuthority:
         if not session.access_policy.allows("read", who, current.creator):
             self._refuse(name, "session.read", who, RefusedError(
                 f"{_describe(who)} may not read session {name!r} (access_policy.read)"))
-        return ReadSession(session, current.hash, current.creator)
+        values = self._sealer.unseal(current.sealed_secrets, name, current.creator, current.hash)
+        public = {secret.name: values[secret.name].public() for secret in session.secrets
+                  if secret.export_public and secret.name in values}
+        return ReadSession(session, current.hash, current.creator, public)
 
     def may_read(self, name: str, who: Identity | None) -> bool:
         """Whether ``who`` is a reader of the session (for what a refusal may reveal)."""
@@ -266,6 +301,16 @@ class SessionAuthority:
         to a client)."""
         current = self._store.get_session(name)
         return None if current is None else self._unseal(current)
+
+    def opened(self, name: str) -> OpenedSession | None:
+        """The stored session with its secret values (no reader check: never return it or
+        its values to a client; they go only into a configuration for an attested instance)."""
+        current = self._store.get_session(name)
+        if current is None:
+            return None
+        session = self._unseal(current)
+        values = self._sealer.unseal(current.sealed_secrets, name, current.creator, current.hash)
+        return OpenedSession(session, current.hash, current.creator, values)
 
     def recently_stored(self, name: str) -> Session | None:
         """A version of the session this CAS verified lately, else the stored one.

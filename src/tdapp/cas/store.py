@@ -45,6 +45,7 @@ class StoredSession:
     creator: str
     revision: int
     sealed_document: bytes
+    sealed_secrets: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ class Store:
         if row is None:
             return None
         return StoredSession(row.name, row.hash, row.creator, row.revision,
-                             bytes(row.sealed_document))
+                             bytes(row.sealed_document),
+                             None if row.sealed_secrets is None else bytes(row.sealed_secrets))
 
     def insert_session(self, record: StoredSession, tags: Sequence[StoredTag],
                        audit: tuple[str, str | None, str]) -> None:
@@ -196,7 +198,7 @@ class Store:
                 connection.execute(insert(sessions).values(
                     name=record.name, hash=record.hash, creator=record.creator,
                     revision=record.revision, sealed_document=record.sealed_document,
-                    created_at=now, updated_at=now))
+                    sealed_secrets=record.sealed_secrets, created_at=now, updated_at=now))
                 _put_tags(connection, record.name, tags, now)
                 _append_audit(connection, now, record.name, *audit, Outcome.ACCEPTED)
         except SqlIntegrityError:
@@ -217,7 +219,8 @@ class Store:
                     update(sessions)
                     .where(sessions.c.name == record.name, sessions.c.hash == expected_hash)
                     .values(hash=record.hash, revision=record.revision,
-                            sealed_document=record.sealed_document, updated_at=now))
+                            sealed_document=record.sealed_document,
+                            sealed_secrets=record.sealed_secrets, updated_at=now))
                 if result.rowcount != 1:
                     return False
                 _put_tags(connection, record.name, added_tags, now)

@@ -20,6 +20,7 @@ from tdapp import __version__
 from tdapp.cli.attest import attest
 from tdapp.cli.build import build, image, images, measure
 from tdapp.cli.cas import cas, self_group
+from tdapp.cli.dataset import dataset
 from tdapp.cli.las import las
 from tdapp.cli.session import session
 from tdapp.cli.transfer import transfer
@@ -54,6 +55,7 @@ cli.add_command(las)
 cli.add_command(session)
 cli.add_command(self_group)
 cli.add_command(attest)
+cli.add_command(dataset)
 
 
 def _fail(message: str, code: int) -> int:

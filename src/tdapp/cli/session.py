@@ -9,6 +9,7 @@ works and never asks the CAS to move a tag back.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -137,6 +138,73 @@ def _update_draft(client: CasClient, name: str, document: str, digest: str,
     text = dump_yaml(draft)
     parse_session(text, source=f"session {name} as read")  # prints only what update accepts
     return text
+
+
+_item_options = [
+    click.option("--secret", "secret", default=None, metavar="NAME",
+                 help="The secret of the session to export."),
+    click.option("--volume", "volume", default=None, metavar="NAME",
+                 help="The volume of the session to export."),
+]
+
+
+def _item(secret: str | None, volume: str | None) -> tuple[str, str]:
+    if (secret is None) == (volume is None):
+        raise UsageError("name exactly one of --secret NAME or --volume NAME")
+    return ("secrets", secret) if secret is not None else ("volumes", str(volume))
+
+
+def _change_exports(client: CasClient, name: str,
+                    edit: Callable[[dict[str, Any]], dict[str, Any]]) -> str:
+    """Read the session, apply ``edit`` to its update draft, send the update; the new hash."""
+    answer = client.request("GET", f"/v1/sessions/{quote(name, safe='/')}")
+    document, digest, creator = (answer.get(key) for key in ("session", "hash", "creator"))
+    if not (isinstance(document, str) and isinstance(digest, str) and isinstance(creator, str)):
+        raise UnavailableError("the CAS answered without a session document, hash and creator")
+    draft = parse_session(_update_draft(client, name, document, digest, creator))
+    content = draft.to_canonical()
+    text = dump_yaml(edit(content))
+    parse_enforceable_session(text, source=f"session {name} with the export changed")
+    changed = client.request("PUT", f"/v1/sessions/{quote(name, safe='/')}", text.encode())
+    return str(changed["hash"])
+
+
+@session.command()
+@click.argument("name")
+@_item_options[0]
+@_item_options[1]
+@click.option("--to", "target", required=True, metavar="SESSION[@HASH]",
+              help="The session that may import it; @HASH pins that session's hash, so a "
+                   "changed importer gets nothing.")
+@_cas_option
+def export(name: str, secret: str | None, volume: str | None, target: str,
+           cas_address: str | None) -> None:
+    """Export a secret or volume of session NAME to another session (an update of NAME)."""
+    from tdapp.client.sharing import ExportTo, with_export
+
+    section, item = _item(secret, volume)
+    to = ExportTo.parse(target)
+    client = CasClient.connect(_cas(cas_address))
+    click.echo(_change_exports(client, name,
+                               lambda content: with_export(content, section, item, to)))
+
+
+@session.command()
+@click.argument("name")
+@_item_options[0]
+@_item_options[1]
+@click.option("--to", "target", required=True, metavar="SESSION",
+              help="The session whose export is removed: its next attestation gets nothing.")
+@_cas_option
+def unexport(name: str, secret: str | None, volume: str | None, target: str,
+             cas_address: str | None) -> None:
+    """Remove an export of session NAME (an update of NAME); prints the new hash."""
+    from tdapp.client.sharing import without_export
+
+    section, item = _item(secret, volume)
+    client = CasClient.connect(_cas(cas_address))
+    click.echo(_change_exports(client, name,
+                               lambda content: without_export(content, section, item, target)))
 
 
 @session.command(name="hash")

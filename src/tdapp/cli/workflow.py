@@ -9,6 +9,7 @@ import click
 
 from tdapp.client.announce import announced
 from tdapp.core.address import Address
+from tdapp.errors import UsageError
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -49,11 +50,19 @@ def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
 @click.option("--session", "session_name", default=None, metavar="NAME",
               help="The session in KEYS whose keys to use (default: the one whose output "
                    "key opens the bundle).")
-def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None) -> None:
+@click.option("--key", "key_file", default=None, metavar="FILE",
+              type=click.Path(path_type=Path, dir_okay=False),
+              help="Use only this output key file (KEYS/output-keys/SESSION.json, as "
+                   "encryptedpush writes it); KEYS is not read.")
+def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
+            key_file: Path | None) -> None:
     """Verify the DApp's output against the CAS's current tag and decrypt it into OUTPUTS."""
     from tdapp.client.workflow import decrypt as run_decrypt
 
-    result = run_decrypt(conf=conf, encrypted=encrypted, out=out, session=session_name)
+    if key_file is not None and session_name is not None:
+        raise UsageError("give --key or --session, not both")
+    result = run_decrypt(conf=conf, encrypted=encrypted, out=out, session=session_name,
+                         key_file=key_file)
     click.echo(f"decrypted {result.files} files of session {result.session} "
                f"({result.state_file}) into {out}", err=True)
 
@@ -63,7 +72,9 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None) ->
 @click.option("--sessionID", "--session-id", "session_id", required=True, metavar="SESSION/SERVICE")
 @click.option("--secretManagementService", "--cas", "cas_address", required=True,
               metavar="HOST:PORT")
-@click.option("--url", required=True, help="Where to download the encrypted input bundle.")
+@click.option("--url", "urls", required=True, multiple=True,
+              help="Where to download the encrypted input bundle; repeat it to take volumes "
+                   "from several bundles (another party's dataset, say).")
 @click.option("--push", default=None, metavar="URL", help="Where to upload the output bundle.")
 @click.option("--las", "las_address", default=None, metavar="HOST:PORT",
               help="The local attestation service (default: the announced one).")
@@ -81,14 +92,16 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None) ->
               show_default=True, metavar="SECONDS",
               help="Kill the program past this time; the run then fails with exit code 9, "
                    "moving no tag and uploading nothing.")
-def run(image: str, session_id: str, cas_address: str, url: str, push: str | None,
+def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
+        push: str | None,
         las_address: str | None, tee: str, shield: str, timeout: float) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.run import RunRequest, run_dapp
     from tdapp.runtime.shield import ShieldKind
 
     result = run_dapp(RunRequest(image=image, session_id=session_id,
-                                 cas=Address.parse(cas_address), url=url,
+                                 cas=Address.parse(cas_address), url=urls[0],
+                                 more_urls=urls[1:],
                                  push=push or announced("push"),
                                  las=las_address or announced("las"), tee=tee,
                                  shield=ShieldKind(shield), timeout=timeout),

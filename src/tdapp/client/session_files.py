@@ -164,6 +164,11 @@ class KeysFolder:
         return _parse(path, _read_small_file(path), expected_name)
 
 
+def load_state_file(path: Path) -> SessionState:
+    """One state file read on its own (an output key file holds only the output key)."""
+    return _parse(path, _read_small_file(path), None)
+
+
 def _read_small_file(path: Path) -> bytes:
     """A state file's bytes, refusing a folder, a FIFO or a device without blocking."""
     try:

@@ -33,7 +33,9 @@ from tdapp.client.session_files import (
     SERVICE,
     KeysFolder,
     SessionState,
+    load_state_file,
 )
+from tdapp.client.sharing import write_output_key
 from tdapp.core.address import Address
 from tdapp.errors import InputError, RefusedError, TdappError, UnavailableError, WrongKeyError
 from tdapp.policy import fill_template
@@ -102,13 +104,15 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
         bundle = root / "scone-upload.zip"
         pack({name: root / name for name in made}, bundle)
         url = upload(bundle, push)
-    keys_folder.save({
+    state = {
         "session": session_name, "service": SERVICE, "application": application,
         "cas": str(cas), "cas_fingerprint": fingerprint(client.pinned),
         "session_hash": created.get("hash"), "url": url,
         "volumes": {name: {"key": keys[name].hex(), "tag": made[name].tag.hex()}
                     for name in made},
-    })
+    }
+    keys_folder.save(state)
+    write_output_key(conf, state)
     return PushResult(session_name, str(cas), url)
 
 
@@ -140,11 +144,18 @@ def _read_template(template: Path) -> str:
         raise InputError(f"template {template} is not UTF-8 text") from None
 
 
-def decrypt(*, conf: Path, encrypted: Path, out: Path,
-            session: str | None = None) -> DecryptResult:
-    """Verify the output volume against the CAS's current tag and extract it."""
+def decrypt(*, conf: Path, encrypted: Path, out: Path, session: str | None = None,
+            key_file: Path | None = None) -> DecryptResult:
+    """Verify the output volume against the CAS's current tag and extract it.
+
+    With ``key_file`` (an output key file, or any session state file) only that
+    session's output key is used, and KEYS is not read.
+    """
     keys_folder = KeysFolder(conf)
-    named = keys_folder.named(session) if session is not None else None
+    if key_file is not None:
+        named: SessionState | None = load_state_file(key_file)
+    else:
+        named = keys_folder.named(session) if session is not None else None
     bundle = find_bundle(encrypted)
     with tempfile.TemporaryDirectory(prefix="tdapp-decrypt-") as work:
         volumes = unpack(bundle, Path(work), {OUTPUT_VOLUME})  # the inputs are not needed

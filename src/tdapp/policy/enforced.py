@@ -23,6 +23,16 @@ from tdapp.policy.errors import SessionError
 from tdapp.policy.model import Session, UpdatePolicy
 from tdapp.policy.parse import line_of, parse_session_document
 from tdapp.policy.reader import Path, format_path
+from tdapp.policy.references import (
+    ANY_KIND_FORMATS,
+    FORMATS,
+    Place,
+    Reference,
+    formats_of,
+    references_in,
+    rendering_of,
+    where_referenced,
+)
 from tdapp.policy.security import AttestationMode
 from tdapp.policy.services import HOST_ENV_PREFIX
 from tdapp.policy.values import PLACEHOLDER
@@ -92,38 +102,21 @@ def _services(session: Session) -> Iterator[Unenforced]:
         if service.one_time_password_shared_secret is not None:
             yield Unenforced((*here, "one_time_password_shared_secret"),
                              "one-time passwords are not checked by tdapp; remove the key")
-        for name, value in service.environment.items():
+        for name in service.environment:
             if name.startswith(HOST_ENV_PREFIX):
                 yield Unenforced((*here, "environment", name),
                                  "variables taken from the host are not supported: the "
                                  "host may not change a service's environment")
-            elif value is not None and PLACEHOLDER.search(value):
-                yield Unenforced((*here, "environment", name), _UNFILLED_REFERENCE)
         for position, word in enumerate(service.argv()):
-            if PLACEHOLDER.search(word):
-                yield Unenforced((*here, "command"), _UNFILLED_REFERENCE)
-            elif _HOST_ARGUMENT.search(word):
+            if _HOST_ARGUMENT.search(word):
                 yield Unenforced((*here, "command"), f"argument {position} takes a value "
                                  "from the host (@@N), which tdapp does not allow: the host "
                                  "may not change a service's command")
-        if service.pwd is not None and PLACEHOLDER.search(service.pwd):
-            yield Unenforced((*here, "pwd"), _UNFILLED_REFERENCE)
-
-
-_UNFILLED_REFERENCE = (
-    "$$SCONE::…$$ secret references are not filled in by tdapp yet, so the program "
-    "would see the placeholder itself; give the value")
 
 
 def _volumes(session: Session) -> Iterator[Unenforced]:
     for index, volume in enumerate(session.volumes):
         here: Path = ("volumes", index)
-        if volume.import_ is not None:
-            yield Unenforced((*here, "import"), "importing volumes from other sessions is not "
-                             "supported yet; give the volume's fspf_key and fspf_tag")
-        if volume.export:
-            yield Unenforced((*here, "export"), "exporting volumes to other sessions is not "
-                             "supported yet; remove the key")
         if volume.auto_initialised:
             yield Unenforced((*here, "name"), "a volume without fspf_key and fspf_tag would be "
                              "initialised on first use, which tdapp does not do; make it "
@@ -149,18 +142,109 @@ def _images(session: Session) -> Iterator[Unenforced]:
                 yield Unenforced((*here, "path"), "an injection file without content would "
                                  "be read from the image, which tdapp does not do; give its "
                                  "content")
-            elif PLACEHOLDER.search(injected.content):
-                yield Unenforced((*here, "content"), _UNFILLED_REFERENCE)
 
 
 def _secrets(session: Session) -> Iterator[Unenforced]:
-    if session.secrets:
-        yield Unenforced(("secrets",), "secrets are not made or released by tdapp yet; give "
-                         "values in the services' environment or injection files")
+    for index, secret in enumerate(session.secrets):
+        here: Path = ("secrets", index)
+        if secret.import_akv is not None:
+            yield Unenforced((*here, "import_akv"), "imports from Azure Key Vault cannot work "
+                             "here: tdapp has no Azure AD credentials or vault client")
+        elif secret.kind in _REFUSED_KINDS:
+            yield Unenforced((*here, "kind"), _REFUSED_KINDS[secret.kind])
+        for key, target in secret.references().items():
+            named = session.secret(target)
+            if named is not None and named.import_ is not None:
+                yield Unenforced((*here, key), f"{key} {target!r} is imported: the CAS makes "
+                                 "a certificate only from keys and CAs this session defines")
+        if secret.kind == "config-fragment":
+            for found in _texts(secret.value):
+                for reference in references_in(found):
+                    yield from _nested_reference(session, (*here, "value"), reference)
+
+
+_REFUSED_KINDS = {
+    "aad-token": "secrets of kind aad-token cannot work here: they are Azure AD tokens, "
+                 "and tdapp has no Azure AD client",
+    "pgp-key": "secrets of kind pgp-key are not made by tdapp: it has no well-kept OpenPGP "
+               "library to make them with; give the key as a binary or ascii secret",
+}
+
+
+def _texts(value: object) -> Iterator[str]:
+    """The strings inside a config fragment's value (where references may stand)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _texts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
+
+
+def _nested_reference(session: Session, path: Path,
+                      reference: Reference) -> Iterator[Unenforced]:
+    target = session.secret(reference.secret)
+    if target is not None and (target.kind == "config-fragment" or target.import_ is not None):
+        yield Unenforced(path, f"{reference.text}: a config fragment may reference only secrets "
+                         "this session makes (not another fragment, not an imported secret)")
+    else:
+        yield from _reference(session, path, reference)
+
+
+def _references(session: Session) -> Iterator[Unenforced]:
+    for found in where_referenced(session):
+        if found.place is Place.COMMAND:
+            yield Unenforced(found.path, f"{found.reference.text} in a command: a command line "
+                             "is public (every local user reads /proc/PID/cmdline); pass the "
+                             "secret in the environment or an injected file")
+        else:
+            yield from _reference(session, found.path, found.reference)
+    for path, text in _placeholder_texts(session):
+        known = {reference.text for reference in references_in(text)}
+        for match in PLACEHOLDER.finditer(text):
+            if match.group(0) not in known:
+                yield Unenforced(path, f"{match.group(0)} is not a reference to a secret "
+                                 "(a secret's name is letters, digits, _ and -)")
+
+
+_IMPLICIT_CA = "session-ca-certificate"
+
+
+def _reference(session: Session, path: Path, reference: Reference) -> Iterator[Unenforced]:
+    secret = session.secret(reference.secret)
+    if secret is None:
+        implicit = (" (tdapp makes no implicit session CA: define a secret of kind session-ca "
+                    "and reference it)" if reference.secret == _IMPLICIT_CA else "")
+        yield Unenforced(path, f"{reference.text}: the session has no secret named "
+                         f"{reference.secret!r}{implicit}")
+        return
+    if secret.kind is None:  # imported: its kind is the exporter's, checked when released
+        if reference.format not in ANY_KIND_FORMATS:
+            yield Unenforced(path, f"{reference.text}: no kind of secret has a format "
+                             f"{reference.format!r}")
+    elif secret.kind in FORMATS and rendering_of(secret.kind, reference.format) is None:
+        shown = f"format {reference.format!r}" if reference.format else "bare form"
+        yield Unenforced(path, f"{reference.text}: secrets of kind {secret.kind} have no {shown} "
+                         f"(its formats: {formats_of(secret.kind)})")
+
+
+def _placeholder_texts(session: Session) -> Iterator[tuple[Path, str]]:
+    for index, service in enumerate(session.services):
+        for word in service.argv():
+            yield ("services", index, "command"), word
+        for name, value in service.environment.items():
+            yield ("services", index, "environment", name), value or ""
+        yield ("services", index, "pwd"), service.pwd or ""
+    for index, image in enumerate(session.images):
+        for position, injected in enumerate(image.injection_files):
+            yield ("images", index, "injection_files", position, "content"), injected.content or ""
 
 
 RULES: tuple[Rule, ...] = (_read_back, _placeholder_sections, _attestation, _security, _services,
-                           _volumes, _images, _secrets)
+                           _volumes, _images, _secrets, _references)
 
 
 def unenforced(session: Session) -> list[Unenforced]:

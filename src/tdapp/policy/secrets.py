@@ -89,13 +89,14 @@ class VolumeImport(Frozen):
 
 _IMPORTED_ONLY = frozenset({"name", "kind", "export", "export_public", "import", "import_akv"})
 _PARAMETERS: dict[str | None, frozenset[str]] = {
-    "ascii": frozenset({"value", "size"}),
-    "binary": frozenset({"value", "size"}),
+    "ascii": frozenset({"value", "size", "migrate"}),
+    "binary": frozenset({"value", "size", "migrate"}),
     "private-key": frozenset({"value", "key_type", "migrate"}),
     "x509": frozenset({"value", "private_key", "issuer", "common_name", "endpoint", "dns",
-                       "san", "valid_for"}),
-    "x509-ca": frozenset({"value", "private_key", "issuer", "common_name", "valid_for"}),
-    "session-ca": frozenset(),
+                       "san", "valid_for", "migrate"}),
+    "x509-ca": frozenset({"value", "private_key", "issuer", "common_name", "valid_for",
+                          "migrate"}),
+    "session-ca": frozenset({"migrate"}),
     "aad-token": frozenset({"tenant_id", "client_id", "application_secret", "private_key",
                             "certificate_thumbprint"}),
     "config-fragment": frozenset({"value"}),

@@ -89,6 +89,9 @@ class RunRequest:
     tee: str = "auto"
     shield: ShieldKind = ShieldKind.AUTO
     timeout: float = DEFAULT_RUN_TIMEOUT
+    # More bundles to take volumes from (a dataset another party pushed, say); a volume
+    # name may come from one bundle only.
+    more_urls: tuple[str, ...] = ()
 
 
 def run_dapp(request: RunRequest, log: Log) -> str:
@@ -107,8 +110,10 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         # evidence binds, whatever happens to the image store meanwhile.
         image, measurement = hold_image(request.image, root / "image")
         log(f"image {request.image}: measurement {measurement}")
-        bundle = root / "inputs.zip"
-        download(request.url, bundle)
+        bundles = [root / f"inputs-{index}.zip"
+                   for index in range(1 + len(request.more_urls))]
+        for url, bundle in zip((request.url, *request.more_urls), bundles, strict=True):
+            download(url, bundle)
         las = LasClient(request.las)
         workload = Workload(measurement, session, service)
 
@@ -123,8 +128,7 @@ def run_dapp(request: RunRequest, log: Log) -> str:
             CasClient.connect(request.cas, anonymous=True), workload, evidence)
         log(f"attested to {request.cas} ({released.mode} mode)")
         wanted = {volume.name for volume in released.volumes}
-        volumes = unpack(bundle, root / "sealed", wanted)
-        bundle.unlink()
+        volumes = _unpack_all(bundles, root / "sealed", wanted)
         staged = _check_volumes(released, volumes, request.shield)
         changed = _run_program(request, image, released, staged, root, log)
         output = root / "scone-upload.zip"
@@ -137,6 +141,20 @@ def run_dapp(request: RunRequest, log: Log) -> str:
             report_tag(client, released.token.get_secret_value(), session, name, old, new)
             log(f"volume {name}: tag {old} -> {new}")
     return url
+
+
+def _unpack_all(bundles: list[Path], target: Path, wanted: set[str]) -> dict[str, Path]:
+    """The wanted volumes of every bundle; a volume found in two bundles is refused."""
+    found: dict[str, Path] = {}
+    for index, bundle in enumerate(bundles):
+        volumes = unpack(bundle, target / str(index), wanted)
+        bundle.unlink()
+        twice = sorted(found.keys() & volumes.keys())
+        if twice:
+            raise InputError(f"volume {twice[0]!r} is in more than one of the bundles given "
+                             "with --url; give each volume once")
+        found.update(volumes)
+    return found
 
 
 Changes = dict[str, tuple[str | None, str, Path]]
@@ -154,6 +172,7 @@ class _Staged:
     target: str
     volume: Volume
     fuse: bool
+    writable: bool = True  # an imported volume is read-only and never resealed
 
 
 def _check_volumes(released: ReleasedConfiguration, sealed: dict[str, Path],
@@ -169,7 +188,7 @@ def _check_volumes(released: ReleasedConfiguration, sealed: dict[str, Path],
             raise RefusedError(f"volume {name}: the session gives no tag for it")
         opened = Volume.open(folder, grant.key, tag, name=name)
         staged.append(_Staged(name, grant.key, tag.hex(), folder, grant.path, opened,
-                              _use_fuse(shield, folder, name)))
+                              _use_fuse(shield, folder, name), grant.writable))
     return staged
 
 
@@ -189,13 +208,15 @@ def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguratio
                                         volume.key.hex(), volume.tag)
                     shields.append(mount)
                     mounts.append(Mount(source=mount.mountpoint, target=volume.target,
-                                        writable=True))
+                                        writable=volume.writable))
                     log(f"volume {volume.name}: mounted by the FUSE shield")
                     continue
                 plain = plain_root / volume.name
                 volume.volume.extract(plain)
-                mounts.append(Mount(source=plain, target=volume.target, writable=True))
-                fingerprints[volume.name] = _tree_fingerprint(plain)
+                mounts.append(Mount(source=plain, target=volume.target,
+                                    writable=volume.writable))
+                if volume.writable:
+                    fingerprints[volume.name] = _tree_fingerprint(plain)
             result = run_sandboxed(SandboxSpec(
                 root=image.root, argv=list(config.command), env=dict(config.environment),
                 cwd=config.pwd, mounts=mounts, host_paths=_host_paths(image),
@@ -213,7 +234,7 @@ def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguratio
         require_success(result)
         return {**_reseal(in_memory, fingerprints, plain_root, root, log),
                 **{name: (old, new, _sealed_of(staged, name))
-                   for name, (old, new) in shielded.items()}}
+                   for name, (old, new) in shielded.items() if _writable(staged, name)}}
 
 
 def _plaintext_need(volumes: list[_Staged]) -> tuple[int, int]:
@@ -225,6 +246,10 @@ def _plaintext_need(volumes: list[_Staged]) -> tuple[int, int]:
             parts = f"{volume.name}/{info.path}".split("/")
             entries.update("/".join(parts[:depth]) for depth in range(2, len(parts) + 1))
     return size, len(entries)
+
+
+def _writable(staged: list[_Staged], name: str) -> bool:
+    return next(volume.writable for volume in staged if volume.name == name)
 
 
 def _sealed_of(staged: list[_Staged], name: str) -> Path:
@@ -326,7 +351,7 @@ def _reseal(opened: list[_Staged], fingerprints: dict[str, Fingerprint], plain_r
     changed: Changes = {}
     for volume in opened:
         plain = plain_root / volume.name
-        if _tree_fingerprint(plain) == fingerprints[volume.name]:
+        if not volume.writable or _tree_fingerprint(plain) == fingerprints[volume.name]:
             continue
         target = root / "resealed" / volume.name
         target.parent.mkdir(exist_ok=True)
