@@ -182,7 +182,7 @@ def test_the_right_program_gets_its_configuration_and_only_it_can_read_it(
         "/encryptedInputs", doc.keys["encrypted-input-files"],
         doc.tags["encrypted-input-files"])
     assert volumes["encrypted-output-files"].path == "/encryptedOutputs"
-    assert config.injection_files[0].content.get_secret_value() == "[db]\npassword=s3cret\n"
+    assert config.injection_files[0].content.get_secret_value() == b"[db]\npassword=s3cret\n"
     assert len(config.token.get_secret_value()) == 64
     # Nothing secret in its repr: keys, token, environment and injected files are hidden.
     shown = repr(config)

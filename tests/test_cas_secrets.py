@@ -109,7 +109,7 @@ def test_made_secrets_reach_only_the_attested_configuration(
     assert len(api_key) == 40 and api_key.isalnum()
     assert len(bytes.fromhex(env["SEED"])) == 16
     assert env["GIVEN"] == "written-by-the-owner"
-    content = config.injection_files[0].content.get_secret_value()
+    content = config.injection_files[0].content.get_secret_value().decode()
     certificate = x509.load_pem_x509_certificate(content.split("cert=")[1].encode())
     chain = x509.load_pem_x509_certificates(content.split("chain=")[1].split("key=")[0].encode())
     assert chain[0] == certificate and len(chain) == 2
@@ -133,6 +133,23 @@ def test_made_secrets_reach_only_the_attested_configuration(
     database = server.state_dir / "cas.db"
     for path in database.parent.glob("cas.db*"):
         assert api_key.encode() not in path.read_bytes()
+
+
+def test_a_binary_secret_goes_into_an_injected_file_as_its_raw_bytes(
+        world: tuple[CasServer, User], las: str) -> None:  # noqa: F811
+    server, alice = world
+    name = unique_name("raw")
+    secrets = [{"name": "blob", "kind": "binary", "value": "00ff10"}]
+    created = post(alice, server, document(name, secrets=secrets, environment={
+        "BLOB": "$$SCONE::blob:base64$$"}, injected="<$$SCONE::blob$$>"))
+    assert created.status_code == 201, created.text
+    config = configuration(server, las, name)
+    assert config.injection_files[0].content.get_secret_value() == b"<\x00\xff\x10>"
+    assert config.environment["BLOB"] == "AP8Q"
+    # Bytes are not text: the bare form is refused where text goes.
+    refused = post(alice, server, document(unique_name("raw"), secrets=secrets, environment={
+        "BLOB": "$$SCONE::blob$$"}, injected=None))
+    assert refused.status_code == 400 and "only an injected file" in refused.json()["reason"]
 
 
 def test_an_update_keeps_a_made_secret_only_with_migrate(

@@ -8,7 +8,9 @@ certificate it pinned, and sends nothing at all to anything else.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +28,7 @@ from cas_fixtures import (
     SessionDoc,
     StartCas,
     User,
+    anonymous_http,
     certificate_fingerprint,
     child_environment,
     free_port,
@@ -34,6 +37,7 @@ from cas_fixtures import (
 )
 from conftest import CliResult, assert_error
 
+from tdapp.client.key_release import EphemeralKey
 from tdapp.errors import ExitCode
 from tdapp.tls import new_private_key, save_certificate, save_private_key, self_signed
 
@@ -360,3 +364,38 @@ def test_a_sealed_record_moved_to_another_row_is_refused(
     assert response.json()["kind"] == "integrity", response.text
     assert "authentication" in response.json()["reason"], response.text
     assert first.keys["encrypted-input-files"] not in response.text
+
+
+def test_made_secrets_are_sealed_in_the_database_and_survive_a_restart(stored: Stored) -> None:
+    """A value the CAS made is in neither database in the clear, and the same value is
+    released after the CAS restarts (sealed rows read back from SQLite or PostgreSQL)."""
+    server, alice = stored.server, stored.alice
+    doc = SessionDoc(unique_name("made")).as_dict()
+    doc["security"] = {"attestation": {"mode": "none"}}
+    doc["secrets"] = [{"name": "made", "kind": "ascii", "size": 48},
+                      {"name": "tls", "kind": "x509", "common_name": "app"}]
+    doc["services"][0]["environment"].update(MADE="$$SCONE::made$$",
+                                             KEY="$$SCONE::tls:privatekey:base64$$")
+    with alice.http(server) as http:
+        created = http.post("/v1/sessions", content=json.dumps(doc).encode())
+    assert created.status_code == 201, created.text
+
+    def released() -> dict[str, str]:
+        with anonymous_http(server) as http:
+            nonce = http.post("/v1/attestation/nonce", json={
+                "session": doc["name"], "service": "application"}).json()["nonce"]
+            key = EphemeralKey()
+            answer = http.post("/v1/attestation", json={
+                "session": doc["name"], "service": "application", "nonce": nonce,
+                "public_key": key.public_b64url, "workload": "ab" * 32, "evidence": None})
+        assert answer.status_code == 200, answer.text
+        return dict(key.open(answer.json()["jwe"]).environment)
+
+    first = released()
+    assert len(first["MADE"]) == 48
+    made = {"made value": first["MADE"].encode(), "made key (base64)": first["KEY"].encode(),
+            "made key (DER)": base64.b64decode(first["KEY"])}
+    assert leaks(stored.database(), made) == []
+    server.stop()
+    server.start()
+    assert released() == first

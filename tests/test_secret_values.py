@@ -236,8 +236,14 @@ def decode(rendering: Rendering, text: str) -> bytes:
 def test_every_format_renders(made: dict[str, SecretValue], kind: str, format_name: str) -> None:
     value = made[OF_KIND[kind]]
     assert value.kind == kind
-    text = value.render(format_name)
     rendering = FORMATS[kind][format_name]
+    if rendering is Rendering.RAW:  # bytes: only into an injected file
+        assert value.render_bytes(format_name) == value.data
+        with pytest.raises(RefusedError, match="only an injected file"):
+            value.render(format_name)
+        return
+    text = value.render(format_name)
+    assert value.render_bytes(format_name) == text.encode()
     if rendering in (Rendering.HEX, Rendering.BASE64, Rendering.BASE32, Rendering.BASE32_NOPAD,
                      Rendering.CERTIFICATE_BASE64):
         assert decode(rendering, text) == value.data
@@ -268,7 +274,7 @@ def test_unknown_formats_are_refused_by_name(made: dict[str, SecretValue]) -> No
     with pytest.raises(RefusedError, match=r"'raw'.*'bogus'"):
         made["raw"].render("bogus")
     with pytest.raises(RefusedError, match=r"'raw'"):
-        made["raw"].render("")  # bytes have no bare text form
+        made["raw"].render("")  # bytes have no bare text form (render_bytes gives them)
     with pytest.raises(RefusedError, match=r"'key'.*'crt'"):
         made["key"].render("crt")
 
@@ -286,6 +292,8 @@ def test_repr_shows_no_value(made: dict[str, SecretValue]) -> None:
     assert "SecretValue(name='key', kind='private-key')" in shown
     for value in made.values():
         for format_name in FORMATS[value.kind]:
+            if FORMATS[value.kind][format_name] is Rendering.RAW:
+                continue
             rendered = value.render(format_name)
             assert rendered not in shown
             assert len(rendered) < 60 or rendered[30:60] not in shown

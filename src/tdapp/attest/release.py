@@ -13,6 +13,8 @@ it must never decide whether anything is released.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated
 
 from pydantic import (
@@ -21,6 +23,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    SecretBytes,
     SecretStr,
     ValidationError,
     field_serializer,
@@ -55,6 +58,19 @@ def _tag(value: object) -> VolumeTag:
         raise ValueError("a volume tag is 32 hex characters") from None
 
 
+def _secret_bytes(value: object) -> SecretBytes:
+    if isinstance(value, SecretBytes):
+        return value
+    if isinstance(value, bytes):
+        return SecretBytes(value)
+    if not isinstance(value, str):
+        raise ValueError("an injected file's content is base64 text")
+    try:
+        return SecretBytes(base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        raise ValueError("an injected file's content is base64 text") from None
+
+
 WireKey = Annotated[VolumeKey, PlainValidator(_key),
                     PlainSerializer(lambda key: key.hex(), return_type=str)]
 WireTag = Annotated[VolumeTag, PlainValidator(_tag),
@@ -81,12 +97,13 @@ class InjectedFile(_Wire):
     """A file the session writes into the program's file system before it starts."""
 
     path: str
-    content: SecretStr
+    # Bytes (a binary secret's bare form is raw), base64 on the wire.
+    content: Annotated[SecretBytes, PlainValidator(_secret_bytes)]
     permission: int | None = None  # mode bits; None: the runtime's default (0o600)
 
     @field_serializer("content", when_used="json")
-    def _content(self, value: SecretStr) -> str:
-        return value.get_secret_value()
+    def _content(self, value: SecretBytes) -> str:
+        return base64.b64encode(value.get_secret_value()).decode("ascii")
 
 
 class ReleasedConfiguration(_Wire):

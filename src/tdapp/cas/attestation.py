@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from jwcrypto import jwe, jwk
-from pydantic import SecretStr
+from pydantic import SecretBytes, SecretStr
 
 from tdapp.attest import (
     Claims,
@@ -146,7 +146,7 @@ class AttestationAuthority:
             mode = self.mode_of(session)
             measurement = self._judge(request, session, service, mode, public_key, steps)
             volumes = self._volumes(opened, service, grants)
-            fill = self._sharing.filler(opened, grants)
+            fill, fill_file = self._sharing.fillers(opened, grants)
             configuration = ReleasedConfiguration(
                 session=session.name, service=service.name, mode=mode,
                 workload=request.workload, command=tuple(service.argv()),
@@ -154,7 +154,7 @@ class AttestationAuthority:
                 environment={name: fill(value or "")
                              for name, value in service.environment.items()},
                 pwd=fill(service.pwd or "/"), volumes=tuple(volumes),
-                injection_files=self._injection_files(session, service, fill),
+                injection_files=self._injection_files(session, service, fill_file),
                 token=SecretStr(token), expires_at=expires_at)
         except TdappError as error:
             # A refused attempt spends its nonce: evidence is never judged twice.
@@ -356,11 +356,11 @@ class AttestationAuthority:
 
     @staticmethod
     def _injection_files(session: Session, service: Service,
-                         fill: Callable[[str], str]) -> tuple[InjectedFile, ...]:
+                         fill: Callable[[str], bytes]) -> tuple[InjectedFile, ...]:
         image = session.image(service.image_name) if service.image_name else None
         if image is None:
             return ()
-        return tuple(InjectedFile(path=f.path, content=SecretStr(fill(f.content or "")),
+        return tuple(InjectedFile(path=f.path, content=SecretBytes(fill(f.content or "")),
                                   permission=f.permission) for f in image.injection_files)
 
     def _refuse(self, session: str | None, event: str, error: TdappError) -> NoReturn:

@@ -62,8 +62,13 @@ def openapi_document() -> dict[str, Any]:
                                     "properties": {"name": {"type": "string"},
                                                    "session": {"type": "string"},
                                                    "hash": {"type": "string"},
-                                                   "creator": {"type": "string"}}},
-                                   "the normalized session and its hash"),
+                                                   "creator": {"type": "string"},
+                                                   "public_secrets": {
+                                                       "type": "object",
+                                                       "additionalProperties": {
+                                                           "type": "string"}}}},
+                                   "the normalized session, its hash, and the public part "
+                                   "of its export_public secrets"),
                       **_errors(400, 401, 403, 404, 503)}
     return {
         "openapi": "3.0.3",

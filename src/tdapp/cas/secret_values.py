@@ -4,19 +4,18 @@ Owns the bytes behind every generated or given secret of a session: how each
 kind is made (:func:`make_values`, with cryptography and the OS's randomness
 only), the JSON a caller seals to keep them (:func:`values_to_json`), and what a
 ``$$SCONE::name:format$$`` reference puts in its place (:meth:`SecretValue.render`,
-per :data:`tdapp.policy.references.FORMATS`). Imported secrets are another
-module's job. This module must never put value bytes in a repr or a message,
-never keep a generated value whose definition changed, and never keep a
-certificate whose key or issuer was made anew.
+per :data:`tdapp.policy.references.FORMATS`); keys and certificates are made by
+:mod:`tdapp.cas.certificates`. Imported secrets are another module's job.
+This module must never put value bytes in a repr or a message, never keep a
+generated value whose definition changed, and never keep a certificate whose
+key or issuer was made anew.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -24,16 +23,23 @@ import secrets
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tdapp.cas.certificates import (
+    generate_key,
+    given_certificate,
+    given_key,
+    issue_certificate,
+    key_der,
+    load_key,
+    same_key,
+    spki,
+)
 from tdapp.core.canonical import canonical_json
 from tdapp.errors import InputError, IntegrityError, RefusedError
 from tdapp.policy import Secret, Session
@@ -45,18 +51,11 @@ KINDS = frozenset({"ascii", "binary", "private-key", "x509", "x509-ca", "session
 _CERTIFICATES = frozenset({"x509", "x509-ca", "session-ca"})
 _ALPHABET = string.ascii_letters + string.digits
 _DEFAULT_SIZE = 32
-_LIFETIME = re.compile(r"\s*([0-9]{1,9})\s*(days?|d|hours?|h|years?|y)\s*")
-_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "y": timedelta(days=365)}
-_MAX_LIFETIME = timedelta(days=36525)  # 100 years
-_CN_LIMIT = 64  # X.509's bound for a common name (RFC 5280, ub-common-name)
 _JSON_KEYS = frozenset({"name", "kind", "data", "key", "chain", "definition"})
 _DEFINITION = re.compile(r"[0-9a-f]{64}")
 _JSON_FORMAT = 1
 _DER, _PEM = serialization.Encoding.DER, serialization.Encoding.PEM
 
-# The key types a value may hold: those the session language can ask for, and RSA
-# of any size from 2048 bits (a given key); nothing that cannot sign a certificate.
-SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -81,6 +80,13 @@ class SecretValue:
             raise RefusedError(f"secret {self.name!r} ({self.kind}) has no format "
                                f"{quoted(format_name)} (it has: {formats_of(self.kind)})")
         return self._render(rendering, format_name)
+
+    def render_bytes(self, format_name: str) -> bytes:
+        """What the reference puts into an injected file: a binary value's bare form is its
+        bytes, every other form its text in UTF-8."""
+        if rendering_of(self.kind, format_name) is Rendering.RAW:
+            return self.data
+        return self.render(format_name).encode("utf-8")
 
     def public(self) -> str:
         """What ``export_public`` shows: the value itself where it is not a key."""
@@ -133,15 +139,19 @@ class SecretValue:
                 return "".join(x509.load_der_x509_certificate(item).public_bytes(_PEM).decode(
                     "ascii") for item in parts)
             case Rendering.PRIVATE_KEY_PEM:
-                return _key(self._private_key_der(format_name)).private_bytes(
+                return load_key(self._private_key_der(format_name)).private_bytes(
                     _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 ).decode("ascii")
             case Rendering.PRIVATE_KEY_BASE64:
                 return _b64(self._private_key_der(format_name))
             case Rendering.PUBLIC_KEY_PEM:
-                return _spki(self._public_key(), _PEM).decode("ascii")
+                return spki(self._public_key(), _PEM).decode("ascii")
             case Rendering.PUBLIC_KEY_BASE64:
-                return _b64(_spki(self._public_key(), _DER))
+                return _b64(spki(self._public_key(), _DER))
+        if rendering is Rendering.RAW:
+            raise RefusedError(f"secret {self.name!r} is binary: its bare form is bytes, which "
+                               "only an injected file holds; elsewhere name a format (:hex, "
+                               ":base64)")
         raise RefusedError(f"secret {self.name!r}: format {quoted(format_name)} is not rendered")
 
     def _private_key_der(self, format_name: str) -> bytes:
@@ -154,7 +164,7 @@ class SecretValue:
     def _public_key(self) -> PublicKeyTypes:
         if self.kind in _CERTIFICATES:  # a certificate's public key needs no private key
             return x509.load_der_x509_certificate(self.data).public_key()
-        return _key(self.data).public_key()
+        return load_key(self.data).public_key()
 
     def _check_consistent(self) -> None:
         # Rendering must never fail later on stored bytes, so every part is parsed now.
@@ -167,12 +177,12 @@ class SecretValue:
                     json.loads(self.data)) != self.data:
                 raise ValueError("not canonical JSON")
             elif self.kind == "private-key":
-                _key(self.data)
+                load_key(self.data)
             elif self.kind in _CERTIFICATES:
                 certificate = x509.load_der_x509_certificate(self.data)
                 for item in self.chain:
                     x509.load_der_x509_certificate(item)
-                if self.key is not None and not _same_key(self.key, certificate):
+                if self.key is not None and not same_key(self.key, certificate):
                     raise ValueError("the key does not match the certificate")
         except (ValueError, TypeError, UnsupportedAlgorithm, InputError):
             raise IntegrityError(f"the stored value of secret {self.name!r} is malformed"
@@ -284,174 +294,17 @@ def _new_value(secret: Secret, definition: str, depends: Mapping[str, SecretValu
     elif kind == "binary":
         data = bytes.fromhex(str(secret.value)) if given else os.urandom(size)
     elif kind == "private-key":
-        data = _given_key(secret) if given else _der(_generate_key(secret.key_type or "P-256"))
+        data = given_key(secret) if given else key_der(generate_key(secret.key_type or "P-256"))
     elif kind == "config-fragment":
         data = canonical_json(secret.value)
     elif kind in ("x509", "x509-ca") and given:
-        data, key, chain = _given_certificate(secret, depends)
+        data, key, chain = given_certificate(secret, depends)
     elif kind in _CERTIFICATES:
-        data, key, chain = _issue(secret, depends, session_name)
+        data, key, chain = issue_certificate(secret, depends, session_name)
     else:
         raise RefusedError(f"secret {secret.name!r}: tdapp does not make secrets of kind "
                            f"{kind}")
     return SecretValue(secret.name, str(kind), data, key, chain, definition)
-
-
-def _generate_key(key_type: str) -> SigningKey:
-    if key_type in ("RSA-2048", "RSA-3072"):
-        return rsa.generate_private_key(65537, int(key_type.removeprefix("RSA-")))
-    if key_type == "Ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    return ec.generate_private_key(ec.SECP384R1() if key_type == "P-384" else ec.SECP256R1())
-
-
-def _key_type(key: SigningKey) -> str:
-    if isinstance(key, rsa.RSAPrivateKey):
-        return f"RSA-{key.key_size}"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {"secp256r1": "P-256", "secp384r1": "P-384"}.get(key.curve.name, key.curve.name)
-    return "Ed25519"
-
-
-def _key(der: bytes) -> SigningKey:
-    """The private key of PKCS#8 ``der``; InputError for a type tdapp does not keep."""
-    key = serialization.load_der_private_key(der, None)
-    if (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048) or isinstance(
-            key, ed25519.Ed25519PrivateKey) or (isinstance(
-            key, ec.EllipticCurvePrivateKey) and _key_type(key) in ("P-256", "P-384")):
-        return key
-    raise InputError("unsupported private key type")
-
-
-def _given_key(secret: Secret) -> bytes:
-    # Nothing about the value may go in the message: only that it did not load.
-    try:
-        loaded = serialization.load_pem_private_key(str(secret.value).strip().encode("utf-8"), None)
-        key = _key(loaded.private_bytes(_DER, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-    except (ValueError, TypeError, UnsupportedAlgorithm, InputError):
-        raise InputError(f"secret {secret.name!r}: the value is not an unencrypted PEM "
-                         "PKCS#8 private key of a supported type (P-256, P-384, Ed25519, "
-                         "RSA of 2048 bits or more)") from None
-    if secret.key_type is not None and _key_type(key) != secret.key_type:
-        raise InputError(f"secret {secret.name!r}: the given key is not a {secret.key_type} key")
-    return _der(key)
-
-
-def _given_certificate(secret: Secret, depends: Mapping[str, SecretValue]
-                       ) -> tuple[bytes, bytes | None, tuple[bytes, ...]]:
-    certificate = x509.load_pem_x509_certificate(str(secret.value).strip().encode("ascii"))
-    name = secret.name
-    try:
-        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if secret.kind == "x509-ca" and not is_ca:
-        raise InputError(f"secret {name!r}: the given certificate is not a CA certificate")
-    key = depends["private_key"].data if "private_key" in depends else None
-    if key is not None and not _same_key(key, certificate):
-        raise InputError(f"secret {name!r}: the given certificate is not for the key of "
-                         f"private_key {secret.private_key!r}")
-    chain: tuple[bytes, ...] = ()
-    if "issuer" in depends:  # its chain is only known when the issuer verifiably signed it
-        issuer = depends["issuer"]
-        try:
-            certificate.verify_directly_issued_by(x509.load_der_x509_certificate(issuer.data))
-        except (ValueError, TypeError, InvalidSignature):
-            raise InputError(f"secret {name!r}: the given certificate was not issued by "
-                             f"issuer {issuer.name!r}") from None
-        chain = (issuer.data, *issuer.chain)
-    return certificate.public_bytes(_DER), key, chain
-
-
-def _issue(secret: Secret, depends: Mapping[str, SecretValue], session_name: str
-           ) -> tuple[bytes, bytes, tuple[bytes, ...]]:
-    name, issuer = secret.name, depends.get("issuer")
-    if secret.kind == "session-ca":
-        # A session name may be longer than a common name can be; the CN is only a label.
-        common_name = f"{session_name[:_CN_LIMIT - 11]} session CA"
-        lifetime = timedelta(days=3650)
-    else:
-        common_name, lifetime = secret.common_name or name, _lifetime(secret)
-    key = _key(depends["private_key"].data) if "private_key" in depends else _generate_key(
-        "P-256")
-    if issuer is not None and issuer.key is None:
-        raise InputError(f"secret {name!r}: issuer {issuer.name!r} was given without its "
-                         "private key, so it cannot sign")
-    signer = key if issuer is None or issuer.key is None else _key(issuer.key)
-    try:
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    except ValueError:
-        raise InputError(f"secret {name!r}: a common name has 1 to {_CN_LIMIT} characters; "
-                         "give a shorter common_name") from None
-    now = datetime.now(UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(subject if issuer is None
-                            else x509.load_der_x509_certificate(issuer.data).subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - timedelta(seconds=60)).not_valid_after(now + lifetime)
-               .add_extension(x509.BasicConstraints(ca=secret.kind != "x509", path_length=None),
-                              critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                              critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                   signer.public_key()), critical=False))
-    if secret.kind != "x509":
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=False, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-    else:
-        usages = {"server": [ExtendedKeyUsageOID.SERVER_AUTH],
-                  "client": [ExtendedKeyUsageOID.CLIENT_AUTH]}.get(
-            secret.endpoint or "", [ExtendedKeyUsageOID.SERVER_AUTH,
-                                    ExtendedKeyUsageOID.CLIENT_AUTH])
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        if hosts := [*secret.dns, *secret.san]:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [_general_name(name, host) for host in hosts]), critical=False)
-    algorithm = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    certificate = builder.sign(signer, algorithm)
-    chain = () if issuer is None else (issuer.data, *issuer.chain)
-    return certificate.public_bytes(_DER), _der(key), chain
-
-
-def _lifetime(secret: Secret) -> timedelta:
-    if secret.valid_for is None:
-        return timedelta(days=365)
-    match = _LIFETIME.fullmatch(secret.valid_for)
-    lifetime = None if match is None else int(match.group(1)) * _UNITS[match.group(2)[0]]
-    if lifetime is None or not timedelta(0) < lifetime <= _MAX_LIFETIME:
-        raise InputError(f"secret {secret.name!r}: valid_for {quoted(secret.valid_for)} is "
-                         "not a duration like \"90 days\", \"12h\" or \"2 years\" of at most "
-                         "100 years")
-    return lifetime
-
-
-def _general_name(secret_name: str, host: str) -> x509.GeneralName:
-    with contextlib.suppress(ValueError):
-        return x509.IPAddress(ipaddress.ip_address(host))
-    try:
-        return x509.DNSName(host)
-    except ValueError:
-        raise InputError(f"secret {secret_name!r}: {quoted(host)} is not an ASCII host name "
-                         "or IP address (write international names as A-labels)") from None
-
-
-# -- encodings -------------------------------------------------------------------------
-
-
-def _same_key(key_der: bytes, certificate: x509.Certificate) -> bool:
-    return _spki(_key(key_der).public_key(), _DER) == _spki(certificate.public_key(), _DER)
-
-
-def _der(key: SigningKey) -> bytes:
-    return key.private_bytes(_DER, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _spki(key: PublicKeyTypes, encoding: serialization.Encoding) -> bytes:
-    return key.public_bytes(encoding, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _b64(data: bytes) -> str:

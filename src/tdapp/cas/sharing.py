@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from tdapp.cas.secret_values import SecretValue
 from tdapp.cas.sessions import OpenedSession, SessionAuthority
@@ -91,49 +91,54 @@ class Sharing:
 
     # -- imports ----------------------------------------------------------------------
 
-    def _exporter(self, importer: OpenedSession, ref: str, pinned: str | None, what: str,
-                  grants: Grants) -> OpenedSession:
+    def _exporter(self, importer: OpenedSession, ref: str, pinned: str | None,
+                  what: str) -> OpenedSession:
         name = resolve_session_ref(importer.session.name, ref)
         exporter = self._sessions.opened(name)
         if exporter is None:
             raise ImportRefused(f"{what}: session {name!r} does not exist")
         if pinned is not None and pinned != exporter.hash:
-            self._refused(name, grants, f"{what} for session {importer.session.name!r}: the "
-                          f"import pins hash {pinned}, but the session is now {exporter.hash}")
-            raise ImportRefused(f"{what}: session {name!r} has changed since the import pinned "
-                               f"it (now {exporter.hash})")
+            self._refuse(name, importer, what, f"the import pins hash {pinned}, but session "
+                         f"{name!r} is now {exporter.hash}")
         return exporter
 
-    def _refused(self, exporter: str, grants: Grants, reason: str) -> None:
-        # Written now: a refused attestation writes nothing else to the exporter's log.
-        self._store.record(exporter, "export", None, Outcome.REFUSED, reason)
+    def _refuse(self, exporter: str, importer: OpenedSession, what: str,
+                reason: str) -> NoReturn:
+        """Refuse an import, in the exporter's audit log too (the importer's log gets it
+        with the attestation's refusal)."""
+        self._store.record(exporter, "export", None, Outcome.REFUSED,
+                           f"{what} for session {importer.session.name!r} (hash "
+                           f"{importer.hash}): {reason}; not released")
+        raise ImportRefused(f"{what}: {reason}")
+
+    @staticmethod
+    def _granted(grants: Grants, exporter: str, importer: OpenedSession, what: str,
+                 released: str) -> None:
+        grants.exporter_audits.append((exporter, AuditEntry(
+            "export", Outcome.ACCEPTED, f"{released} released to an instance of session "
+                                        f"{importer.session.name!r}")))
+        grants.steps.append(AuditEntry("import", Outcome.ACCEPTED,
+                                       f"{what} from session {exporter!r}"))
 
     def secret(self, importer: OpenedSession, secret: Secret, grants: Grants) -> SecretValue:
         """The value of an imported secret, if its exporter exports it to ``importer``."""
         imported = secret.import_
         assert imported is not None
         what = f"secret {secret.name!r} (imported as {imported.secret!r})"
-        exporter = self._exporter(importer, imported.session, imported.session_hash, what,
-                                  grants)
+        exporter = self._exporter(importer, imported.session, imported.session_hash, what)
+        name = exporter.session.name
         source = exporter.session.secret(imported.secret)
-        if source is None or not _exported_to(source.export, exporter.session.name, importer):
-            self._refused(exporter.session.name, grants,
-                          f"secret {imported.secret!r} is not exported to session "
-                          f"{importer.session.name!r} (hash {importer.hash}); not released")
-            raise ImportRefused(f"{what}: session {exporter.session.name!r} does not export it "
-                               f"to this session")
+        if source is None or not _exported_to(source.export, name, importer):
+            self._refuse(name, importer, what, f"session {name!r} does not export it to "
+                         "this session")
         value = exporter.values.get(imported.secret)
         if source.import_ is not None or value is None:
-            raise ImportRefused(f"{what}: session {exporter.session.name!r} holds no value of "
-                               "its own for it (a secret is exported only by its maker)")
+            self._refuse(name, importer, what, f"session {name!r} holds no value of its own "
+                         "for it (a secret is exported only by its maker)")
         if secret.kind is not None and secret.kind != value.kind:
-            raise ImportRefused(f"{what}: the import says kind {secret.kind}, but session "
-                               f"{exporter.session.name!r} exports a {value.kind} secret")
-        grants.exporter_audits.append((exporter.session.name, AuditEntry(
-            "export", Outcome.ACCEPTED, f"secret {imported.secret!r} released to an instance "
-                                        f"of session {importer.session.name!r}")))
-        grants.steps.append(AuditEntry("import", Outcome.ACCEPTED,
-                                       f"{what} from session {exporter.session.name!r}"))
+            self._refuse(name, importer, what, f"the import says kind {secret.kind}, but "
+                         f"session {name!r} exports a {value.kind} secret")
+        self._granted(grants, name, importer, what, f"secret {imported.secret!r}")
         return value
 
     def volume(self, importer: OpenedSession, volume: Volume, grants: Grants) -> SharedVolume:
@@ -141,32 +146,27 @@ class Sharing:
         imported = volume.import_
         assert imported is not None
         what = f"volume {volume.name!r} (imported as {imported.volume!r})"
-        exporter = self._exporter(importer, imported.session, imported.session_hash, what,
-                                  grants)
+        exporter = self._exporter(importer, imported.session, imported.session_hash, what)
+        name = exporter.session.name
         source = exporter.session.volume(imported.volume)
-        if source is None or not _exported_to(source.export, exporter.session.name, importer):
-            self._refused(exporter.session.name, grants,
-                          f"volume {imported.volume!r} is not exported to session "
-                          f"{importer.session.name!r} (hash {importer.hash}); not released")
-            raise ImportRefused(f"{what}: session {exporter.session.name!r} does not export it "
-                               f"to this session")
-        row = self._store.volume_tag(exporter.session.name, imported.volume)
+        if source is None or not _exported_to(source.export, name, importer):
+            self._refuse(name, importer, what, f"session {name!r} does not export it to "
+                         "this session")
+        row = self._store.volume_tag(name, imported.volume)
         if source.fspf_key is None or row is None:
-            raise ImportRefused(f"{what}: session {exporter.session.name!r} holds no key or "
-                               "tag for it")
+            self._refuse(name, importer, what, f"session {name!r} holds no key or tag for it")
         checked = self._sessions.records.check_tag(row)  # IntegrityError: not released
-        grants.exporter_audits.append((exporter.session.name, AuditEntry(
-            "export", Outcome.ACCEPTED, f"volume {imported.volume!r} (tag {checked.tag}) "
-                                        f"released read-only to an instance of session "
-                                        f"{importer.session.name!r}")))
-        grants.steps.append(AuditEntry("import", Outcome.ACCEPTED,
-                                       f"{what} from session {exporter.session.name!r}"))
+        self._granted(grants, name, importer, what,
+                      f"volume {imported.volume!r} (tag {checked.tag}, read-only)")
         return SharedVolume(source.fspf_key, checked)
 
     # -- references -------------------------------------------------------------------
 
-    def filler(self, opened: OpenedSession, grants: Grants) -> Callable[[str], str]:
-        """A function that fills in the references of one text for this session's instance.
+    def fillers(self, opened: OpenedSession, grants: Grants
+                ) -> tuple[Callable[[str], str], Callable[[str], bytes]]:
+        """Two functions that fill in the references of a text for this session's instance:
+        one for text (environment, ``pwd``), one for an injected file's bytes (where a binary
+        secret's bare form is its raw bytes).
 
         Each secret is looked up (and an import checked) once per attestation.
         """
@@ -196,7 +196,20 @@ class Sharing:
         def fill(text: str) -> str:
             return _replace_all(text, references_in(text), render)
 
-        return fill
+        def fill_file(text: str) -> bytes:
+            found = references_in(text)
+            parts, position = [], 0
+            for reference in found:
+                start = text.index(reference.text, position)
+                value = value_of(reference.secret)
+                parts += [text[position:start].encode("utf-8"),
+                          render(reference).encode("utf-8") if value.kind == "config-fragment"
+                          else value.render_bytes(reference.format)]
+                position = start + len(reference.text)
+            parts.append(text[position:].encode("utf-8"))
+            return b"".join(parts)
+
+        return fill, fill_file
 
 
 def _replace_all(text: str, found: list[Reference], render: Callable[[Reference], str]) -> str:

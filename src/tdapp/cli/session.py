@@ -105,11 +105,21 @@ def update(file: Path, assignments: tuple[str, ...], cas_address: str | None) ->
 
 @session.command()
 @click.argument("name")
+@click.option("--public", "public", default=None, metavar="SECRET",
+              help="Print only the public part of this export_public secret (a certificate, "
+                   "a public key) instead of the session.")
 @_cas_option
-def read(name: str, cas_address: str | None) -> None:
+def read(name: str, public: str | None, cas_address: str | None) -> None:
     """Print a session as it stands now, ready to edit and update (readers only)."""
     client = CasClient.connect(_cas(cas_address))
     answer = client.request("GET", f"/v1/sessions/{quote(name, safe='/')}")
+    if public is not None:
+        shown = answer.get("public_secrets")
+        value = shown.get(public) if isinstance(shown, dict) else None
+        if not isinstance(value, str):
+            raise InputError(f"session {name!r} has no export_public secret {public!r}")
+        click.echo(value.rstrip("\n"))
+        return
     document, digest, creator = (answer.get(key) for key in ("session", "hash", "creator"))
     if not (isinstance(document, str) and isinstance(digest, str) and isinstance(creator, str)):
         raise UnavailableError(f"the CAS at {_cas(cas_address)} answered without a session "

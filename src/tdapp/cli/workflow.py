@@ -28,15 +28,21 @@ from tdapp.errors import UsageError
 @click.option("--las", "las_address", default=None, metavar="HOST:PORT",
               help="The LAS whose platform fills a template's $LAS_PLATFORM (default: the "
                    "one tdapp up announced, else 127.0.0.1:18766).")
+@click.option("--export-to", "exports", multiple=True, metavar="SESSION[@HASH]",
+              help="Export the input volume to this session (read-only there; @HASH pins its "
+                   "hash); repeatable (docs/secrets.md).")
 def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
-                  cas_address: str | None, push: str | None, las_address: str | None) -> None:
+                  cas_address: str | None, push: str | None, las_address: str | None,
+                  exports: tuple[str, ...]) -> None:
     """Encrypt INPUTS, create the session, upload; print the arguments for tdapp run."""
+    from tdapp.client.sharing import ExportTo
     from tdapp.client.workflow import encrypted_push
 
     result = encrypted_push(
         application=application, template=template, conf=conf, inputs=inputs,
         cas=Address.parse(cas_address or announced("cas")), push=push or announced("push"),
-        variables=dict(os.environ), las=las_address)
+        variables=dict(os.environ), las=las_address,
+        exports=tuple(ExportTo.parse(text) for text in exports))
     click.echo(result.command_line)
 
 

@@ -35,10 +35,11 @@ from tdapp.client.session_files import (
     SessionState,
     load_state_file,
 )
-from tdapp.client.sharing import write_output_key
+from tdapp.client.sharing import ExportTo, with_export, write_output_key
 from tdapp.core.address import Address
 from tdapp.errors import InputError, RefusedError, TdappError, UnavailableError, WrongKeyError
 from tdapp.policy import fill_template
+from tdapp.policy.emit import dump_yaml
 from tdapp.policy.enforced import parse_enforceable_session
 from tdapp.policy.template import LAS_PLATFORM_VARIABLE, template_variables
 from tdapp.tls import fingerprint
@@ -69,7 +70,7 @@ class DecryptResult:
 
 def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path,
                    cas: Address, push: str, variables: dict[str, str],
-                   las: str | None = None) -> PushResult:
+                   las: str | None = None, exports: tuple[ExportTo, ...] = ()) -> PushResult:
     from tdapp.transfer import upload
 
     if not inputs.is_dir():
@@ -98,6 +99,11 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
             "OUTPUT_FSPF_KEY": keys[OUTPUT_VOLUME].hex(),
             "OUTPUT_FSPF_TAG": made[OUTPUT_VOLUME].tag.hex(),
         })
+        if exports:  # the input volume, shared with other sessions (read-only for them)
+            content = parse_enforceable_session(filled, source=str(template)).to_canonical()
+            for target in exports:
+                with_export(content, "volumes", INPUT_VOLUME, target)
+            filled = dump_yaml(content)
         parse_enforceable_session(filled, source=str(template))
         client = CasClient.connect(cas)
         created = client.request("POST", "/v1/sessions", filled.encode())

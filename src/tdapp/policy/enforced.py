@@ -28,6 +28,7 @@ from tdapp.policy.references import (
     FORMATS,
     Place,
     Reference,
+    Rendering,
     formats_of,
     references_in,
     rendering_of,
@@ -201,7 +202,8 @@ def _references(session: Session) -> Iterator[Unenforced]:
                              "is public (every local user reads /proc/PID/cmdline); pass the "
                              "secret in the environment or an injected file")
         else:
-            yield from _reference(session, found.path, found.reference)
+            yield from _reference(session, found.path, found.reference,
+                                  raw_allowed=found.place is Place.INJECTION_FILE)
     for path, text in _placeholder_texts(session):
         known = {reference.text for reference in references_in(text)}
         for match in PLACEHOLDER.finditer(text):
@@ -213,7 +215,8 @@ def _references(session: Session) -> Iterator[Unenforced]:
 _IMPLICIT_CA = "session-ca-certificate"
 
 
-def _reference(session: Session, path: Path, reference: Reference) -> Iterator[Unenforced]:
+def _reference(session: Session, path: Path, reference: Reference, *,
+               raw_allowed: bool = False) -> Iterator[Unenforced]:
     secret = session.secret(reference.secret)
     if secret is None:
         implicit = (" (tdapp makes no implicit session CA: define a secret of kind session-ca "
@@ -225,10 +228,16 @@ def _reference(session: Session, path: Path, reference: Reference) -> Iterator[U
         if reference.format not in ANY_KIND_FORMATS:
             yield Unenforced(path, f"{reference.text}: no kind of secret has a format "
                              f"{reference.format!r}")
-    elif secret.kind in FORMATS and rendering_of(secret.kind, reference.format) is None:
-        shown = f"format {reference.format!r}" if reference.format else "bare form"
-        yield Unenforced(path, f"{reference.text}: secrets of kind {secret.kind} have no {shown} "
-                         f"(its formats: {formats_of(secret.kind)})")
+    elif secret.kind in FORMATS:
+        rendering = rendering_of(secret.kind, reference.format)
+        if rendering is None:
+            shown = f"format {reference.format!r}" if reference.format else "bare form"
+            yield Unenforced(path, f"{reference.text}: secrets of kind {secret.kind} have no "
+                             f"{shown} (its formats: {formats_of(secret.kind)})")
+        elif rendering is Rendering.RAW and not raw_allowed:
+            yield Unenforced(path, f"{reference.text}: a binary secret's bare form is its "
+                             "bytes, which only an injected file can hold; name a format "
+                             "(:hex, :base64, :base32)")
 
 
 def _placeholder_texts(session: Session) -> Iterator[tuple[Path, str]]:

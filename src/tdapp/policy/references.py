@@ -36,6 +36,7 @@ class Rendering(StrEnum):
     PRIVATE_KEY_BASE64 = "private-key-base64"  # PKCS#8 DER
     PUBLIC_KEY_PEM = "public-key-pem"  # SubjectPublicKeyInfo
     PUBLIC_KEY_BASE64 = "public-key-base64"  # SubjectPublicKeyInfo DER
+    RAW = "raw"  # a binary value's bytes themselves: only an injected file can hold them
 
 
 _BYTES = {"hex": Rendering.HEX, "base64": Rendering.BASE64, "base32": Rendering.BASE32,
@@ -57,10 +58,11 @@ _CERTIFICATE = {
     "chain:pem": Rendering.CHAIN_PEM,
 }
 # Every format of every kind tdapp makes; "" is the bare reference $$SCONE::name$$.
-# A binary value has no bare form: bytes are not text, so a reference names an encoding.
+# A binary value's bare form is its bytes, which only an injected file can hold (an
+# environment value or a path is text): elsewhere a reference names an encoding.
 FORMATS: dict[str, dict[str, Rendering]] = {
     "ascii": {"": Rendering.TEXT, **_BYTES},
-    "binary": dict(_BYTES),
+    "binary": {"": Rendering.RAW, **_BYTES},
     "private-key": _KEY,
     "x509": _CERTIFICATE,
     "x509-ca": _CERTIFICATE,

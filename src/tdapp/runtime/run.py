@@ -309,7 +309,7 @@ def _injected_modes(config: ReleasedConfiguration) -> dict[str, int]:
 
 
 def _injected(config: ReleasedConfiguration) -> dict[str, bytes]:
-    return {f.path: f.content.get_secret_value().encode() for f in config.injection_files}
+    return {f.path: f.content.get_secret_value() for f in config.injection_files}
 
 
 def _tree_fingerprint(root: Path) -> Fingerprint:
