@@ -386,3 +386,15 @@ def test_an_import_pinned_to_the_exporters_hash_and_a_re_export_are_refused(
     answer, config = released(server, las, third)
     assert config is None and answer.status_code == 403
     assert any("holds no value of its own" in e["reason"] for e in audit(bob, server, third))
+
+
+def test_a_session_cannot_make_the_cas_generate_keys_without_bound(
+        world: tuple[CasServer, User]) -> None:  # noqa: F811
+    server, alice = world
+    many = [{"name": f"k{index}", "kind": "private-key", "key_type": "RSA-3072"}
+            for index in range(40)]
+    doc = document(unique_name("costly"), secrets=many, environment={}, injected=None)
+    answer = post(alice, server, doc)
+    assert answer.status_code == 400 and "at most" in answer.json()["reason"], answer.text
+    with alice.http(server) as http:
+        assert http.get(f"/v1/sessions/{doc['name']}").status_code == 404

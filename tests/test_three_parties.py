@@ -445,3 +445,9 @@ def test_an_export_public_certificate_is_shown_and_nothing_else(world: World,
     other = world.e.tdapp("session", "read", name, "--public", "ca", "--cas", world.cas,
                           check=False)
     assert other.returncode == 7 and other.stdout == ""
+    # An export is an update: made secrets without migrate get new values, and it says so.
+    exported = world.a.tdapp("session", "export", name, "--secret", "ca", "--to", world.rs,
+                             "--cas", world.cas)
+    assert "new values for secrets ca, hidden" in exported.stderr
+    again = world.a.tdapp("session", "read", name, "--public", "ca", "--cas", world.cas).stdout
+    assert again != shown

@@ -49,6 +49,7 @@ from tdapp.policy.values import SECRET_NAME, quoted
 KINDS = frozenset({"ascii", "binary", "private-key", "x509", "x509-ca", "session-ca",
                    "config-fragment"})
 _CERTIFICATES = frozenset({"x509", "x509-ca", "session-ca"})
+_KEYED = _CERTIFICATES | {"private-key"}
 _ALPHABET = string.ascii_letters + string.digits
 _DEFAULT_SIZE = 32
 _JSON_KEYS = frozenset({"name", "kind", "data", "key", "chain", "definition"})
@@ -205,12 +206,29 @@ def make_values(session: Session, kept: Mapping[str, SecretValue]) -> dict[str, 
     from (its key, its issuer) changed; anything else is made anew. Given values are
     taken as written. Imported secrets are skipped (resolved at attestation).
     """
+    _check_work(session)
     maker = _Maker(session, kept)
     for secret in session.secrets:
         if not _imported(secret):
             maker.make(secret)
     return {secret.name: maker.made[secret.name] for secret in session.secrets
             if secret.name in maker.made}
+
+
+# Making keys is the one costly thing a client can ask of the CAS by writing a short
+# document: bounded, so one session cannot keep a CAS worker busy for minutes.
+MAX_MADE_KEYS = 64  # keys and certificates made for one session (or one update)
+MAX_MADE_RSA_KEYS = 4  # of them RSA (the slow ones to make)
+
+
+def _check_work(session: Session) -> None:
+    made = [secret for secret in session.secrets if not _imported(secret)
+            and secret.value is None and secret.kind in _KEYED]
+    rsa = [secret for secret in made if (secret.key_type or "").startswith("RSA")]
+    if len(made) > MAX_MADE_KEYS or len(rsa) > MAX_MADE_RSA_KEYS:
+        raise InputError(f"secrets: the CAS makes at most {MAX_MADE_KEYS} keys and "
+                         f"certificates for a session, {MAX_MADE_RSA_KEYS} of them RSA; this "
+                         f"one asks for {len(made)} ({len(rsa)} RSA)")
 
 
 def values_to_json(values: Mapping[str, SecretValue]) -> bytes:

@@ -22,15 +22,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from tdapp.cas.secret_values import SecretValue
 from tdapp.cas.sessions import OpenedSession, SessionAuthority
 from tdapp.cas.store import AuditEntry, Outcome, Store, StoredTag
 from tdapp.errors import IntegrityError, RefusedError
-from tdapp.policy.model import Volume
+from tdapp.policy.model import Session, Volume
 from tdapp.policy.references import Reference, references_in
 from tdapp.policy.secrets import ExportTarget, Secret
+
+Exported = TypeVar("Exported", Secret, Volume)
 
 
 @dataclass
@@ -102,6 +104,17 @@ class Sharing:
                          f"{name!r} is now {exporter.hash}")
         return exporter
 
+    def _exported(self, importer: OpenedSession, ref: str, pinned: str | None, what: str,
+                  find: Callable[[Session], Exported | None]) -> tuple[OpenedSession, Exported]:
+        """The exporter and its secret or volume, if it exports that to ``importer``."""
+        exporter = self._exporter(importer, ref, pinned, what)
+        name = exporter.session.name
+        source = find(exporter.session)
+        if source is None or not _exported_to(source.export, name, importer):
+            self._refuse(name, importer, what, f"session {name!r} does not export it to "
+                         "this session")
+        return exporter, source
+
     def _refuse(self, exporter: str, importer: OpenedSession, what: str,
                 reason: str) -> NoReturn:
         """Refuse an import, in the exporter's audit log too (the importer's log gets it
@@ -124,13 +137,10 @@ class Sharing:
         """The value of an imported secret, if its exporter exports it to ``importer``."""
         imported = secret.import_
         assert imported is not None
-        what = f"secret {secret.name!r} (imported as {imported.secret!r})"
-        exporter = self._exporter(importer, imported.session, imported.session_hash, what)
+        what = f"secret {secret.name!r} (its {imported.secret!r})"
+        exporter, source = self._exported(importer, imported.session, imported.session_hash,
+                                          what, lambda session: session.secret(imported.secret))
         name = exporter.session.name
-        source = exporter.session.secret(imported.secret)
-        if source is None or not _exported_to(source.export, name, importer):
-            self._refuse(name, importer, what, f"session {name!r} does not export it to "
-                         "this session")
         value = exporter.values.get(imported.secret)
         if source.import_ is not None or value is None:
             self._refuse(name, importer, what, f"session {name!r} holds no value of its own "
@@ -145,13 +155,10 @@ class Sharing:
         """The key and current tag row of an imported volume, if its exporter exports it."""
         imported = volume.import_
         assert imported is not None
-        what = f"volume {volume.name!r} (imported as {imported.volume!r})"
-        exporter = self._exporter(importer, imported.session, imported.session_hash, what)
+        what = f"volume {volume.name!r} (its {imported.volume!r})"
+        exporter, source = self._exported(importer, imported.session, imported.session_hash,
+                                          what, lambda session: session.volume(imported.volume))
         name = exporter.session.name
-        source = exporter.session.volume(imported.volume)
-        if source is None or not _exported_to(source.export, name, importer):
-            self._refuse(name, importer, what, f"session {name!r} does not export it to "
-                         "this session")
         row = self._store.volume_tag(name, imported.volume)
         if source.fspf_key is None or row is None:
             self._refuse(name, importer, what, f"session {name!r} holds no key or tag for it")

@@ -100,7 +100,21 @@ def update(file: Path, assignments: tuple[str, ...], cas_address: str | None) ->
     name = document.name
     answer = CasClient.connect(_cas(cas_address)).request(
         "PUT", f"/v1/sessions/{quote(name, safe='/')}", text.encode())
+    _note_made_anew(document)
     click.echo(answer["hash"])
+
+
+def _note_made_anew(document: Session) -> None:
+    """Say which secrets an update made new values for: an update keeps a made value only
+    where the secret says ``migrate: true`` (docs/secrets.md)."""
+    fresh = [secret.name for secret in document.secrets
+             if secret.import_ is None and secret.value is None and not secret.migrate
+             and secret.kind in ("ascii", "binary", "private-key", "x509", "x509-ca",
+                                 "session-ca")]
+    if fresh:
+        click.echo(f"tdapp: note: the CAS made new values for secret{'s' * (len(fresh) > 1)} "
+                   f"{', '.join(fresh)} (an update keeps a made value only with migrate: true)",
+                   err=True)
 
 
 @session.command()
@@ -174,8 +188,9 @@ def _change_exports(client: CasClient, name: str,
     draft = parse_session(_update_draft(client, name, document, digest, creator))
     content = draft.to_canonical()
     text = dump_yaml(edit(content))
-    parse_enforceable_session(text, source=f"session {name} with the export changed")
+    edited = parse_enforceable_session(text, source=f"session {name} with the export changed")
     changed = client.request("PUT", f"/v1/sessions/{quote(name, safe='/')}", text.encode())
+    _note_made_anew(edited)
     return str(changed["hash"])
 
 

@@ -30,6 +30,7 @@ from tdapp.policy.references import (
     Reference,
     Rendering,
     formats_of,
+    referable_texts,
     references_in,
     rendering_of,
     where_referenced,
@@ -204,7 +205,7 @@ def _references(session: Session) -> Iterator[Unenforced]:
         else:
             yield from _reference(session, found.path, found.reference,
                                   raw_allowed=found.place is Place.INJECTION_FILE)
-    for path, text in _placeholder_texts(session):
+    for path, _, text in referable_texts(session):
         known = {reference.text for reference in references_in(text)}
         for match in PLACEHOLDER.finditer(text):
             if match.group(0) not in known:
@@ -238,18 +239,6 @@ def _reference(session: Session, path: Path, reference: Reference, *,
             yield Unenforced(path, f"{reference.text}: a binary secret's bare form is its "
                              "bytes, which only an injected file can hold; name a format "
                              "(:hex, :base64, :base32)")
-
-
-def _placeholder_texts(session: Session) -> Iterator[tuple[Path, str]]:
-    for index, service in enumerate(session.services):
-        for word in service.argv():
-            yield ("services", index, "command"), word
-        for name, value in service.environment.items():
-            yield ("services", index, "environment", name), value or ""
-        yield ("services", index, "pwd"), service.pwd or ""
-    for index, image in enumerate(session.images):
-        for position, injected in enumerate(image.injection_files):
-            yield ("images", index, "injection_files", position, "content"), injected.content or ""
 
 
 RULES: tuple[Rule, ...] = (_read_back, _placeholder_sections, _attestation, _security, _services,

@@ -117,20 +117,23 @@ class Referenced:
     reference: Reference
 
 
-def where_referenced(session: Session) -> Iterator[Referenced]:
-    """Every reference the session's services and images hold, with its path."""
+def referable_texts(session: Session) -> Iterator[tuple[Path, Place, str]]:
+    """Every text of the session's services and images where a reference may stand."""
     for index, service in enumerate(session.services):
         here: Path = ("services", index)
         for word in service.argv():
-            for found in references_in(word):
-                yield Referenced((*here, "command"), Place.COMMAND, found)
+            yield (*here, "command"), Place.COMMAND, word
         for name, value in service.environment.items():
-            for found in references_in(value or ""):
-                yield Referenced((*here, "environment", name), Place.ENVIRONMENT, found)
-        for found in references_in(service.pwd or ""):
-            yield Referenced((*here, "pwd"), Place.PWD, found)
+            yield (*here, "environment", name), Place.ENVIRONMENT, value or ""
+        yield (*here, "pwd"), Place.PWD, service.pwd or ""
     for index, image in enumerate(session.images):
         for position, injected in enumerate(image.injection_files):
-            for found in references_in(injected.content or ""):
-                yield Referenced(("images", index, "injection_files", position, "content"),
-                                 Place.INJECTION_FILE, found)
+            yield (("images", index, "injection_files", position, "content"),
+                   Place.INJECTION_FILE, injected.content or "")
+
+
+def where_referenced(session: Session) -> Iterator[Referenced]:
+    """Every reference the session's services and images hold, with its path."""
+    for path, place, text in referable_texts(session):
+        for found in references_in(text):
+            yield Referenced(path, place, found)
