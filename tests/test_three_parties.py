@@ -451,3 +451,21 @@ def test_an_export_public_certificate_is_shown_and_nothing_else(world: World,
     assert "new values for secrets ca, hidden" in exported.stderr
     again = world.a.tdapp("session", "read", name, "--public", "ca", "--cas", world.cas).stdout
     assert again != shown
+
+
+def test_the_data_owners_key_reaches_neither_the_requester_nor_the_host(world: World) -> None:
+    """The dataset's key is in the data owner's KEYS and, sealed, in the CAS: nowhere else
+    (not the requester's or anyone's files, outputs, or any process's argv or environment
+    outside the sandbox during the run)."""
+    owner_keys = world.d.cwd / "KEYS" / "datasets" / f"{world.ds}.json"
+    key = json.loads(owner_keys.read_text())["volumes"]["dataset"]["key"]
+    forms = [key.encode(), key.upper().encode(), bytes.fromhex(key)]
+    files = [path for path in world.root.rglob("*") if path.is_file() and path != owner_keys]
+    assert any(path.name == "cas.db" for path in files)
+    outputs = [path for path in world.outputs.rglob("*") if path.is_file()]
+    said = "".join(p for party in (world.r, world.a, world.e) for p in party.transcript)
+    for form in forms:
+        assert [path for path in files + outputs if form in path.read_bytes()] == []
+        assert not any(form in seen for seen in world.proc.seen)
+        assert not any(form in seen for part in world.proc.inside.values() for seen in part)
+    assert key not in said
