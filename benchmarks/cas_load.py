@@ -22,6 +22,10 @@ What it measures
                the workload; one op = both requests, counted only on 200.
     tag        PUT /v1/volume-tags with the instance token (from an untimed attestation),
                old -> new chained per client so each one should succeed.
+    commit     POST /v1/runs/commit: a run's commit (the output tag moved and the receipt
+               signed and kept), each from a fresh instance (its attestation untimed). Its
+               ratio to ``tag`` is what receipts cost a run: a constant (one signature, one
+               row), whatever the run's size.
 
 How to read it
     One row per set-up x operation: ops/s (successes / wall time), p50 and p99 latency of
@@ -81,7 +85,7 @@ SERVICE = "application"
 OUTPUT_VOLUME = "encrypted-output-files"
 VOLUMES = ("encrypted-input-files", OUTPUT_VOLUME)
 SETUPS = ("sqlite", "postgres", "replicas")
-OPERATIONS = ("create", "attest", "tag")
+OPERATIONS = ("create", "attest", "tag", "commit")
 TARGET_ATTEST_PER_S = 300.0
 TARGET_P99_MS = 100.0
 TARGET_CLIENTS = 32
@@ -212,6 +216,17 @@ class Client:
                                "old": self.tag, "new": new})
         self.tag = new
 
+    async def commit(self) -> None:
+        new = secrets.token_hex(16)
+        answer = await self._call("POST", "/v1/runs/commit", (200,),
+                                  headers={"Authorization": f"Bearer {self.token}"},
+                                  json={"session": self.session, "bundle_sha256": "ab" * 32,
+                                        "moves": [{"volume": OUTPUT_VOLUME, "old": self.tag,
+                                                   "new": new}]})
+        if not str(answer.get("receipt", "")).count(".") == 2:
+            raise RequestFailed("the commit answered no compact JWS receipt")
+        self.tag = new
+
 
 async def _run_operation(clients: list[Client], operation: str, seconds: float) -> OpStats:
     stats = OpStats()
@@ -225,11 +240,15 @@ async def _run_operation(clients: list[Client], operation: str, seconds: float) 
                     await client.create()
                 elif operation == "attest":
                     await client.attest()
+                elif operation == "commit":
+                    client.token = await client.attest()  # one commit per instance: untimed
+                    began = time.perf_counter()
+                    await client.commit()
                 else:
                     await client.update_tag()
             except Exception as error:  # every failure is a figure, not a crash
                 stats.failed(f"{type(error).__name__}: {error}")
-                if operation == "tag":  # the chain is broken: this client stops
+                if operation in ("tag", "commit"):  # the chain is broken: this client stops
                     return
                 continue
             stats.latencies_ms.append((time.perf_counter() - began) * 1000)
@@ -261,6 +280,7 @@ async def _drive(spec: LoadSpec) -> dict[str, dict[str, Any]]:
         for client, token in zip(clients, tokens, strict=True):
             client.token = token
         results["tag"] = (await _run_operation(clients, "tag", spec.seconds)).as_json()
+        results["commit"] = (await _run_operation(clients, "commit", spec.seconds)).as_json()
     finally:
         await asyncio.gather(*(client.http.close() for client in clients))
     return results
@@ -513,6 +533,12 @@ def print_report(console: Console, results: dict[str, Any], checks: list[Target]
                           "; ".join(entry["error_samples"])[:80],
                           end_section=operation == OPERATIONS[-1])
     console.print(table)
+    for setup, figures in results.items():
+        tag, commit = figures.get("tag", {}), figures.get("commit", {})
+        if tag.get("p50_ms") and commit.get("p50_ms"):
+            console.print(f"{setup}: a run's commit with its receipt takes "
+                          f"{commit['p50_ms'] / tag['p50_ms']:.2f}x one tag update (p50; "
+                          "commit ops/s include each op's untimed attestation)")
     console.print("Targets (attestations/s and p99 only judged at 32 clients):")
     for check in checks:
         console.print(check.line())

@@ -21,6 +21,6 @@ def test_cas_load_runs_every_operation_without_errors() -> None:
         capture_output=True, text=True, timeout=240)
     assert done.returncode in (0, 1), done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    for operation in ("create", "attest", "tag"):
+    for operation in ("create", "attest", "tag", "commit"):
         figures = summary["sqlite"][operation]
         assert figures["errors"] == 0 and figures["ops"] > 0, (operation, figures)

@@ -46,13 +46,14 @@ from tdapp.attest.binding import is_measurement
 from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
 from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
+from tdapp.cas.receipts import ReceiptSigner
 from tdapp.cas.sessions import OpenedSession, SessionAuthority
 from tdapp.cas.sharing import Grants, ImportRefused, Sharing
 from tdapp.cas.store import AuditEntry, NewInstance, Outcome, SpentNonce, Store
+from tdapp.cas.tags import TagAuthority
+from tdapp.core.canonical import canonical_json
 from tdapp.errors import (
-    ConflictError,
     InputError,
-    IntegrityError,
     NotFoundError,
     RefusedError,
     TdappError,
@@ -96,12 +97,14 @@ class AttestationRequest:
 class AttestationAuthority:
     def __init__(self, store: Store, sessions: SessionAuthority, nonces: NonceMinter, *,
                  verifiers: VerifierSettings | None = None,
-                 verify_at: float | None = None) -> None:
+                 verify_at: float | None = None,
+                 receipts: ReceiptSigner | None = None) -> None:
         self._store = store
         self._sessions = sessions
         self._records = sessions.records
         self._nonces = nonces
         self._sharing = Sharing(store, sessions)
+        self.tags = TagAuthority(store, sessions, receipts)
         self._verifiers = verifiers or VerifierSettings()
         # Fixed only to replay recorded evidence whose collateral has since expired.
         self._verify_at = verify_at
@@ -144,7 +147,7 @@ class AttestationAuthority:
         try:
             public_key = self._public_key(request)
             mode = self.mode_of(session)
-            measurement = self._judge(request, session, service, mode, public_key, steps)
+            judged = self._judge(request, session, service, mode, public_key, steps)
             volumes = self._volumes(opened, service, grants)
             fill, fill_file = self._sharing.fillers(opened, grants)
             configuration = ReleasedConfiguration(
@@ -173,9 +176,17 @@ class AttestationAuthority:
             raise
         accepted = AuditEntry(event, Outcome.ACCEPTED,
                               f"accepted {mode} attestation of {service.name} (measurement "
-                              f"{measurement}); instance {token_hash[:16]}")
-        instance = NewInstance(token_hash, measurement, expires_at, self._records.instance_mac(
-            token_hash, session.name, service.name, measurement, expires_at))
+                              f"{judged.measurement}); instance {token_hash[:16]}")
+        # What this instance's receipt will state, MAC'd with its row.
+        details = canonical_json({
+            "session_hash": opened.hash, "mode": str(mode), "tee": judged.tee,
+            "platform": judged.platform, "evidence_sha256": judged.evidence_sha256,
+            "inputs": {grant.name: None if grant.tag is None else grant.tag.hex()
+                       for grant in volumes}}).decode("utf-8")
+        instance = NewInstance(token_hash, judged.measurement, expires_at,
+                               self._records.instance_mac(token_hash, session.name, service.name,
+                                                          judged.measurement, expires_at,
+                                                          details), details)
         if not self._store.spend_nonce(nonce, [*steps, *grants.steps, accepted], instance):
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
         for exporter, entry in grants.exporter_audits:
@@ -185,15 +196,15 @@ class AttestationAuthority:
 
     def _judge(self, request: AttestationRequest, session: Session, service: Service,
                mode: AttestationMode, public_key: ec.EllipticCurvePublicKey,
-               steps: list[AuditEntry]) -> str:
-        """Judge the request in the session's mode; the measurement that passed (each
-        check that passed is appended to ``steps``), or CheckFailed."""
+               steps: list[AuditEntry]) -> Judged:
+        """Judge the request in the session's mode; what passed (each check that passed is
+        appended to ``steps``), or CheckFailed."""
         match mode:
             case AttestationMode.NONE:
                 UnsafeNoOp().verify(None)
                 steps.append(AuditEntry("attest.none", Outcome.ACCEPTED,
                                         "mode none: no attestation (UnsafeNoOp)"))
-                return "none"
+                return Judged("none", "none", "none", None)
             case AttestationMode.HARDWARE | AttestationMode.SIM:
                 claims = self._verified_claims(request)
                 steps.append(AuditEntry("attest.evidence", Outcome.ACCEPTED, _describe(claims)))
@@ -206,7 +217,8 @@ class AttestationAuthority:
                         raise CheckFailed(label, verdict.reason, public_reason(
                             label, claims, verdict.reason, workload.measurement))
                     steps.append(AuditEntry(f"attest.{label}", Outcome.ACCEPTED, f"{label}: ok"))
-                return claims.measurement
+                evidence = hashlib.sha256(canonical_json(request.evidence)).hexdigest()
+                return Judged(claims.measurement, str(claims.tee), claims.platform, evidence)
             case AttestationMode.MAA:
                 raise RefusedError("mode maa cannot be enforced by tdapp (no Azure "
                                    "Attestation verifier)")
@@ -226,57 +238,9 @@ class AttestationAuthority:
 
     def update_tag(self, token: str, session_name: str, volume: str, old: str | None,
                    new: str) -> None:
-        """Move a volume's tag from ``old`` to ``new`` on the word of an attested instance."""
-        event = "volume.tag"
-        token_hash = _token_hash(token)
-        instance = self._store.instance(token_hash)
-        if instance is None:
-            self._refuse(session_name, event, RefusedError(
-                "the token is not one of an attested instance"))
-        try:
-            self._records.check_instance(instance)
-        except IntegrityError as error:
-            self._refuse(session_name, event, error)
-        if instance.session != session_name:
-            self._refuse(session_name, event, RefusedError(
-                f"the token belongs to an instance of another session, not {session_name!r}"))
-        if instance.expires_at < time.time():
-            self._refuse(session_name, event, RefusedError("the instance's token has expired"))
-        if len(new) != 32 or not _is_hex(new):
-            self._refuse(session_name, event, InputError("the new tag must be 32 hex characters"))
-        self._check_mounts(session_name, instance.service, volume, event)
-        current = self._store.volume_tag(session_name, volume)
-        if current is None:
-            self._refuse(session_name, event, NotFoundError(
-                f"session {session_name!r} has no volume {volume!r}"))
-        try:
-            self._records.check_tag(current)
-        except IntegrityError as error:
-            self._refuse(session_name, event, error)
-        if current.tag != old:
-            self._refuse(session_name, event, _stale(volume, old, current.tag))
-        moved = self._records.next_tag(current, new)
-        if not self._store.swap_volume_tag(current, moved, (
-                event, None, f"{volume}: {old} -> {new} (version {moved.version}) by instance "
-                             f"{token_hash[:16]} of service {instance.service!r}")):
-            latest = self._store.volume_tag(session_name, volume)
-            self._refuse(session_name, event,
-                         _stale(volume, old, latest.tag if latest is not None else None))
-
-    def _check_mounts(self, session_name: str, service_name: str, volume: str,
-                      event: str) -> None:
-        """An instance reports tags only for the volumes its own service's image mounts."""
-        session, service = self._service(session_name, service_name, event)
-        image = session.image(service.image_name) if service.image_name else None
-        if image is None or all(mount.name != volume for mount in image.volumes):
-            self._refuse(session_name, event, RefusedError(
-                f"an instance of service {service_name!r} may not move volume {volume!r}: "
-                "its image does not mount it"))
-        declared = session.volume(volume)
-        if declared is not None and declared.import_ is not None:
-            self._refuse(session_name, event, RefusedError(
-                f"volume {volume!r} is imported: it is released read-only, and only the "
-                "exporting session's instances move its tag"))
+        """Move a volume's tag from ``old`` to ``new`` on the word of an attested instance
+        (:class:`tdapp.cas.tags.TagAuthority` decides)."""
+        self.tags.update_tag(token, session_name, volume, old, new)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -368,6 +332,16 @@ class AttestationAuthority:
         raise error
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What the evidence showed, as the instance's receipt will state it."""
+
+    measurement: str
+    tee: str
+    platform: str
+    evidence_sha256: str | None
+
+
 class UnknownTag(RefusedError):
     """A volume the service mounts has no known tag yet."""
 
@@ -382,15 +356,6 @@ def _describe(claims: Claims) -> str:
         parts.append("debug")
     parts.append(f"platform {claims.platform[:32]}")
     return "; ".join(parts)
-
-
-def _stale(volume: str, old: str | None, current: str | None) -> ConflictError:
-    return ConflictError(f"volume {volume!r}: the old tag {old} is no longer current (now "
-                         f"{current}); another run has changed the volume")
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
 
 
 def _token_hash(token: str) -> str:

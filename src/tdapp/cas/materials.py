@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from tdapp.cas.receipts import ReceiptSigner
 from tdapp.cas.sealing import MasterKey
 from tdapp.core.atomic import WriteMode
 from tdapp.errors import InputError
@@ -40,6 +41,7 @@ class CasMaterials:
     client_ca_key: PrivateKey
     client_ca: x509.Certificate
     master_key: MasterKey
+    receipt_signer: ReceiptSigner
 
     @property
     def certificate_path(self) -> Path:
@@ -65,6 +67,7 @@ class CasMaterials:
             client_ca_key=load_private_key(state_dir / "client-ca.key"),
             client_ca=load_certificate(state_dir / "client-ca.crt"),
             master_key=MasterKey.load_or_create(master_key_file or state_dir / "master.key"),
+            receipt_signer=ReceiptSigner.load_or_create(state_dir / "receipt.key"),
         )
 
     def server_context(self) -> ssl.SSLContext:

@@ -145,6 +145,36 @@ def openapi_document() -> dict[str, Any]:
                                                 "tag": {"type": "string", "nullable": True}}},
                                            "the current tag"),
                               **_errors(400, 401, 403, 404, 503)}}},
+            "/v1/runs/commit": {"post": {
+                "summary": "Commit a run: move every output tag at once (the attested instance "
+                           "only; compare-and-swap each) and get the run's signed receipt",
+                "parameters": [{"name": "Authorization", "in": "header", "required": False,
+                                "schema": {"type": "string"}}],
+                "requestBody": _json_body({"session": {"type": "string"},
+                                           "moves": {"type": "array", "items": {
+                                               "type": "object"}},
+                                           "bundle_sha256": {"type": "string",
+                                                             "nullable": True}},
+                                          optional=("bundle_sha256",)),
+                "responses": {"200": _json({"type": "object", "required": ["receipt"],
+                                            "properties": {"receipt": {"type": "string"}}},
+                                           "the receipt, a compact JWS"),
+                              **_errors(400, 401, 403, 404, 408, 409, 413, 429, 503)}}},
+            "/v1/receipts": {"get": {
+                "summary": "The receipt of the session's run that uploaded a bundle (readers "
+                           "only)",
+                "parameters": [_query("session"), _query("bundle")],
+                "responses": {"200": _json({"type": "object", "required": ["receipt"],
+                                            "properties": {"receipt": {"type": "string"}}},
+                                           "the receipt, a compact JWS"),
+                              **_errors(400, 401, 403, 404, 503)}}},
+            "/v1/receipt-key": {"get": {
+                "summary": "The public key that signs this CAS's receipts (a JWK) and its "
+                           "RFC 7638 thumbprint",
+                "responses": {"200": _json({"type": "object", "required": ["jwk", "kid"],
+                                            "properties": {"jwk": {"type": "object"},
+                                                           "kid": {"type": "string"}}},
+                                           "the receipt key")}}},
             "/v1/audit": {"get": {
                 "summary": "The audit log of a session (readers only)",
                 "parameters": [_query("session")],

@@ -68,14 +68,16 @@ class RecordMacs:
     # -- instances -----------------------------------------------------------------
 
     def instance_mac(self, token_hash: str, session: str, service: str, measurement: str,
-                     expires_at: float) -> str:
+                     expires_at: float, details: str | None = None) -> str:
         # float.hex: exact, so the value read back from either database gives the same MAC.
-        return self._mac(["instance", token_hash, session, service, measurement,
-                          expires_at.hex()])
+        # The details (what its receipt states) are covered when the row has them.
+        fields: list[object] = ["instance", token_hash, session, service, measurement,
+                                expires_at.hex()]
+        return self._mac(fields if details is None else [*fields, details])
 
     def check_instance(self, row: StoredInstance) -> StoredInstance:
         expected = self.instance_mac(row.token_hash, row.session, row.service,
-                                     row.measurement, row.expires_at)
+                                     row.measurement, row.expires_at, row.details)
         _check(row.mac, expected, f"the stored instance record of this token "
                                   f"(session {row.session!r}, service {row.service!r})")
         return row

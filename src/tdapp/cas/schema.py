@@ -71,4 +71,16 @@ instances = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
     Column("mac", String(64), nullable=True),
+    # Migration 0005: what a receipt states about the instance (JSON; covered by the MAC).
+    Column("details", Text, nullable=True),
+)
+
+receipts = Table(
+    "receipts", metadata,
+    # One receipt per instance: committing its outputs happens once.
+    Column("token_hash", String(64), primary_key=True),
+    Column("session", String(128), nullable=False, index=True),
+    Column("bundle_sha256", String(64), nullable=True),
+    Column("receipt", Text, nullable=False),  # the signed JWS: its signature is its integrity
+    Column("created_at", Float, nullable=False),
 )

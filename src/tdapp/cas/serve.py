@@ -84,7 +84,8 @@ def build_app(*, state_dir: Path, db: str | None, hosts: tuple[str, ...] = (),
                                  session_defaults(debug=debug, las_platforms=las_platforms))
     attestation = AttestationAuthority(store, authority, NonceMinter(materials.master_key),
                                        verifiers=verifiers,
-                                       verify_at=hardware.verify_at)
+                                       verify_at=hardware.verify_at,
+                                       receipts=materials.receipt_signer)
     limiter = RateLimit(rate_limit) if rate_limit > 0 else None
     app = create_app(authority, attestation, materials, metrics, limiter, work_slots)
     return app, materials, store

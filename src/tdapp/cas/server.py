@@ -34,6 +34,7 @@ from tdapp.cas.metrics import CasMetrics
 from tdapp.cas.openapi import openapi_document
 from tdapp.cas.ratelimit import Caller, RateLimit, WorkSlots
 from tdapp.cas.sessions import SessionAuthority
+from tdapp.cas.tags import Move
 from tdapp.errors import AuthenticationRequired, InputError
 from tdapp.policy import Identity
 from tdapp.policy.reader import MAX_CHARS as MAX_DOCUMENT_BYTES
@@ -210,16 +211,58 @@ async def attest(request: web.Request) -> web.Response:
 
 
 async def update_tag(request: web.Request) -> web.Response:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationRequired("a tag update needs the instance's token "
-                                     "(Authorization: Bearer …)")
+    token = _bearer(request, "a tag update")
     body = await json_object(request, SMALL_JSON_MAX_BODY)
     session, volume = _string(body, "session"), _string(body, "volume")
     old, new = _string(body, "old", optional=True), _string(body, "new")
     assert session is not None and volume is not None and new is not None
     await _in_thread(request.app[_ATTESTATION].update_tag, token, session, volume, old, new)
     return web.json_response({"session": session, "volume": volume, "tag": new})
+
+
+async def commit_run(request: web.Request) -> web.Response:
+    token = _bearer(request, "a run's commit")
+    body = await json_object(request, SMALL_JSON_MAX_BODY)
+    session = _string(body, "session")
+    bundle = _string(body, "bundle_sha256", optional=True)
+    raw = body.get("moves")
+    if not isinstance(raw, list) or len(raw) > 256:
+        raise InputError("the request needs a list 'moves' (at most 256)")
+    moves = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise InputError("each move is an object with 'volume', 'old' and 'new'")
+        volume, new = _string(item, "volume"), _string(item, "new")
+        old = _string(item, "old", optional=True)
+        assert volume is not None and new is not None
+        moves.append(Move(volume, old, new))
+    assert session is not None
+    receipt = await _in_thread(request.app[_ATTESTATION].tags.commit_run, token, session,
+                               moves, bundle)
+    return web.json_response({"receipt": receipt})
+
+
+async def read_receipt(request: web.Request) -> web.Response:
+    name, bundle = _query(request, "session"), _query(request, "bundle")
+
+    def lookup() -> str:
+        request.app[_AUTHORITY].read(name, client_identity(request))  # readers only
+        return request.app[_ATTESTATION].tags.receipt_for(name, bundle)
+
+    return web.json_response({"receipt": await _in_thread(lookup)})
+
+
+async def receipt_key(request: web.Request) -> web.Response:
+    signer = request.app[_MATERIALS].receipt_signer
+    return web.json_response({"jwk": signer.public_jwk(), "kid": signer.kid})
+
+
+def _bearer(request: web.Request, what: str) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationRequired(f"{what} needs the instance's token "
+                                     "(Authorization: Bearer …)")
+    return token
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -260,6 +303,9 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     app.router.add_post("/v1/attestation/nonce", issue_nonce)
     app.router.add_post("/v1/attestation", attest)
     app.router.add_get("/v1/audit", read_audit)
+    app.router.add_post("/v1/runs/commit", commit_run)
+    app.router.add_get("/v1/receipts", read_receipt)
+    app.router.add_get("/v1/receipt-key", receipt_key)
     app.router.add_get("/v1/sessions/{name:.+}", read_session)
     app.router.add_put("/v1/sessions/{name:.+}", update_session)
     app.router.add_get("/session/{name:.+}", read_session)

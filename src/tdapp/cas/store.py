@@ -31,7 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from tdapp.cas.schema import audit_log, instances, nonces, sessions, volume_tags
+from tdapp.cas.schema import audit_log, instances, nonces, receipts, sessions, volume_tags
 from tdapp.errors import ConflictError, UnavailableError, UsageError
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -73,6 +73,7 @@ class NewInstance:
     measurement: str
     expires_at: float
     mac: str
+    details: str | None = None  # canonical JSON of what its receipt will state
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,15 @@ class StoredInstance:
     measurement: str
     expires_at: float
     mac: str | None
+    details: str | None = None
+
+
+@dataclass(frozen=True)
+class TagSwap:
+    """One tag row to replace by its successor, in a run's commit."""
+
+    current: StoredTag
+    new: StoredTag
 
 
 class Outcome(StrEnum):
@@ -101,6 +111,12 @@ class AuditEntry:
 
 class _AlreadySpent(Exception):
     pass
+
+
+class _Stale(Exception):
+    def __init__(self, volume: str) -> None:
+        super().__init__(volume)
+        self.volume = volume
 
 
 @dataclass(frozen=True)
@@ -289,7 +305,8 @@ class Store:
                     connection.execute(insert(instances).values(
                         token_hash=instance.token_hash, session=nonce.session,
                         service=nonce.service, measurement=instance.measurement,
-                        created_at=now, expires_at=instance.expires_at, mac=instance.mac))
+                        created_at=now, expires_at=instance.expires_at, mac=instance.mac,
+                        details=instance.details))
                 # One executemany: each attestation logs several steps.
                 connection.execute(insert(audit_log), [
                     {"at": now, "session": nonce.session, "event": audit.event, "actor": None,
@@ -314,7 +331,56 @@ class Store:
         if row is None:
             return None
         return StoredInstance(row.token_hash, row.session, row.service, row.measurement,
-                              row.expires_at, row.mac)
+                              row.expires_at, row.mac, row.details)
+
+    # -- receipts ---------------------------------------------------------------
+
+    def commit_run(self, token_hash: str, session: str, swaps: Sequence[TagSwap],
+                   receipt: str, bundle_sha256: str | None,
+                   audits: Sequence[AuditEntry]) -> str | None:
+        """Move every tag of ``swaps`` and keep the run's receipt, all in one transaction.
+
+        Returns None when done; otherwise nothing is written and the answer is why: the
+        volume whose tag is no longer the expected one, or ``"committed"`` when this
+        instance already committed (one commit per instance).
+        """
+        now = time.time()
+        try:
+            with self._write() as connection:
+                connection.execute(insert(receipts).values(
+                    token_hash=token_hash, session=session, bundle_sha256=bundle_sha256,
+                    receipt=receipt, created_at=now))
+                for swap in swaps:
+                    current = swap.current
+                    same_tag = (volume_tags.c.tag.is_(None) if current.tag is None
+                                else volume_tags.c.tag == current.tag)
+                    result = connection.execute(
+                        update(volume_tags)
+                        .where(volume_tags.c.session == current.session,
+                               volume_tags.c.volume == current.volume, same_tag,
+                               volume_tags.c.version == current.version,
+                               volume_tags.c.mac == current.mac)
+                        .values(tag=swap.new.tag, version=swap.new.version, mac=swap.new.mac,
+                                updated_at=now))
+                    if result.rowcount != 1:
+                        raise _Stale(current.volume)
+                connection.execute(insert(audit_log), [
+                    {"at": now, "session": session, "event": audit.event, "actor": None,
+                     "outcome": audit.outcome, "reason": audit.reason} for audit in audits])
+        except _Stale as stale:
+            return stale.volume
+        except SqlIntegrityError:
+            return "committed"
+        return None
+
+    def receipt_for(self, session: str, bundle_sha256: str) -> str | None:
+        """The receipt of the session's run that uploaded this bundle, if any."""
+        with self._read() as connection:
+            row = connection.execute(
+                select(receipts.c.receipt).where(receipts.c.session == session,
+                                                 receipts.c.bundle_sha256 == bundle_sha256)
+                .order_by(receipts.c.created_at.desc())).first()
+        return None if row is None else str(row.receipt)
 
     # -- audit ------------------------------------------------------------------
 

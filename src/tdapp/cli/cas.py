@@ -12,6 +12,7 @@ from tdapp.cli.options import server_timeouts
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
 from tdapp.client.pins import DEFAULT_CAS, PinStore, fetch_presented_certificate
+from tdapp.client.receipts import pin_receipt_key
 from tdapp.core.address import Address
 from tdapp.errors import RefusedError
 from tdapp.tls import fingerprint
@@ -134,7 +135,9 @@ def attest(address: str, accepted: str | None) -> None:
                 f"the CAS at {where} presents certificate {actual}; compare it with the "
                 f"fingerprint the CAS printed at start and pass --accept {actual}")
         pins.pin(where, presented)
-    CasClient.connect(where)  # certifies this user's identity at that CAS
+    client = CasClient.connect(where)  # certifies this user's identity at that CAS
+    # Receipts verify offline against the key this pinned connection vouches for.
+    pin_receipt_key(client, where, replace=bool(wanted))
     click.echo(actual)
 
 

@@ -122,6 +122,7 @@ def _lock_home() -> int:
 
 async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
     from aiohttp import web
+    from jwcrypto.jwk import JWK
 
     from tdapp.attest.las import build_las_app, platform_of
     from tdapp.cas.serve import build_app
@@ -145,6 +146,7 @@ async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
 
     def started(_: list[web.AppRunner]) -> None:
         PinStore().pin(cas, materials.certificate)
+        PinStore().pin_receipt_key(cas, JWK(**materials.receipt_signer.public_jwk()))
         announcements.append(announce({"cas": str(cas), "las": f"{host}:{las_port}",
                                        "push": f"http://{host}:{transfer_port}/upload"}))
         click.echo(f"tdapp up: CAS (debug) https://{cas}  fingerprint {materials.fingerprint}\n"

@@ -71,6 +71,11 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
                          key_file=key_file)
     click.echo(f"decrypted {result.files} files of session {result.session} "
                f"({result.state_file}) into {out}", err=True)
+    if result.receipt is None:
+        click.echo("no receipt: the CAS keeps none for this bundle (a run before receipts)",
+                   err=True)
+    else:
+        click.echo(f"produced by {result.receipt.describe()}; receipt verified", err=True)
 
 
 @click.command()
@@ -94,13 +99,18 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
               help="How the program sees its volumes: fuse decrypts as it reads (volumes larger "
                    "than memory), tmpfs decrypts them whole into memory first; auto takes fuse "
                    "for volumes over 64 MiB when /dev/fuse is usable.")
+@click.option("--receipt", "receipt", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("receipt.jws"), show_default=True,
+              help="Where to write the run's receipt, the CAS's signed statement of what ran "
+                   "on what (check it: tdapp receipt verify FILE --bundle BUNDLE).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=3600.0,
               show_default=True, metavar="SECONDS",
               help="Kill the program past this time; the run then fails with exit code 9, "
                    "moving no tag and uploading nothing.")
 def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
         push: str | None,
-        las_address: str | None, tee: str, shield: str, timeout: float) -> None:
+        las_address: str | None, tee: str, shield: str, timeout: float,
+        receipt: Path) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.run import RunRequest, run_dapp
     from tdapp.runtime.shield import ShieldKind
@@ -110,6 +120,7 @@ def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
                                  more_urls=urls[1:],
                                  push=push or announced("push"),
                                  las=las_address or announced("las"), tee=tee,
-                                 shield=ShieldKind(shield), timeout=timeout),
+                                 shield=ShieldKind(shield), timeout=timeout,
+                                 receipt=receipt),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
     click.echo(result)

@@ -75,6 +75,20 @@ def obtain_configuration(cas: CasClient, workload: Workload,
     return released
 
 
+def commit_run(cas: CasClient, token: str, session: str,
+               moves: Mapping[str, tuple[str | None, str]], bundle_sha256: str | None) -> str:
+    """Move every output tag of the run at once (compare-and-swap each, all or none) and
+    get the run's receipt, a compact JWS the CAS signed."""
+    answer = cas.request_json("POST", "/v1/runs/commit", {
+        "session": session, "bundle_sha256": bundle_sha256,
+        "moves": [{"volume": volume, "old": old, "new": new}
+                  for volume, (old, new) in sorted(moves.items())]}, bearer=token)
+    receipt = answer.get("receipt")
+    if not isinstance(receipt, str):
+        raise IntegrityError("the CAS committed the run but sent no receipt")
+    return receipt
+
+
 def report_tag(cas: CasClient, token: str, session: str, volume: str, old: str | None,
                new: str) -> None:
     """Tell the CAS a volume's new tag; refused unless ``old`` is still current."""

@@ -24,9 +24,11 @@ from urllib.parse import quote
 
 from cryptography import x509
 
+from tdapp.attest.receipt import Receipt
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
 from tdapp.client.pins import PinStore
+from tdapp.client.receipts import check_receipt_states, receipt_of_bundle
 from tdapp.client.session_files import (
     INPUT_VOLUME,
     OUTPUT_VOLUME,
@@ -66,6 +68,7 @@ class DecryptResult:
     files: int
     session: str
     state_file: Path
+    receipt: Receipt | None  # None: the CAS keeps no receipt for this bundle
 
 
 def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path,
@@ -181,8 +184,13 @@ def decrypt(*, conf: Path, encrypted: Path, out: Path, session: str | None = Non
         except TdappError:
             raise InputError(f"the CAS sent a malformed tag for {state.name}") from None
         opened = Volume.open(folder, state.output_key, tag, name=OUTPUT_VOLUME)
+        # Who produced it: the CAS's signed receipt for exactly this bundle, stating this
+        # output at the tag just checked (a receipt for anything else is refused).
+        receipt = receipt_of_bundle(client, state.cas, state.name, bundle)
+        if receipt is not None:
+            check_receipt_states(receipt, OUTPUT_VOLUME, tag.hex())
         report = opened.extract(out)
-    return DecryptResult(report.files, state.name, state.path)
+    return DecryptResult(report.files, state.name, state.path, receipt)
 
 
 def _session_for(fspf: bytes, bundle: Path, named: SessionState | None,

@@ -36,13 +36,16 @@ from tdapp.attest.release import ReleasedConfiguration
 from tdapp.builder import Image, hold_image
 from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
-from tdapp.client.key_release import obtain_configuration, report_tag
+from tdapp.client.key_release import commit_run, obtain_configuration
+from tdapp.client.receipts import bundle_digest, check_receipt
 from tdapp.core.address import Address
+from tdapp.core.atomic import write_atomically
 from tdapp.errors import (
     InputError,
     IntegrityError,
     ProgramFailedError,
     RefusedError,
+    TdappError,
     UnavailableError,
 )
 from tdapp.policy.security import AttestationMode
@@ -92,6 +95,8 @@ class RunRequest:
     # More bundles to take volumes from (a dataset another party pushed, say); a volume
     # name may come from one bundle only.
     more_urls: tuple[str, ...] = ()
+    # Where the run's receipt is written (None: not kept here; the CAS keeps it too).
+    receipt: Path | None = None
 
 
 def run_dapp(request: RunRequest, log: Log) -> str:
@@ -135,12 +140,36 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         pack({name: folder for name, (_, _, folder) in changed.items()}, output)
         for name in sorted(wanted - changed.keys()):
             log(f"volume {name}: unchanged, not in the output bundle")
+        digest = bundle_digest(output)
         url = upload(output, request.push)
         client = CasClient.connect(request.cas, anonymous=True)
+        receipt = commit_run(client, released.token.get_secret_value(), session,
+                             {name: (old, new) for name, (old, new, _) in changed.items()},
+                             digest)
         for name, (old, new, _) in changed.items():
-            report_tag(client, released.token.get_secret_value(), session, name, old, new)
             log(f"volume {name}: tag {old} -> {new}")
+        _keep_receipt(receipt, request, log)
     return url
+
+
+def _keep_receipt(receipt: str, request: RunRequest, log: Log) -> None:
+    """Check the receipt against the pinned receipt key (a CAS that signs with another key
+    is said so, not hidden) and write it where the caller asked."""
+    try:
+        stated = check_receipt(receipt)
+        log(f"receipt: {stated.describe()}")
+    except TdappError as error:
+        log(f"receipt not verified: {error.message}")
+    if request.receipt is None:
+        return
+    try:
+        write_atomically(request.receipt, receipt.encode("ascii") + b"\n", permissions=0o644)
+    except OSError as error:  # the outputs are committed: the CAS keeps the receipt too
+        log(f"receipt not written to {request.receipt}: {error.strerror}; the CAS keeps it "
+            "(tdapp decrypt fetches it)")
+        return
+    log(f"receipt written to {request.receipt} (check it: tdapp receipt verify "
+        f"{request.receipt} --bundle BUNDLE)")
 
 
 def _unpack_all(bundles: list[Path], target: Path, wanted: set[str]) -> dict[str, Path]:
