@@ -118,6 +118,10 @@ UNENFORCED: list[tuple[str, Edit, str]] = [
         {"name": "fragment", "kind": "config-fragment", "value": {"a": "$$SCONE::nope$$"}}]),
      "no secret named 'nope'"),
     ("access_policy", _set("access_policy", value=PLACEHOLDER), "placeholder"),
+    ("services[0].environment.IEXEC_TASK_ID", lambda d: d["services"][0]["environment"].update(
+        IEXEC_TASK_ID="task-1", IEXEC_OUT="/encryptedOutputs"), "task id"),
+    ("services[0].environment.IEXEC_OUT", lambda d: d["services"][0]["environment"].update(
+        IEXEC_TASK_ID="0x" + "ab" * 32, IEXEC_OUT="/iexec_out"), "/iexec_out"),
     ("digest", _set("digest", value="ab" * 32), "pins nothing"),
 ]
 

@@ -106,6 +106,19 @@ class InjectedFile(_Wire):
         return base64.b64encode(value.get_secret_value()).decode("ascii")
 
 
+class IexecGrant(_Wire):
+    """For an iExec task: what the runtime needs to seal the result (never given to the
+    program): the task, where the app writes, and the task's enclave challenge key."""
+
+    task_id: Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
+    output: str  # IEXEC_OUT, a mount path of a released volume
+    challenge: SecretStr  # 0x-hex secp256k1 private key
+
+    @field_serializer("challenge", when_used="json")
+    def _challenge(self, value: SecretStr) -> str:
+        return value.get_secret_value()
+
+
 class ReleasedConfiguration(_Wire):
     """The configuration of one attested instance (the JWE's plaintext)."""
 
@@ -122,6 +135,7 @@ class ReleasedConfiguration(_Wire):
     injection_files: tuple[InjectedFile, ...] = Field(repr=False)
     token: SecretStr  # the instance's word for its tag reports
     expires_at: float
+    iexec: IexecGrant | None = None
 
     @field_serializer("token", when_used="json")
     def _token(self, value: SecretStr) -> str:

@@ -43,7 +43,13 @@ from tdapp.attest import (
     verifier_for,
 )
 from tdapp.attest.binding import is_measurement
-from tdapp.attest.release import MEDIA_TYPE, InjectedFile, ReleasedConfiguration, VolumeGrant
+from tdapp.attest.release import (
+    MEDIA_TYPE,
+    IexecGrant,
+    InjectedFile,
+    ReleasedConfiguration,
+    VolumeGrant,
+)
 from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.receipts import ReceiptSigner
@@ -59,6 +65,7 @@ from tdapp.errors import (
     TdappError,
 )
 from tdapp.policy import Identity, Service, Session
+from tdapp.policy.iexec_task import iexec_task_of
 from tdapp.policy.modes import LEGACY_MODE
 from tdapp.policy.security import AttestationMode
 from tdapp.volume import VolumeKey, VolumeTag
@@ -158,7 +165,8 @@ class AttestationAuthority:
                              for name, value in service.environment.items()},
                 pwd=fill(service.pwd or "/"), volumes=tuple(volumes),
                 injection_files=self._injection_files(session, service, fill_file),
-                token=SecretStr(token), expires_at=expires_at)
+                token=SecretStr(token), expires_at=expires_at,
+                iexec=self._iexec(session, service))
         except TdappError as error:
             # A refused attempt spends its nonce: evidence is never judged twice.
             refused = AuditEntry(event, Outcome.REFUSED, error.message)
@@ -317,6 +325,15 @@ class AttestationAuthority:
                                       key=VolumeKey.from_hex(volume.fspf_key),
                                       tag=None if tag is None else VolumeTag.from_hex(tag)))
         return result
+
+    def _iexec(self, session: Session, service: Service) -> IexecGrant | None:
+        """For an iExec task: its challenge key, for the runtime to sign the result with."""
+        task = iexec_task_of(session, service)
+        if task is None:
+            return None
+        challenge = self._sessions.challenges.for_task(session.name, task.task_id)
+        return IexecGrant(task_id=task.task_id, output=task.out,
+                          challenge=SecretStr(challenge.private_key_hex()))
 
     @staticmethod
     def _injection_files(session: Session, service: Service,

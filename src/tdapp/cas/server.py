@@ -141,7 +141,8 @@ async def read_session(request: web.Request) -> web.Response:
         request.app[_AUTHORITY].read, request.match_info["name"], client_identity(request))
     return web.json_response({"name": found.session.name, "session": found.session.to_yaml(),
                               "hash": found.hash, "creator": found.creator,
-                              "public_secrets": found.public_secrets})
+                              "public_secrets": found.public_secrets,
+                              "enclave_challenges": found.enclave_challenges})
 
 
 def _query(request: web.Request, key: str) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NoReturn
 
+from tdapp.cas.challenges import ChallengeKeys
 from tdapp.cas.records import RecordMacs
 from tdapp.cas.sealing import MasterKey
 from tdapp.cas.secret_store import SecretSealer
@@ -49,6 +50,7 @@ from tdapp.policy import (
 )
 from tdapp.policy.access import is_identity
 from tdapp.policy.enforced import parse_enforceable_session
+from tdapp.policy.iexec_task import iexec_task_of
 from tdapp.policy.modes import with_fixed_mode
 from tdapp.policy.security import AttestationMode
 
@@ -83,6 +85,8 @@ class ReadSession:
     creator: Identity
     # What the session's export_public secrets show (certificates, public keys, values).
     public_secrets: dict[str, str]
+    # iExec tasks: service -> the address of the task's enclave challenge key.
+    enclave_challenges: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class SessionAuthority:
         self.defaults = defaults or SessionDefaults()
         self.records = RecordMacs(master_key)
         self._sealer = SecretSealer(master_key)
+        self.challenges = ChallengeKeys(master_key)
         # Sessions already unsealed and checked, by their exact stored record: a
         # sealed record is unique (random salt), so a hit is the same verified bytes.
         self._opened: dict[tuple[str, str, str, bytes], Session] = {}
@@ -286,7 +291,10 @@ class SessionAuthority:
         values = self._sealer.unseal(current.sealed_secrets, name, current.creator, current.hash)
         public = {secret.name: values[secret.name].public() for secret in session.secrets
                   if secret.export_public and secret.name in values}
-        return ReadSession(session, current.hash, current.creator, public)
+        challenges = {service.name: self.challenges.for_task(name, task.task_id).address
+                      for service in session.services
+                      if (task := iexec_task_of(session, service)) is not None}
+        return ReadSession(session, current.hash, current.creator, public, challenges)
 
     def may_read(self, name: str, who: Identity | None) -> bool:
         """Whether ``who`` is a reader of the session (for what a refusal may reveal)."""

@@ -22,6 +22,8 @@ from tdapp.cli.build import build, image, images, measure
 from tdapp.cli.cas import cas, self_group
 from tdapp.cli.dataset import dataset
 from tdapp.cli.las import las
+from tdapp.cli.receipt import receipt
+from tdapp.cli.result import result
 from tdapp.cli.session import session
 from tdapp.cli.transfer import transfer
 from tdapp.cli.up import up
@@ -56,6 +58,8 @@ cli.add_command(session)
 cli.add_command(self_group)
 cli.add_command(attest)
 cli.add_command(dataset)
+cli.add_command(receipt)
+cli.add_command(result)
 
 
 def _fail(message: str, code: int) -> int:

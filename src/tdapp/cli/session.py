@@ -122,11 +122,23 @@ def _note_made_anew(document: Session) -> None:
 @click.option("--public", "public", default=None, metavar="SECRET",
               help="Print only the public part of this export_public secret (a certificate, "
                    "a public key) instead of the session.")
+@click.option("--challenge", "challenge", default=None, metavar="SERVICE",
+              help="Print only the enclave challenge address of this iExec task's service "
+                   "(its results are signed by that address).")
 @_cas_option
-def read(name: str, public: str | None, cas_address: str | None) -> None:
+def read(name: str, public: str | None, challenge: str | None,
+         cas_address: str | None) -> None:
     """Print a session as it stands now, ready to edit and update (readers only)."""
     client = CasClient.connect(_cas(cas_address))
     answer = client.request("GET", f"/v1/sessions/{quote(name, safe='/')}")
+    if challenge is not None:
+        challenges = answer.get("enclave_challenges")
+        address = challenges.get(challenge) if isinstance(challenges, dict) else None
+        if not isinstance(address, str):
+            raise InputError(f"service {challenge!r} of session {name!r} is not an iExec task "
+                             "(its environment names no IEXEC_TASK_ID)")
+        click.echo(address)
+        return
     if public is not None:
         shown = answer.get("public_secrets")
         value = shown.get(public) if isinstance(shown, dict) else None

@@ -99,6 +99,9 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
               help="How the program sees its volumes: fuse decrypts as it reads (volumes larger "
                    "than memory), tmpfs decrypts them whole into memory first; auto takes fuse "
                    "for volumes over 64 MiB when /dev/fuse is usable.")
+@click.option("--iexec-worker", "iexec_worker", default=None, metavar="ADDRESS",
+              help="For an iExec task: the worker address its result seal names (default "
+                   "the zero address).")
 @click.option("--receipt", "receipt", type=click.Path(path_type=Path, dir_okay=False),
               default=Path("receipt.jws"), show_default=True,
               help="Where to write the run's receipt, the CAS's signed statement of what ran "
@@ -110,8 +113,9 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
 def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
         push: str | None,
         las_address: str | None, tee: str, shield: str, timeout: float,
-        receipt: Path) -> None:
+        receipt: Path, iexec_worker: str | None) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
+    from tdapp.runtime.iexec_post import worker_address
     from tdapp.runtime.run import RunRequest, run_dapp
     from tdapp.runtime.shield import ShieldKind
 
@@ -121,6 +125,7 @@ def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
                                  push=push or announced("push"),
                                  las=las_address or announced("las"), tee=tee,
                                  shield=ShieldKind(shield), timeout=timeout,
-                                 receipt=receipt),
+                                 receipt=receipt,
+                                 iexec_worker=worker_address(iexec_worker)),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
     click.echo(result)

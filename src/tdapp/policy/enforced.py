@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tdapp.policy.errors import SessionError
+from tdapp.policy.iexec_task import IEXEC_OUT, OUT, TASK_ID, iexec_task_of, task_id_is_valid
 from tdapp.policy.model import Session, UpdatePolicy
 from tdapp.policy.parse import line_of, parse_session_document
 from tdapp.policy.reader import Path, format_path
@@ -241,8 +242,24 @@ def _reference(session: Session, path: Path, reference: Reference, *,
                              "(:hex, :base64, :base32)")
 
 
+def _iexec_tasks(session: Session) -> Iterator[Unenforced]:
+    for index, service in enumerate(session.services):
+        task = iexec_task_of(session, service)
+        if task is None:
+            continue
+        here: Path = ("services", index, "environment")
+        if not task_id_is_valid(service.environment.get(TASK_ID) or ""):
+            yield Unenforced((*here, TASK_ID), "an iExec task id is 0x and 64 hex digits (its "
+                             "result is signed for it)")
+        volume = session.volume(task.volume) if task.volume is not None else None
+        if task.out != IEXEC_OUT or volume is None or volume.import_ is not None:
+            yield Unenforced((*here, OUT), f"{OUT} must be {IEXEC_OUT}, where the service's "
+                             "image mounts a volume of this session (not an imported one): "
+                             "the runtime seals the app's computed.json there")
+
+
 RULES: tuple[Rule, ...] = (_read_back, _placeholder_sections, _attestation, _security, _services,
-                           _volumes, _images, _secrets, _references)
+                           _volumes, _images, _secrets, _references, _iexec_tasks)
 
 
 def unenforced(session: Session) -> list[Unenforced]:

@@ -49,8 +49,10 @@ from tdapp.errors import (
     UnavailableError,
 )
 from tdapp.policy.security import AttestationMode
+from tdapp.runtime.iexec_post import ZERO_WORKER, seal_iexec_result
 from tdapp.runtime.sandbox import (
     Mount,
+    SandboxResult,
     SandboxSpec,
     default_host_paths_for,
     require_success,
@@ -97,6 +99,8 @@ class RunRequest:
     more_urls: tuple[str, ...] = ()
     # Where the run's receipt is written (None: not kept here; the CAS keeps it too).
     receipt: Path | None = None
+    # The worker address an iExec task's result seal names.
+    iexec_worker: str = ZERO_WORKER
 
 
 def run_dapp(request: RunRequest, log: Log) -> str:
@@ -253,6 +257,8 @@ def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguratio
                 memory_limit=image.heap, stack_limit=image.stack,
                 user=_user(image), timeout=request.timeout,
                 tmp_size=write_allowance(image.heap)))
+            if config.iexec is not None and _succeeded(result):
+                seal_iexec_result(config.iexec, mounts, request.iexec_worker, log)
             shielded = _finish(shields)
         finally:
             for shield in shields:
@@ -275,6 +281,10 @@ def _plaintext_need(volumes: list[_Staged]) -> tuple[int, int]:
             parts = f"{volume.name}/{info.path}".split("/")
             entries.update("/".join(parts[:depth]) for depth in range(2, len(parts) + 1))
     return size, len(entries)
+
+
+def _succeeded(result: SandboxResult) -> bool:
+    return not result.timed_out and result.signal is None and result.exit_code == 0
 
 
 def _writable(staged: list[_Staged], name: str) -> bool:
