@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import CliResult, assert_error, run_tdapp
-from eth_hash.auto import keccak
 
 from tdapp.iexec import digest
+from tdapp.iexec.ethereum import keccak
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "conformance" / "iexec"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/testdata is missing")

@@ -22,12 +22,12 @@ import pytest
 from cryptography.hazmat.primitives import padding, serialization
 from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from eth_account import Account
-from eth_account.messages import encode_defunct
-from eth_hash.auto import keccak
 
 from tdapp.errors import InputError, IntegrityError
 from tdapp.iexec import computed, dataset, digest, result
+
+# The same libraries, through the module that keeps py_ecc from raising the recursion limit.
+from tdapp.iexec.ethereum import Account, encode_defunct, keccak
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "conformance" / "iexec"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/testdata is missing")

@@ -129,3 +129,20 @@ def test_challenge_keys_are_one_per_session_and_task_and_only_from_the_master_ke
                  ChallengeKeys(MasterKey(b"\x02" * 32)).for_task("s", task).address}
     assert len(addresses) == 4
     assert "0x" not in repr(keys) and "1111" not in repr(keys.for_task("s", task))[20:]
+
+
+def test_the_ethereum_libraries_leave_the_recursion_limit_alone(tmp_path: Path) -> None:
+    """py_ecc (under eth-account) raises the recursion limit to 100,000 when imported; with
+    it a deeply nested JSON body would crash a CAS or a client (a C stack overflow) instead
+    of being refused. Everything that signs or checks iExec results leaves it as it was."""
+    probe = ("import json, sys\n"
+             "before = sys.getrecursionlimit()\n"
+             "import tdapp.cas.serve, tdapp.runtime.run, tdapp.cli.result, tdapp.iexec.digest\n"
+             "assert sys.getrecursionlimit() == before, sys.getrecursionlimit()\n"
+             "try:\n"
+             "    json.loads('[' * 200000 + ']' * 200000)\n"
+             "except RecursionError:\n"
+             "    print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stderr[-2000:]

@@ -26,11 +26,8 @@ import stat
 from pathlib import Path
 from typing import TypeAlias
 
-from eth_account import Account
-from eth_account.messages import encode_defunct
-from eth_hash.auto import keccak
-
 from tdapp.errors import InputError, IntegrityError
+from tdapp.iexec.ethereum import Account, encode_defunct, keccak
 
 Bytes32: TypeAlias = bytes
 """32 raw bytes: a task id, a digest, a hash."""
