@@ -6,7 +6,7 @@ PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
-SYSTEM_PKGS := bubblewrap fuse3 postgresql curl
+SYSTEM_PKGS := bubblewrap fuse3 postgresql curl redis-server
 BENCH_PKGS  := gocryptfs age fuse3
 
 .PHONY: all install sysdeps bench-deps demo volume-demo test test-fast test-slow lint bench bench-shield clean

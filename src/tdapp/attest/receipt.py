@@ -62,6 +62,8 @@ class Receipt(_Wire):
     outputs: dict[str, OutputMove]  # the volumes the run changed
     bundle_sha256: Annotated[str, Field(pattern=_HEX64)] | None
     issued_at: float
+    # A worker pool's task id, when the run was one (docs/pool.md).
+    label: Annotated[str, Field(max_length=128)] | None = None
 
     def payload(self) -> bytes:
         return self.model_dump_json().encode("utf-8")

@@ -154,12 +154,26 @@ def openapi_document() -> dict[str, Any]:
                                            "moves": {"type": "array", "items": {
                                                "type": "object"}},
                                            "bundle_sha256": {"type": "string",
-                                                             "nullable": True}},
-                                          optional=("bundle_sha256",)),
+                                                             "nullable": True},
+                                           "label": {"type": "string", "nullable": True},
+                                           "url": {"type": "string", "nullable": True}},
+                                          optional=("bundle_sha256", "label", "url")),
                 "responses": {"200": _json({"type": "object", "required": ["receipt"],
                                             "properties": {"receipt": {"type": "string"}}},
                                            "the receipt, a compact JWS"),
                               **_errors(400, 401, 403, 404, 408, 409, 413, 429, 503)}}},
+            "/v1/runs": {"get": {
+                "summary": "The receipt and URL of a committed run of SESSION labelled LABEL "
+                           "(an instance of that session only: a redelivered pool task asks)",
+                "parameters": [{"name": "Authorization", "in": "header", "required": False,
+                                "schema": {"type": "string"}},
+                               _query("session"), _query("label")],
+                "responses": {"200": _json({"type": "object", "required": ["receipt", "url"],
+                                            "properties": {"receipt": {"type": "string"},
+                                                           "url": {"type": "string",
+                                                                   "nullable": True}}},
+                                           "the earlier run"),
+                              **_errors(400, 401, 403, 404, 503)}}},
             "/v1/receipts": {"get": {
                 "summary": "The receipt of the session's run that uploaded a bundle (readers "
                            "only)",

@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -83,4 +84,8 @@ receipts = Table(
     Column("bundle_sha256", String(64), nullable=True),
     Column("receipt", Text, nullable=False),  # the signed JWS: its signature is its integrity
     Column("created_at", Float, nullable=False),
+    # Migration 0006: a pool task's label (also in the signed receipt) and the output's URL.
+    Column("label", String(128), nullable=True),
+    Column("url", Text, nullable=True),
+    Index("ix_receipts_session_label", "session", "label"),
 )

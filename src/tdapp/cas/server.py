@@ -238,9 +238,18 @@ async def commit_run(request: web.Request) -> web.Response:
         assert volume is not None and new is not None
         moves.append(Move(volume, old, new))
     assert session is not None
-    receipt = await _in_thread(request.app[_ATTESTATION].tags.commit_run, token, session,
-                               moves, bundle)
+    label, url = _string(body, "label", optional=True), _string(body, "url", optional=True)
+    receipt = await _in_thread(lambda: request.app[_ATTESTATION].tags.commit_run(
+        token, session, moves, bundle, label=label, url=url))
     return web.json_response({"receipt": receipt})
+
+
+async def labelled_run(request: web.Request) -> web.Response:
+    token = _bearer(request, "looking up a run")
+    name, label = _query(request, "session"), _query(request, "label")
+    receipt, url = await _in_thread(request.app[_ATTESTATION].tags.labelled_run, token, name,
+                                    label)
+    return web.json_response({"receipt": receipt, "url": url})
 
 
 async def read_receipt(request: web.Request) -> web.Response:
@@ -306,6 +315,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     app.router.add_get("/v1/audit", read_audit)
     app.router.add_post("/v1/runs/commit", commit_run)
     app.router.add_get("/v1/receipts", read_receipt)
+    app.router.add_get("/v1/runs", labelled_run)
     app.router.add_get("/v1/receipt-key", receipt_key)
     app.router.add_get("/v1/sessions/{name:.+}", read_session)
     app.router.add_put("/v1/sessions/{name:.+}", update_session)

@@ -337,7 +337,8 @@ class Store:
 
     def commit_run(self, token_hash: str, session: str, swaps: Sequence[TagSwap],
                    receipt: str, bundle_sha256: str | None,
-                   audits: Sequence[AuditEntry]) -> str | None:
+                   audits: Sequence[AuditEntry], *, label: str | None = None,
+                   url: str | None = None) -> str | None:
         """Move every tag of ``swaps`` and keep the run's receipt, all in one transaction.
 
         Returns None when done; otherwise nothing is written and the answer is why: the
@@ -349,7 +350,7 @@ class Store:
             with self._write() as connection:
                 connection.execute(insert(receipts).values(
                     token_hash=token_hash, session=session, bundle_sha256=bundle_sha256,
-                    receipt=receipt, created_at=now))
+                    receipt=receipt, created_at=now, label=label, url=url))
                 for swap in swaps:
                     current = swap.current
                     same_tag = (volume_tags.c.tag.is_(None) if current.tag is None
@@ -372,6 +373,15 @@ class Store:
         except SqlIntegrityError:
             return "committed"
         return None
+
+    def labelled_run(self, session: str, label: str) -> tuple[str, str | None] | None:
+        """(receipt, url) of the session's committed run with this label, if any."""
+        with self._read() as connection:
+            row = connection.execute(
+                select(receipts.c.receipt, receipts.c.url)
+                .where(receipts.c.session == session, receipts.c.label == label)
+                .order_by(receipts.c.created_at)).first()
+        return None if row is None else (str(row.receipt), row.url)
 
     def receipt_for(self, session: str, bundle_sha256: str) -> str | None:
         """The receipt of the session's run that uploaded this bundle, if any."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tdapp.errors import (
 )
 
 _HEX = frozenset("0123456789abcdef")
+_LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,13 @@ class TagAuthority:
                          _stale(volume, old, latest.tag if latest is not None else None))
 
     def commit_run(self, token: str, session_name: str, moves: Sequence[Move],
-                   bundle_sha256: str | None) -> str:
-        """Move every output tag of the run at once and return its signed receipt."""
+                   bundle_sha256: str | None, *, label: str | None = None,
+                   url: str | None = None) -> str:
+        """Move every output tag of the run at once and return its signed receipt.
+
+        ``label`` (a pool task's id) is stated in the receipt; with ``url`` it lets a
+        redelivered task find this run (:meth:`labelled_run`).
+        """
         event = "run.commit"
         if self._signer is None:
             self._refuse(session_name, event, UnavailableError("this CAS signs no receipts"))
@@ -84,15 +91,20 @@ class TagAuthority:
                                           or not set(bundle_sha256) <= _HEX):
             self._refuse(session_name, event, InputError(
                 "bundle_sha256 must be 64 lower-case hex characters"))
+        if label is not None and not _LABEL.fullmatch(label):
+            self._refuse(session_name, event, InputError(
+                "label must be 1 to 128 characters from A-Z a-z 0-9 _ . : -"))
+        if url is not None and len(url) > 2048:
+            self._refuse(session_name, event, InputError("url is longer than 2048 characters"))
         swaps = [self._swap(instance, move, event) for move in moves]
-        receipt = self._receipt(instance, swaps, bundle_sha256)
+        receipt = self._receipt(instance, swaps, bundle_sha256, label)
         signed = self._signer.sign(receipt)
         audits = [AuditEntry(event, Outcome.ACCEPTED, _moved(swap, instance)) for swap in swaps]
         audits.append(AuditEntry(event, Outcome.ACCEPTED, (
             f"receipt for instance {instance.token_hash[:16]}: {len(swaps)} output(s), bundle "
             f"{bundle_sha256 or 'none'}")))
         failed = self._store.commit_run(instance.token_hash, session_name, swaps, signed,
-                                        bundle_sha256, audits)
+                                        bundle_sha256, audits, label=label, url=url)
         if failed == "committed":
             self._refuse(session_name, event, ConflictError(
                 "this instance has committed its outputs already (one commit per run)"))
@@ -102,6 +114,16 @@ class TagAuthority:
             self._refuse(session_name, event,
                          _stale(failed, move.old, latest.tag if latest is not None else None))
         return signed
+
+    def labelled_run(self, token: str, session_name: str, label: str) -> tuple[str, str | None]:
+        """(receipt, url) of a committed run of the session with ``label``, for an instance
+        of that session (a redelivered pool task asks before running again)."""
+        self._instance(token, session_name, "run.lookup")
+        found = self._store.labelled_run(session_name, label)
+        if found is None:
+            raise NotFoundError(f"no committed run of session {session_name!r} is labelled "
+                                f"{label!r}")
+        return found
 
     def receipt_for(self, session_name: str, bundle_sha256: str) -> str:
         found = self._store.receipt_for(session_name, bundle_sha256)
@@ -165,7 +187,7 @@ class TagAuthority:
                 "exporting session's instances move its tag"))
 
     def _receipt(self, instance: StoredInstance, swaps: list[TagSwap],
-                 bundle_sha256: str | None) -> Receipt:
+                 bundle_sha256: str | None, label: str | None) -> Receipt:
         assert self._signer is not None and instance.details is not None
         try:
             details = json.loads(instance.details)
@@ -178,7 +200,7 @@ class TagAuthority:
                 outputs={swap.current.volume: OutputMove(old=swap.current.tag,
                                                          new=str(swap.new.tag))
                          for swap in swaps},
-                bundle_sha256=bundle_sha256, issued_at=time.time())
+                bundle_sha256=bundle_sha256, issued_at=time.time(), label=label)
         except (ValueError, KeyError, TypeError):  # MAC'd, so only a CAS bug gets here
             raise IntegrityError("the instance's record cannot be stated in a receipt") from None
 

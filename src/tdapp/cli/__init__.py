@@ -22,6 +22,7 @@ from tdapp.cli.build import build, image, images, measure
 from tdapp.cli.cas import cas, self_group
 from tdapp.cli.dataset import dataset
 from tdapp.cli.las import las
+from tdapp.cli.pool import submit, task, worker
 from tdapp.cli.receipt import receipt
 from tdapp.cli.result import result
 from tdapp.cli.session import session
@@ -58,6 +59,9 @@ cli.add_command(session)
 cli.add_command(self_group)
 cli.add_command(attest)
 cli.add_command(dataset)
+cli.add_command(submit)
+cli.add_command(task)
+cli.add_command(worker)
 cli.add_command(receipt)
 cli.add_command(result)
 

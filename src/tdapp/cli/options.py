@@ -40,3 +40,12 @@ def server_timeouts(*, header_help: str = "Close a connection whose request head
         return decorated  # type: ignore[return-value]
 
     return decorate
+
+
+def run_target(command: Command) -> Command:
+    """``--sessionID`` and ``--secretManagementService``: what ``tdapp run`` and ``tdapp
+    submit`` run, named as the seed's walkthrough names it."""
+    command = click.option("--secretManagementService", "--cas", "cas_address", required=True,
+                           metavar="HOST:PORT")(command)
+    return click.option("--sessionID", "--session-id", "session_id", required=True,
+                        metavar="SESSION/SERVICE")(command)

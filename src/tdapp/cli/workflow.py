@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from tdapp.cli.options import run_target
 from tdapp.client.announce import announced
 from tdapp.core.address import Address
 from tdapp.errors import UsageError
@@ -80,9 +81,7 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
 
 @click.command()
 @click.argument("image")
-@click.option("--sessionID", "--session-id", "session_id", required=True, metavar="SESSION/SERVICE")
-@click.option("--secretManagementService", "--cas", "cas_address", required=True,
-              metavar="HOST:PORT")
+@run_target
 @click.option("--url", "urls", required=True, multiple=True,
               help="Where to download the encrypted input bundle; repeat it to take volumes "
                    "from several bundles (another party's dataset, say).")

@@ -86,8 +86,10 @@ class CasClient:
         save_certificate(certificate, path)
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/x-yaml") -> dict[str, Any]:
-        return self._request(method, path, body, with_identity=True, content_type=content_type)
+                content_type: str = "application/x-yaml", *,
+                bearer: str | None = None) -> dict[str, Any]:
+        return self._request(method, path, body, with_identity=self.identity is not None,
+                             content_type=content_type, bearer=bearer)
 
     def request_json(self, method: str, path: str, document: Mapping[str, Any],
                      *, bearer: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -19,7 +20,7 @@ from jwcrypto.common import JWException
 from tdapp.attest import Workload, report_data
 from tdapp.attest.release import ReleasedConfiguration
 from tdapp.client.cas_client import CasClient
-from tdapp.errors import IntegrityError
+from tdapp.errors import IntegrityError, NotFoundError
 
 EvidenceSource = Callable[[bytes, str], Mapping[str, Any]]
 """(report_data, the session's attestation mode as the CAS states it) -> evidence."""
@@ -76,17 +77,32 @@ def obtain_configuration(cas: CasClient, workload: Workload,
 
 
 def commit_run(cas: CasClient, token: str, session: str,
-               moves: Mapping[str, tuple[str | None, str]], bundle_sha256: str | None) -> str:
+               moves: Mapping[str, tuple[str | None, str]], bundle_sha256: str | None, *,
+               label: str | None = None, url: str | None = None) -> str:
     """Move every output tag of the run at once (compare-and-swap each, all or none) and
     get the run's receipt, a compact JWS the CAS signed."""
     answer = cas.request_json("POST", "/v1/runs/commit", {
-        "session": session, "bundle_sha256": bundle_sha256,
+        "session": session, "bundle_sha256": bundle_sha256, "label": label, "url": url,
         "moves": [{"volume": volume, "old": old, "new": new}
                   for volume, (old, new) in sorted(moves.items())]}, bearer=token)
     receipt = answer.get("receipt")
     if not isinstance(receipt, str):
         raise IntegrityError("the CAS committed the run but sent no receipt")
     return receipt
+
+
+def committed_run(cas: CasClient, token: str, session: str,
+                  label: str) -> tuple[str, str | None] | None:
+    """(receipt, url) of a run of ``session`` labelled ``label`` that committed already."""
+    try:
+        answer = cas.request("GET", f"/v1/runs?{urlencode({'session': session, 'label': label})}",
+                             bearer=token)
+    except NotFoundError:
+        return None
+    receipt, url = answer.get("receipt"), answer.get("url")
+    if not isinstance(receipt, str):
+        raise IntegrityError("the CAS found the earlier run but sent no receipt")
+    return receipt, url if isinstance(url, str) else None
 
 
 def report_tag(cas: CasClient, token: str, session: str, volume: str, old: str | None,

@@ -36,7 +36,7 @@ from tdapp.attest.release import ReleasedConfiguration
 from tdapp.builder import Image, hold_image
 from tdapp.builder.paths import user_ids
 from tdapp.client.cas_client import CasClient
-from tdapp.client.key_release import commit_run, obtain_configuration
+from tdapp.client.key_release import commit_run, committed_run, obtain_configuration
 from tdapp.client.receipts import bundle_digest, check_receipt
 from tdapp.core.address import Address
 from tdapp.core.atomic import write_atomically
@@ -101,10 +101,28 @@ class RunRequest:
     receipt: Path | None = None
     # The worker address an iExec task's result seal names.
     iexec_worker: str = ZERO_WORKER
+    # A pool task's id: stated in the receipt, and how a redelivery finds the first run.
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    url: str | None  # None only for a duplicate whose first run recorded no URL
+    receipt: str
+    duplicate: bool = False  # a run with the same label had committed: nothing ran
 
 
 def run_dapp(request: RunRequest, log: Log) -> str:
     """Run once; return the URL of the uploaded output bundle."""
+    outcome = run_labelled(request, log)
+    if outcome.url is None:
+        raise IntegrityError("the earlier run of this task recorded no output URL")
+    return outcome.url
+
+
+def run_labelled(request: RunRequest, log: Log) -> RunOutcome:
+    """Run once, or, for a labelled run (a pool task) whose label committed already,
+    report that run instead of running again (exactly one effect per task)."""
     from tdapp.transfer import download, upload
 
     session, _, service = request.session_id.partition("/")
@@ -136,6 +154,12 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         released = obtain_configuration(
             CasClient.connect(request.cas, anonymous=True), workload, evidence)
         log(f"attested to {request.cas} ({released.mode} mode)")
+        if request.label is not None:
+            earlier = committed_run(CasClient.connect(request.cas, anonymous=True),
+                                    released.token.get_secret_value(), session, request.label)
+            if earlier is not None:
+                log(f"task {request.label}: a run of it committed already; reporting that run")
+                return RunOutcome(earlier[1], earlier[0], duplicate=True)
         wanted = {volume.name for volume in released.volumes}
         volumes = _unpack_all(bundles, root / "sealed", wanted)
         staged = _check_volumes(released, volumes, request.shield)
@@ -149,11 +173,11 @@ def run_dapp(request: RunRequest, log: Log) -> str:
         client = CasClient.connect(request.cas, anonymous=True)
         receipt = commit_run(client, released.token.get_secret_value(), session,
                              {name: (old, new) for name, (old, new, _) in changed.items()},
-                             digest)
+                             digest, label=request.label, url=url)
         for name, (old, new, _) in changed.items():
             log(f"volume {name}: tag {old} -> {new}")
         _keep_receipt(receipt, request, log)
-    return url
+    return RunOutcome(url, receipt)
 
 
 def _keep_receipt(receipt: str, request: RunRequest, log: Log) -> None:

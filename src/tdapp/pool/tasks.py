@@ -1,0 +1,57 @@
+"""The task a pool worker runs: one ``tdapp run`` for one message, exactly one effect.
+
+The message is parsed (JSON, :class:`~tdapp.pool.messages.RunTask`) and run as
+``tdapp run`` would with the task's id as the run's *label*: the CAS states it
+in the receipt and, when the task is delivered again (its worker died, or the
+broker sent it twice), the new run asks the CAS whether a run with that label
+committed and reports that run instead of running again. A run that fails
+raises, so the result store holds the reason; nothing secret is in it. A
+worker's own host settings (its LAS, the attester it may use) come from the
+worker's command line, never from the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+from celery import Celery, Task
+
+from tdapp.core.address import Address
+from tdapp.errors import TdappError
+from tdapp.pool.app import TASK_NAME
+from tdapp.pool.messages import RunTask
+
+log = logging.getLogger("tdapp.pool")
+
+
+class RunFailed(Exception):
+    """A run that ended in a refusal or an error: ``kind: reason`` (JSON-safe)."""
+
+
+def register(app: Celery, *, las: str, tee: str | None) -> None:
+    """Register the run task on ``app`` for a worker using LAS ``las`` (and, if given, only
+    the attester ``tee``, whatever a message asks)."""
+    from tdapp.runtime.iexec_post import worker_address
+    from tdapp.runtime.run import RunRequest, run_labelled
+    from tdapp.runtime.shield import ShieldKind
+
+    @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+    def run(self: Task, message: Any) -> dict[str, Any]:
+        task_id = str(self.request.id)
+        began = time.monotonic()
+        try:
+            task = RunTask.from_json(message)
+            outcome = run_labelled(RunRequest(
+                image=task.image, session_id=task.session_id, cas=Address.parse(task.cas),
+                url=task.urls[0], more_urls=task.urls[1:], push=task.push, las=las,
+                tee=tee or task.tee, shield=ShieldKind(task.shield), timeout=task.timeout,
+                iexec_worker=worker_address(task.iexec_worker), label=task_id),
+                log=lambda line: log.info("task %s: %s", task_id, line))
+        except TdappError as error:
+            raise RunFailed(f"{error.kind}: {error.message}") from None
+        return {"url": outcome.url, "receipt": outcome.receipt,
+                "duplicate": outcome.duplicate, "host": socket.gethostname(),
+                "ran_s": round(time.monotonic() - began, 4)}
