@@ -363,3 +363,25 @@ def test_a_hardware_session_must_name_its_tee_and_a_message_is_json_only(pool: P
     conf = make_app(pool.redis.url).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.result_accept_content == ["json"] and conf.task_acks_late
+
+
+def test_tdapp_up_with_workers_is_a_pool_in_one_command(tmp_path: Path) -> None:
+    with running_up(tmp_path, "--workers", "1") as walk:
+        walk.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo",
+                   "-o", str(walk.example / "KEYS" / "copy_dapp.yml"))
+        (walk.example / "INPUTS" / "f.txt").write_text("Hello pool\n")
+        command = walk.tdapp("encryptedpush", "--application", "copy_demo", "-t",
+                             "KEYS/copy_dapp.yml").stdout.split()
+        announced = json.loads((walk.home / "up.json").read_text())
+        assert announced["broker"].startswith("redis://127.0.0.1:")
+        task = walk.tdapp("submit", "copy_demo", *command).stdout.strip()
+        url = walk.tdapp("task", "wait", task, "--timeout", "120").stdout.strip()
+        bundle = walk.example / "ZIP" / "out.zip"
+        subprocess.run(["curl", "--silent", "--fail", "--output", str(bundle), url],
+                       check=True, timeout=60)
+        walk.tdapp("decrypt", "--encrypted", str(bundle))
+        assert (walk.example / "OUTPUTS" / "f.txt").read_text() == "Hello pool\n"
+    # Stopping tdapp up stops its Redis and workers too.
+    leftover = subprocess.run(["pgrep", "-f", f"redis-server.*{tmp_path}"],
+                              capture_output=True, text=True, check=False)
+    assert leftover.stdout.strip() == ""

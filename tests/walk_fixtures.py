@@ -38,7 +38,7 @@ class Walk:
 
 
 @contextmanager
-def running_up(root: Path) -> Iterator[Walk]:
+def running_up(root: Path, *extra: str) -> Iterator[Walk]:
     """``tdapp up`` for a fresh user in ``root``, with KEYS, INPUTS, OUTPUTS and ZIP ready."""
     home = root / "home"
     env = {"PATH": os.environ["PATH"], "HOME": str(root), "TDAPP_HOME": str(home),
@@ -47,7 +47,7 @@ def running_up(root: Path) -> Iterator[Walk]:
     with (root / "up.log").open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tdapp", "up", "--cas-port", str(ports[0]),
-             "--las-port", str(ports[1]), "--transfer-port", str(ports[2])],
+             "--las-port", str(ports[1]), "--transfer-port", str(ports[2]), *extra],
             env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

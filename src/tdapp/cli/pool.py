@@ -28,7 +28,9 @@ def _app(broker: str | None, visibility_timeout: float | None = None):  # type: 
 @run_target
 @click.option("--url", "urls", required=True, multiple=True,
               help="Where the worker downloads the encrypted input bundle (repeatable).")
-@click.option("--push", required=True, metavar="URL", help="Where the worker uploads the output.")
+@click.option("--push", default=None, metavar="URL",
+              help="Where the worker uploads the output (default: the transfer service tdapp "
+                   "up announced).")
 @click.option("--queue", type=click.Choice(("sim", "sgx", "tdx", "snp")), default=None,
               help="Which workers may take it, by what they attest (default: sim for a "
                    "session in sim or none mode; a hardware session must name its TEE).")
@@ -41,14 +43,17 @@ def _app(broker: str | None, visibility_timeout: float | None = None):  # type: 
 @click.option("--iexec-worker", "iexec_worker", default=None, metavar="ADDRESS")
 @_broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print {\"task\": ID, \"queue\": Q}.")
-def submit(image: str, session_id: str, cas_address: str, urls: tuple[str, ...], push: str,
+def submit(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
+           push: str | None,
            queue: str | None, tee: str, shield: str, timeout: float, iexec_worker: str | None,
            broker: str | None, as_json: bool) -> None:
     """Queue a run of IMAGE (the arguments of tdapp run); prints the task id."""
+    from tdapp.client.announce import announced
     from tdapp.pool.client import submit as submit_task
     from tdapp.pool.messages import RunTask
 
-    task = RunTask(image=image, session_id=session_id, cas=cas_address, urls=urls, push=push,
+    task = RunTask(image=image, session_id=session_id, cas=cas_address, urls=urls,
+                   push=push or announced("push"),
                    tee=tee, shield=shield, timeout=timeout, iexec_worker=iexec_worker)  # type: ignore[arg-type]
     chosen = Queue(queue) if queue is not None else _queue_for(task)
     ident = submit_task(_app(broker), task, chosen)

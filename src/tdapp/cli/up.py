@@ -12,7 +12,12 @@ import asyncio
 import errno
 import fcntl
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +60,14 @@ class _Bound:
 @click.option("--transfer-port", default=8090, show_default=True)
 @click.option("--max-upload", default=1 << 30, show_default=True, type=click.IntRange(1),
               help="Largest bundle the transfer service accepts, in bytes.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 16),
+              help="Also start a Redis (redis-server, append-only) and this many sim workers "
+                   "of the pool, so tdapp submit works at once (docs/pool.md).")
 def up(state_dir: Path | None, host: str, cas_port: int, las_port: int,
-       transfer_port: int, max_upload: int) -> None:
+       transfer_port: int, max_upload: int, workers: int) -> None:
     """Run CAS (debug mode), LAS and transfer service until Ctrl-C; pin the CAS for this user."""
+    if workers and shutil.which("redis-server") is None:
+        raise UsageError("--workers needs redis-server (Debian: apt-get install redis-server)")
     sockets = _take_ports(host, [_Port("CAS", "--cas-port", cas_port),
                                  _Port("LAS", "--las-port", las_port),
                                  _Port("transfer service", "--transfer-port", transfer_port)])
@@ -65,7 +75,7 @@ def up(state_dir: Path | None, host: str, cas_port: int, las_port: int,
     try:
         lock = _lock_home()
         try:
-            asyncio.run(_serve(state_dir or tdapp_home(), bound, max_upload))
+            asyncio.run(_serve(state_dir or tdapp_home(), bound, max_upload, workers))
         finally:
             os.close(lock)
     finally:
@@ -120,7 +130,7 @@ def _lock_home() -> int:
     return fd
 
 
-async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
+async def _serve(state: Path, bound: _Bound, max_upload: int, workers: int) -> None:
     from aiohttp import web
     from jwcrypto.jwk import JWK
 
@@ -143,12 +153,18 @@ async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
                                       public_url=f"http://{host}:{transfer_port}")
     cas = Address(host, bound.port(bound.cas))
     announcements: list[Announcement] = []
+    pool = _Pool(state / "pool", host, f"{host}:{las_port}") if workers else None
 
     def started(_: list[web.AppRunner]) -> None:
         PinStore().pin(cas, materials.certificate)
         PinStore().pin_receipt_key(cas, JWK(**materials.receipt_signer.public_jwk()))
-        announcements.append(announce({"cas": str(cas), "las": f"{host}:{las_port}",
-                                       "push": f"http://{host}:{transfer_port}/upload"}))
+        addresses = {"cas": str(cas), "las": f"{host}:{las_port}",
+                     "push": f"http://{host}:{transfer_port}/upload"}
+        if pool is not None:
+            addresses["broker"] = pool.start(workers)
+            click.echo(f"tdapp up: pool     {addresses['broker']}  {workers} sim worker(s)",
+                       err=True)
+        announcements.append(announce(addresses))
         click.echo(f"tdapp up: CAS (debug) https://{cas}  fingerprint {materials.fingerprint}\n"
                    f"tdapp up: LAS      http://{host}:{las_port}  platform "
                    f"{platform_of(las_app).platform}\n"
@@ -164,5 +180,54 @@ async def _serve(state: Path, bound: _Bound, max_upload: int) -> None:
     finally:
         for announcement in announcements:
             withdraw(announcement)
+        if pool is not None:
+            pool.stop()
         store.close()
         click.echo("tdapp up: stopped", err=True)
+
+
+class _Pool:
+    """A Redis of this ``tdapp up`` (append-only, in its state folder) and its sim workers."""
+
+    def __init__(self, folder: Path, host: str, las: str) -> None:
+        self.folder, self.host, self.las = folder, host, las
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, workers: int) -> str:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind((self.host, 0))
+            port = probe.getsockname()[1]
+        log = (self.folder / "pool.log").open("ab")
+        self.processes.append(subprocess.Popen(
+            [str(shutil.which("redis-server")), "--port", str(port), "--bind", self.host,
+             "--dir", str(self.folder), "--appendonly", "yes", "--save", ""],
+            stdout=log, stderr=log, start_new_session=True))
+        broker = f"redis://{self.host}:{port}/0"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection((self.host, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UnavailableError("the pool's redis-server did not start (see "
+                                           f"{self.folder / 'pool.log'})") from None
+                time.sleep(0.05)
+        for number in range(workers):
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "tdapp", "worker", "--broker", broker, "--tee", "sim",
+                 "--queue", "sim", "--las", self.las, "--concurrency", "1",
+                 "--hostname", f"up{number}@%h"],
+                stdout=log, stderr=log, start_new_session=True))
+        return broker
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)

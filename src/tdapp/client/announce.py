@@ -21,8 +21,9 @@ from tdapp.home import tdapp_home
 
 UP_FILE = "up.json"
 DEFAULTS = {"cas": "127.0.0.1:8081", "las": "127.0.0.1:18766",
-            "push": "http://127.0.0.1:8090/upload"}
-_ENVIRONMENT = {"cas": "TDAPP_CAS", "las": "TDAPP_LAS", "push": "TDAPP_PUSH"}
+            "push": "http://127.0.0.1:8090/upload", "broker": "redis://127.0.0.1:6379/0"}
+_ENVIRONMENT = {"cas": "TDAPP_CAS", "las": "TDAPP_LAS", "push": "TDAPP_PUSH",
+                "broker": "TDAPP_BROKER"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Announcement:
 
 
 def announced(service: str) -> str:
-    """The address of ``service`` (cas, las or push) for this user."""
+    """The address of ``service`` (cas, las, push or broker) for this user."""
     from_environment = os.environ.get(_ENVIRONMENT[service])
     if from_environment:
         return from_environment

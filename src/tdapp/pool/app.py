@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 
 TASK_NAME = "tdapp.run"
@@ -24,8 +22,11 @@ DEFAULT_VISIBILITY_TIMEOUT = 7200.0
 
 
 def broker_url(value: str | None) -> str:
-    """``--broker``, else ``TDAPP_BROKER``, else a Redis on this host."""
-    return value or os.environ.get("TDAPP_BROKER") or DEFAULT_BROKER
+    """``--broker``, else ``TDAPP_BROKER``, else the Redis ``tdapp up --workers`` announced,
+    else a Redis on this host."""
+    from tdapp.client.announce import announced
+
+    return value or announced("broker") or DEFAULT_BROKER
 
 
 def make_app(broker: str, *, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT) -> Celery:
