@@ -385,3 +385,24 @@ def test_tdapp_up_with_workers_is_a_pool_in_one_command(tmp_path: Path) -> None:
     leftover = subprocess.run(["pgrep", "-f", f"redis-server.*{tmp_path}"],
                               capture_output=True, text=True, check=False)
     assert leftover.stdout.strip() == ""
+
+
+def test_a_worker_serves_its_task_metrics(pool: Pool) -> None:
+    import httpx
+
+    port = free_port()
+    log = (pool.walk.example.parent / "worker-metrics.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tdapp", "worker", "--tee", "sim", "--queue", "sim",
+         "--concurrency", "1", "--hostname", "metrics@%h", "--metrics-port", str(port)],
+        cwd=pool.walk.example, env=pool.env(), stdout=log, stderr=log, start_new_session=True)
+    pool.workers.append(process)
+    ok = pool.wait(pool.submit(pool.push("counted\n")))
+    bad = pool.wait(pool.submit(pool.push("refused\n"), application="sleeper"))
+    assert ok["state"] == "SUCCESS" and bad["state"] == "FAILURE"
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'tdapp_pool_tasks_total{outcome="success"} 1.0' in text, text
+    assert 'tdapp_pool_tasks_total{outcome="failure"} 1.0' in text
+    assert "tdapp_pool_task_seconds_bucket" in text
+    assert "counted" not in text and "sessionID" not in text  # counts, not contents
+    pool.kill(process)

@@ -175,10 +175,18 @@ def _print(found: object, as_json: bool) -> None:
               metavar="SECONDS", help="When a task whose worker died is delivered again "
                                       "(default 7200; longer than the longest run).")
 @click.option("--hostname", default=None, help="This worker's name in tdapp task list.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="Serve Prometheus metrics (tasks by outcome, run durations) on "
+                   "127.0.0.1:PORT/metrics.")
 def worker(broker: str | None, tee: str, queues: tuple[str, ...], concurrency: int,
            las_address: str | None, visibility_timeout: float | None,
-           hostname: str | None) -> None:
+           hostname: str | None, metrics_port: int | None) -> None:
     """Run tasks from the pool on this host until stopped."""
+    from tdapp.pool import metrics
+
+    if metrics_port is not None:
+        metrics.prepare()  # before anything imports prometheus_client in this process
+        metrics.serve(metrics_port)
     from tdapp.client.announce import announced
     from tdapp.pool.tasks import register
 

@@ -23,6 +23,7 @@ from tdapp.core.address import Address
 from tdapp.errors import TdappError
 from tdapp.pool.app import TASK_NAME
 from tdapp.pool.messages import RunTask
+from tdapp.pool.metrics import count
 
 log = logging.getLogger("tdapp.pool")
 
@@ -51,7 +52,9 @@ def register(app: Celery, *, las: str, tee: str | None) -> None:
                 iexec_worker=worker_address(task.iexec_worker), label=task_id),
                 log=lambda line: log.info("task %s: %s", task_id, line))
         except TdappError as error:
+            count("failure", time.monotonic() - began)
             raise RunFailed(f"{error.kind}: {error.message}") from None
+        count("duplicate" if outcome.duplicate else "success", time.monotonic() - began)
         return {"url": outcome.url, "receipt": outcome.receipt,
                 "duplicate": outcome.duplicate, "host": socket.gethostname(),
                 "ran_s": round(time.monotonic() - began, 4)}
