@@ -406,3 +406,38 @@ def test_a_worker_serves_its_task_metrics(pool: Pool) -> None:
     assert "tdapp_pool_task_seconds_bucket" in text
     assert "counted" not in text and "sessionID" not in text  # counts, not contents
     pool.kill(process)
+
+
+def test_a_worker_lacking_the_image_fetches_it_and_never_replaces_one_it_has(
+        pool: Pool) -> None:
+    from tdapp.pool.app import make_app
+    from tdapp.pool.client import submit, wait
+    from tdapp.pool.messages import Queue, RunTask
+    from tdapp.transfer import upload
+
+    worker = pool.start_worker("fetch", "sim")
+    archive = pool.walk.example / "copy_demo.tar"
+    pool.walk.tdapp("image", "export", "copy_demo", str(archive))
+    sleeper = pool.walk.example / "sleeper.tar"
+    pool.walk.tdapp("image", "export", "sleeper", str(sleeper))
+    copy_url, sleeper_url = upload(archive, pool.walk.push), upload(sleeper, pool.walk.push)
+
+    def run(image: str, image_url: str) -> dict[str, object]:
+        command = pool.push(f"{image}\n")
+        arguments = dict(zip(command[::2], command[1::2], strict=True))
+        task = RunTask(image=image, session_id=arguments["--sessionID"],
+                       cas=arguments["--secretManagementService"], urls=(arguments["--url"],),
+                       push=pool.walk.push, image_url=image_url)
+        return wait(make_app(pool.redis.url), submit(make_app(pool.redis.url), task,
+                                                     Queue.SIM), 120).as_json()
+
+    fetched = run("copy_fetched", copy_url)  # not on this host: fetched, measured, run
+    assert fetched["state"] == "SUCCESS", fetched
+    assert "copy_fetched" in pool.walk.tdapp("images").stdout
+    # copy_demo is here: another archive under its name is not taken (the run is the
+    # host's copy_demo, which the session accepts).
+    kept = run("copy_demo", sleeper_url)
+    assert kept["state"] == "SUCCESS", kept
+    measured = pool.walk.tdapp("measure", "copy_demo").stdout.strip()
+    assert measured == pool.walk.tdapp("measure", "copy_fetched").stdout.strip()
+    pool.kill(worker)

@@ -41,20 +41,24 @@ def _app(broker: str | None, visibility_timeout: float | None = None):  # type: 
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e9),
               default=3600.0, show_default=True, metavar="SECONDS")
 @click.option("--iexec-worker", "iexec_worker", default=None, metavar="ADDRESS")
+@click.option("--image-url", default=None, metavar="URL",
+              help="Where a worker that lacks IMAGE fetches it (an archive of tdapp image "
+                   "export, uploaded with tdapp transfer, on S3 or at a URL).")
 @_broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print {\"task\": ID, \"queue\": Q}.")
 def submit(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
            push: str | None,
            queue: str | None, tee: str, shield: str, timeout: float, iexec_worker: str | None,
-           broker: str | None, as_json: bool) -> None:
+           image_url: str | None, broker: str | None, as_json: bool) -> None:
     """Queue a run of IMAGE (the arguments of tdapp run); prints the task id."""
     from tdapp.client.announce import announced
     from tdapp.pool.client import submit as submit_task
     from tdapp.pool.messages import RunTask
 
-    task = RunTask(image=image, session_id=session_id, cas=cas_address, urls=urls,
-                   push=push or announced("push"),
-                   tee=tee, shield=shield, timeout=timeout, iexec_worker=iexec_worker)  # type: ignore[arg-type]
+    task = RunTask.from_json({
+        "image": image, "session_id": session_id, "cas": cas_address, "urls": list(urls),
+        "push": push or announced("push"), "tee": tee, "shield": shield, "timeout": timeout,
+        "iexec_worker": iexec_worker, "image_url": image_url})
     chosen = Queue(queue) if queue is not None else _queue_for(task)
     ident = submit_task(_app(broker), task, chosen)
     click.echo(json.dumps({"task": ident, "queue": str(chosen)}) if as_json else ident)

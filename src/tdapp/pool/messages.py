@@ -38,6 +38,9 @@ class RunTask(BaseModel):
     shield: Literal["auto", "fuse", "tmpfs"] = "auto"
     timeout: Annotated[float, Field(gt=0, le=1e9)] = 3600.0
     iexec_worker: str | None = None
+    # Where a worker that lacks the image gets it: an archive of tdapp image export (the
+    # transfer service, S3 or a URL). It is measured on import and again before it runs.
+    image_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
 
     def to_json(self) -> dict[str, object]:
         return self.model_dump(mode="json")

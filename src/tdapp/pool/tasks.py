@@ -28,6 +28,34 @@ from tdapp.pool.metrics import count
 log = logging.getLogger("tdapp.pool")
 
 
+def _ensure_image(task: RunTask, task_id: str) -> None:
+    """Import the task's image from ``image_url`` if this host lacks it.
+
+    An image this host has is never replaced: a message cannot swap the code a host
+    runs under a name. What is imported is measured (tdapp image import's checks), and
+    the runtime measures it again; the CAS decides whether that measurement may run.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from tdapp.builder import import_image, load_image
+    from tdapp.errors import InputError
+    from tdapp.transfer import download
+
+    if task.image_url is None:
+        return
+    try:
+        load_image(task.image, verify=False)
+        return
+    except InputError:
+        pass  # not here: fetch it
+    with tempfile.TemporaryDirectory(prefix="tdapp-image-") as work:
+        archive = Path(work) / "image.tar"
+        download(task.image_url, archive)
+        measured = import_image(archive, name=task.image)
+    log.info("task %s: imported image %s (measurement %s)", task_id, task.image, measured)
+
+
 class RunFailed(Exception):
     """A run that ended in a refusal or an error: ``kind: reason`` (JSON-safe)."""
 
@@ -45,6 +73,7 @@ def register(app: Celery, *, las: str, tee: str | None) -> None:
         began = time.monotonic()
         try:
             task = RunTask.from_json(message)
+            _ensure_image(task, task_id)
             outcome = run_labelled(RunRequest(
                 image=task.image, session_id=task.session_id, cas=Address.parse(task.cas),
                 url=task.urls[0], more_urls=task.urls[1:], push=task.push, las=las,
