@@ -130,13 +130,11 @@ def list_(limit: int, broker: str | None, as_json: bool) -> None:
             click.echo(json.dumps(found.as_json()))
         return
     table = Table(title=f"tdapp tasks ({len(tasks)})")
-    for header in ("task", "state", "worker", "submitted", "result"):
+    for header in ("task", "state", "worker", "elapsed", "result"):
         table.add_column(header)
-    now = time.time()
     for found in tasks:
-        age = f"{now - found.submitted_at:.0f} s ago" if found.submitted_at else ""
         table.add_row(found.id, found.state + (" (duplicate)" if found.duplicate else ""),
-                      found.worker or "", age, found.url or found.error or "")
+                      found.worker or "", _elapsed(found), found.url or found.error or "")
     Console(stderr=False).print(table)
 
 
@@ -149,6 +147,24 @@ def cancel(task_id: str, broker: str | None) -> None:
 
     cancel_task(_app(broker), task_id)
     click.echo(f"task {task_id} cancelled", err=True)
+
+
+def _elapsed(found: object) -> str:
+    """Submit to done for a finished task, submit to now for the others."""
+    from datetime import datetime
+
+    from tdapp.pool.client import TaskStatus
+
+    assert isinstance(found, TaskStatus)
+    if found.submitted_at is None:
+        return ""
+    end = time.time()
+    if found.finished and found.done_at:
+        try:
+            end = datetime.fromisoformat(found.done_at).timestamp()
+        except ValueError:
+            return ""
+    return f"{max(0.0, end - found.submitted_at):.1f} s"
 
 
 def _print(found: object, as_json: bool) -> None:
