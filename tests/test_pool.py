@@ -307,20 +307,39 @@ def test_a_redis_restart_loses_no_queued_task(pool: Pool) -> None:
     pool.kill(worker)
 
 
-def test_a_rewritten_message_is_refused_and_moves_nothing(pool: Pool) -> None:
-    worker = pool.start_worker("rewritten", "sim")
+def _rewrite_queued(pool: Pool, queue: str, change: dict[str, str]) -> None:
+    """Edit the queued task message in Redis itself, as a broker writer would."""
+    import base64
+
+    import redis as redis_client
+
+    store = redis_client.Redis(port=pool.redis.port)
+    (raw,) = store.lrange(queue, 0, -1)
+    message = json.loads(raw)
+    body = json.loads(base64.b64decode(message["body"]))
+    body[0][0].update(change)
+    message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    store.lset(queue, 0, json.dumps(message))
+
+
+def test_a_message_rewritten_in_redis_is_refused_and_moves_nothing(pool: Pool) -> None:
     mine, other = pool.push("mine\n"), pool.push("other\n")
-    # Another image than the session names: the measurement is refused by the CAS.
-    task = pool.submit(mine, application="sleeper")
-    found = pool.wait(task)
+    # Another image than the session names: the CAS refuses its measurement, and the
+    # session's audit log says so.
+    image_task = pool.submit(mine)
+    _rewrite_queued(pool, "sim", {"image": "sleeper"})
+    worker = pool.start_worker("rewritten", "sim")
+    found = pool.wait(image_task)
     assert found["state"] == "FAILURE" and "refused" in str(found["error"]), found
     audit = pool.tdapp("cas", "audit", "--session", _session(mine), "--json").stdout
     assert any(json.loads(line)["outcome"] == "refused" and "measurement" in
                json.loads(line)["reason"] for line in audit.splitlines())
-    # Another session than the bundle's: its keys do not open the bundle.
-    swapped = list(mine)
-    swapped[swapped.index("--sessionID") + 1] = f"{_session(other)}/application"
-    found = pool.wait(pool.submit(swapped))
+    pool.kill(worker)
+    # Another session than the bundle's: that session's keys do not open the bundle.
+    session_task = pool.submit(mine)
+    _rewrite_queued(pool, "sim", {"session_id": f"{_session(other)}/application"})
+    worker = pool.start_worker("rewritten", "sim")
+    found = pool.wait(session_task)
     assert found["state"] == "FAILURE", found
     assert _commits(pool, _session(mine)) == 0 and _commits(pool, _session(other)) == 0
     pool.kill(worker)
