@@ -8,6 +8,7 @@ whose input has one flipped bit in one chunk.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -224,3 +225,20 @@ def test_sigterm_unmounts_and_seals_what_was_written(
     assert not os.path.ismount(mnt)
     reopened = Volume.open(folder, key, VolumeTag.from_hex(out.strip()))
     assert b"".join(reopened.read("late.txt")) == b"written before SIGTERM\n"
+
+
+def test_a_relative_report_path_is_written_where_it_was_named(
+        volume: tuple[Path, VolumeKey, VolumeTag, bytes], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libfuse changes the working folder to / once mounted; --report rep.json still lands in
+    the folder the command was started from, not at /rep.json."""
+    folder, key, tag, _ = volume
+    monkeypatch.chdir(tmp_path)
+    stray = Path("/rep-relative-test.json")
+    assert not stray.exists()
+    mounted = Mounted(folder, tmp_path / "mnt", key, tag, "--report", stray.name)
+    code, out, err = mounted.unmount()
+    assert code == 0, err
+    written = json.loads((tmp_path / stray.name).read_text())
+    assert written["tag"] == out.strip() and written["failures"] == []
+    assert not stray.exists()

@@ -86,7 +86,14 @@ def openapi_document() -> dict[str, Any]:
             "/v1/sessions": {"post": {
                 "summary": "Create a session", "requestBody": _YAML_BODY,
                 "responses": {"201": _json(_HASHED, "created"),
-                              **_errors(400, 401, 408, 409, 413, 429, 503)}}},
+                              **_errors(400, 401, 408, 409, 413, 429, 503)}},
+                "get": {
+                "summary": "The caller's own sessions (a client certificate)",
+                "responses": {"200": _json({"type": "object", "required": ["sessions"],
+                                            "properties": {"sessions": {"type": "array"}}},
+                                           "name, hash, revision, mode, created_at, "
+                                           "updated_at of each"),
+                              **_errors(401, 503)}}},
             "/v1/sessions/{name}": {
                 "get": {"summary": "Read a session (readers only)", "parameters": [_NAME],
                         "responses": read_responses},

@@ -136,6 +136,11 @@ async def update_session(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "hash": digest})
 
 
+async def list_sessions(request: web.Request) -> web.Response:
+    listed = await _in_thread(request.app[_AUTHORITY].created_by, client_identity(request))
+    return web.json_response({"sessions": listed})
+
+
 async def read_session(request: web.Request) -> web.Response:
     found = await _in_thread(
         request.app[_AUTHORITY].read, request.match_info["name"], client_identity(request))
@@ -308,6 +313,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     # path, and what is about a session (its volumes, its audit log) takes it as a query.
     app.router.add_post("/session", submit_session)
     app.router.add_post("/v1/sessions", create_session)
+    app.router.add_get("/v1/sessions", list_sessions)
     app.router.add_get("/v1/volume-tags", read_volume)
     app.router.add_put("/v1/volume-tags", update_tag)
     app.router.add_post("/v1/attestation/nonce", issue_nonce)

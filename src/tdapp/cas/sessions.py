@@ -296,6 +296,22 @@ class SessionAuthority:
                       if (task := iexec_task_of(session, service)) is not None}
         return ReadSession(session, current.hash, current.creator, public, challenges)
 
+    def created_by(self, who: Identity | None) -> list[dict[str, object]]:
+        """The caller's own sessions (those it created): name, hash, mode, revision, times."""
+        if who is None:
+            raise AuthenticationRequired("a client certificate is required to list one's "
+                                         "sessions (run: tdapp cas attest HOST:PORT)")
+        creator = who
+        listed = []
+        for summary in self._store.sessions_created_by(creator):
+            stored = self._store.get_session(summary.name)
+            session = self._unseal(stored) if stored is not None else None
+            mode = session.security.attestation.mode if session is not None else None
+            listed.append({"name": summary.name, "hash": summary.hash,
+                           "revision": summary.revision, "mode": str(mode) if mode else None,
+                           "created_at": summary.created_at, "updated_at": summary.updated_at})
+        return listed
+
     def may_read(self, name: str, who: Identity | None) -> bool:
         """Whether ``who`` is a reader of the session (for what a refusal may reveal)."""
         if who is None:

@@ -49,6 +49,15 @@ class StoredSession:
 
 
 @dataclass(frozen=True)
+class SessionSummary:
+    name: str
+    hash: str
+    revision: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
 class SpentNonce:
     digest: str
     session: str
@@ -204,6 +213,17 @@ class Store:
         return StoredSession(row.name, row.hash, row.creator, row.revision,
                              bytes(row.sealed_document),
                              None if row.sealed_secrets is None else bytes(row.sealed_secrets))
+
+    def sessions_created_by(self, creator: str, limit: int = 1000) -> list[SessionSummary]:
+        """The sessions ``creator`` created, by name (at most ``limit``)."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(sessions.c.name, sessions.c.hash, sessions.c.revision,
+                       sessions.c.created_at, sessions.c.updated_at)
+                .where(sessions.c.creator == creator).order_by(sessions.c.name)
+                .limit(limit)).all()
+        return [SessionSummary(row.name, row.hash, row.revision, row.created_at,
+                               row.updated_at) for row in rows]
 
     def insert_session(self, record: StoredSession, tags: Sequence[StoredTag],
                        audit: tuple[str, str | None, str]) -> None:

@@ -49,3 +49,13 @@ def run_target(command: Command) -> Command:
                            metavar="HOST:PORT")(command)
     return click.option("--sessionID", "--session-id", "session_id", required=True,
                         metavar="SESSION/SERVICE")(command)
+
+
+def table_console() -> Any:
+    """A console for a table on stdout: the terminal's width, or wide enough that names and
+    URLs are not cut when the output goes to a file or a pipe."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=220)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from tdapp.cli.options import run_target
+from tdapp.cli.options import run_target, table_console
 from tdapp.errors import UsageError
 from tdapp.pool.messages import Queue
 
@@ -119,7 +119,6 @@ def wait(task_id: str, timeout: float, broker: str | None, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True)
 def list_(limit: int, broker: str | None, as_json: bool) -> None:
     """The latest tasks: state, worker, elapsed, result URL."""
-    from rich.console import Console
     from rich.table import Table
 
     from tdapp.pool.client import listed
@@ -135,7 +134,7 @@ def list_(limit: int, broker: str | None, as_json: bool) -> None:
     for found in tasks:
         table.add_row(found.id, found.state + (" (duplicate)" if found.duplicate else ""),
                       found.worker or "", _elapsed(found), found.url or found.error or "")
-    Console(stderr=False).print(table)
+    table_console().print(table)
 
 
 @task.command()

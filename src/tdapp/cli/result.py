@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import click
 
+from tdapp.core.progress import counted
 from tdapp.errors import InputError, UsageError
 
 PRIVATE_NAME = "beneficiary.key"
@@ -103,7 +104,7 @@ def decrypt(file: Path, key: Path, output: Path) -> None:
     private_pem = _read(key, "private key")
     inner = decrypt_result(_read(file, "result"), private_pem)
     names = unpack_result(inner, output)
-    click.echo(f"decrypted {file}: {len(names)} files into {output}", err=True)
+    click.echo(f"decrypted {file}: {counted(len(names), 'file')} into {output}", err=True)
 
 
 @result.command()

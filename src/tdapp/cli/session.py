@@ -8,14 +8,18 @@ works and never asks the CAS to move a tag back.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import click
+from rich.table import Table
 
+from tdapp.cli.options import table_console
 from tdapp.client.announce import announced
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
@@ -242,6 +246,85 @@ def unexport(name: str, secret: str | None, volume: str | None, target: str,
     client = CasClient.connect(_cas(cas_address))
     click.echo(_change_exports(client, name,
                                lambda content: without_export(content, section, item, target)))
+
+
+@session.command(name="list")
+@_cas_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per session.")
+def list_(cas_address: str | None, as_json: bool) -> None:
+    """The sessions this identity created: name, namespace, mode, revision, times."""
+    answer = CasClient.connect(_cas(cas_address)).request("GET", "/v1/sessions")
+    listed = answer.get("sessions")
+    if not isinstance(listed, list):
+        raise UnavailableError("the CAS answered without a list of sessions")
+    if as_json:
+        for entry in listed:
+            click.echo(json.dumps(entry))
+        return
+    table = Table(title=f"sessions of this identity ({len(listed)})")
+    for header in ("session", "namespace", "mode", "revision", "created", "updated"):
+        table.add_column(header)
+    for entry in listed:
+        name = str(entry.get("name", ""))
+        table.add_row(name, name.rpartition("/")[0], str(entry.get("mode") or ""),
+                      str(entry.get("revision", "")), _when(entry.get("created_at")),
+                      _when(entry.get("updated_at")))
+    table_console().print(table)
+
+
+def _when(value: object) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@session.command()
+@click.argument("name")
+@_cas_option
+@click.option("--json", "as_json", is_flag=True, help="{volume: tag} as one JSON object.")
+def tags(name: str, cas_address: str | None, as_json: bool) -> None:
+    """The current tag of each of the session's volumes, as the CAS holds it (readers only)."""
+    client = CasClient.connect(_cas(cas_address))
+    answer = client.request("GET", f"/v1/sessions/{quote(name, safe='/')}")
+    stored = parse_session(str(answer.get("session", "")), source=f"session {name}")
+    current: dict[str, str | None] = {}
+    for volume in stored.volumes:
+        if volume.import_ is not None:
+            continue  # its tag is the exporter's
+        query = urlencode({"session": name, "volume": volume.name})
+        tag = client.request("GET", f"/v1/volume-tags?{query}").get("tag")
+        current[volume.name] = tag if isinstance(tag, str) else None
+    if as_json:
+        click.echo(json.dumps(current))
+        return
+    for volume_name, tag in current.items():
+        click.echo(f"{volume_name} {tag or '(none)'}")
+
+
+@session.command()
+@click.argument("name")
+@_cas_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+def history(name: str, cas_address: str | None, as_json: bool) -> None:
+    """Everything the CAS decided about the session, oldest first (readers only): creation,
+    updates, attestations accepted or refused with the reason, tag moves, exports."""
+    answer = CasClient.connect(_cas(cas_address)).request(
+        "GET", f"/v1/audit?{urlencode({'session': name})}")
+    events = answer.get("events")
+    if not isinstance(events, list):
+        raise UnavailableError("the CAS answered without the session's events")
+    if as_json:
+        for event in events:
+            click.echo(json.dumps(event))
+        return
+    table = Table(title=f"history of session {name} ({len(events)} events)")
+    for header in ("at", "event", "outcome", "actor", "reason"):
+        table.add_column(header, overflow="fold")
+    for event in events:
+        actor = str(event.get("actor") or "")
+        table.add_row(_when(event.get("at")), str(event.get("event", "")),
+                      str(event.get("outcome", "")), actor[:16], str(event.get("reason", "")))
+    table_console().print(table)
 
 
 @session.command(name="hash")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from tdapp.core.progress import byte_progress
+from tdapp.core.progress import byte_progress, counted
 from tdapp.errors import UsageError
 from tdapp.volume import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, RegionMap, Volume, VolumeKey, VolumeTag
 
@@ -135,7 +135,8 @@ def extract(volume_dir: Path, out_dir: Path, key: VolumeKey, tag: VolumeTag) -> 
     total = sum(info.size for info in opened.files())
     with byte_progress("decrypting", total) as progress:
         report = opened.extract(out_dir, progress=progress)
-    click.echo(f"extracted {report.files} files ({report.bytes} bytes) into {out_dir}", err=True)
+    click.echo(f"extracted {counted(report.files, 'file')} ({counted(report.bytes, 'byte')}) "
+               f"into {out_dir}", err=True)
 
 
 @volume.command()
@@ -148,7 +149,8 @@ def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
     total = sum(info.size for info in opened.files())
     with byte_progress("verifying", total) as progress:
         report = opened.verify(progress=progress)
-    click.echo(f"ok: {report.files} files, {report.bytes} bytes verified, tag {opened.tag.hex()}")
+    click.echo(f"ok: {counted(report.files, 'file')}, {counted(report.bytes, 'byte')} verified, "
+               f"tag {opened.tag.hex()}")
 
 
 @volume.command()
@@ -192,7 +194,9 @@ def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey | None, tag: Volume
         raise UsageError(f"missing {missing}; or give both with --key-fd")
     if die_with_parent:
         end_with_parent()
-    # Absolute: libfuse changes the working folder to / once mounted.
+    # Absolute: libfuse changes the working folder to / once mounted (a relative --report
+    # would otherwise be written at the root).
+    report = report.absolute() if report is not None else None
     opened = Volume.open(volume_dir.absolute(), key, tag)
     click.echo(f"mounted {volume_dir} at {mountpoint}{' (read-only)' if read_only else ''}",
                err=True)

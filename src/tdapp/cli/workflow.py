@@ -10,6 +10,7 @@ import click
 from tdapp.cli.options import run_target
 from tdapp.client.announce import announced
 from tdapp.core.address import Address
+from tdapp.core.progress import counted
 from tdapp.errors import UsageError
 
 
@@ -70,7 +71,7 @@ def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
         raise UsageError("give --key or --session, not both")
     result = run_decrypt(conf=conf, encrypted=encrypted, out=out, session=session_name,
                          key_file=key_file)
-    click.echo(f"decrypted {result.files} files of session {result.session} "
+    click.echo(f"decrypted {counted(result.files, 'file')} of session {result.session} "
                f"({result.state_file}) into {out}", err=True)
     if result.receipt is None:
         click.echo("no receipt: the CAS keeps none for this bundle (a run before receipts)",

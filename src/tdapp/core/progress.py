@@ -39,3 +39,9 @@ def byte_progress(description: str, total: int | None) -> Iterator[ProgressCallb
             bar.advance(task, count)
 
         yield advance
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 file``, ``2 files``: a count with its noun in the right number (nouns here
+    take an s)."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -1,4 +1,4 @@
-"""Run a program inside a bubblewrap sandbox (DESIGN.md, "The runtime's sandbox").
+"""Run a program inside a bubblewrap sandbox (docs/runtime.md, "Run").
 
 :func:`run_sandboxed` runs ``spec.argv`` under ``bwrap`` and returns how it ended;
 :func:`require_success` turns a failure into :class:`~tdapp.errors.ProgramFailedError`.

@@ -1,0 +1,101 @@
+"""Sessions over time, through ``tdapp`` as two users would: list, tags, history.
+
+``tdapp session list`` shows an identity its own sessions and no one else's;
+``tdapp session tags`` the tags the CAS holds now (they move with runs);
+``tdapp session history`` every decision about a session, attestations refused
+with their reason included, to its readers only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cas_fixtures import CasServer, MakeUser, SessionDoc, StartCas, User, unique_name
+from test_cas_attestation import (  # noqa: F401 - las is a fixture
+    attempt,
+    bind,
+    evidence,
+    las,
+    new_nonce,
+    platform_of,
+)
+
+from tdapp.client.key_release import EphemeralKey
+
+
+@pytest.fixture(scope="module")
+def two(cas_server: StartCas, user: MakeUser, las: str) -> tuple[CasServer, User, User]:  # noqa: F811
+    server = cas_server(extra=("--debug", "--las-platform", platform_of(las)))
+    alice, bob = user("alice-daily"), user("bob-daily")
+    alice.attest(server)
+    bob.attest(server)
+    return server, alice, bob
+
+
+def _create(server: CasServer, who: User, doc: SessionDoc) -> str:
+    path = who.home / f"{doc.name}.yml"
+    path.write_text(doc.text())
+    done = who.tdapp("session", "create", str(path), "--cas", server.address)
+    assert done.code == 0, done.err
+    return done.out.strip()
+
+
+def test_list_shows_an_identity_its_own_sessions_only(two: tuple[CasServer, User, User]) -> None:
+    server, alice, bob = two
+    mine = [unique_name("alice"), unique_name("alice")]
+    theirs = unique_name("bob")
+    for name in mine:
+        _create(server, alice, SessionDoc(name))
+    _create(server, bob, SessionDoc(theirs))
+    listed = alice.tdapp("session", "list", "--json", "--cas", server.address)
+    assert listed.code == 0, listed.err
+    names = {json.loads(line)["name"] for line in listed.out.splitlines()}
+    assert set(mine) <= names and theirs not in names
+    table = alice.tdapp("session", "list", "--cas", server.address)
+    assert mine[0] in table.out and theirs not in table.out
+    entry = next(json.loads(line) for line in listed.out.splitlines()
+                 if json.loads(line)["name"] == mine[0])
+    assert entry["mode"] == "sim" and entry["revision"] == 1
+
+
+def test_tags_and_history_follow_runs_and_refusals(
+        two: tuple[CasServer, User, User], las: str) -> None:  # noqa: F811
+    server, alice, bob = two
+    doc = SessionDoc(unique_name("daily"))
+    _create(server, alice, doc)
+    tags = json.loads(alice.tdapp("session", "tags", doc.name, "--json", "--cas",
+                                  server.address).out)
+    assert tags == doc.tags
+    # A refused attestation (another measurement) and an accepted one that moves a tag.
+    nonce = new_nonce(server, doc.name)
+    key = EphemeralKey()
+    refused = attempt(server, doc.name, evidence(las, bind(nonce, key, doc.name), "cd" * 32),
+                      nonce, key)
+    assert refused.status_code == 403
+    nonce = new_nonce(server, doc.name)
+    key = EphemeralKey()
+    answer = attempt(server, doc.name, evidence(las, bind(nonce, key, doc.name)), nonce, key)
+    config = key.open(answer.json()["jwe"])
+    from test_cas_attestation import runtime
+
+    from tdapp.client.key_release import commit_run
+
+    commit_run(runtime(server), config.token.get_secret_value(), doc.name,
+               {"encrypted-output-files": (doc.tags["encrypted-output-files"], "ee" * 16)}, None)
+    now = json.loads(alice.tdapp("session", "tags", doc.name, "--json", "--cas",
+                                 server.address).out)
+    assert now["encrypted-output-files"] == "ee" * 16
+    events = [json.loads(line) for line in alice.tdapp(
+        "session", "history", doc.name, "--json", "--cas", server.address).out.splitlines()]
+    kinds = [(event["event"], event["outcome"]) for event in events]
+    assert ("session.create", "accepted") in kinds and ("attest", "refused") in kinds
+    assert ("attest", "accepted") in kinds and ("run.commit", "accepted") in kinds
+    assert any("measurement" in event["reason"] for event in events
+               if event["outcome"] == "refused")
+    table = alice.tdapp("session", "history", doc.name, "--cas", server.address)
+    assert table.code == 0 and "run.commit" in table.out
+    # Not to another identity: neither the history nor the tags.
+    for command in ("history", "tags"):
+        other = bob.tdapp("session", command, doc.name, "--cas", server.address)
+        assert other.code == 7 and other.out == "" and "may not read" in other.err
