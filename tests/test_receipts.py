@@ -239,3 +239,18 @@ def test_a_database_writer_cannot_change_what_a_receipt_will_state(
     assert "receipt" not in answer.json()
     assert "integrity" in answer.json()["reason"]
     assert _tag(world, name, OUTPUT) == tags[OUTPUT]
+
+
+def test_decrypt_takes_the_url_tdapp_run_printed(walk: Walk) -> None:
+    command = push(walk, {"f.txt": "from a url\n"})
+    url = walk.tdapp("run", "copy_demo", *command, "--push", walk.push).stdout.strip()
+    out = walk.example / "FROM-URL"
+    done = walk.tdapp("decrypt", "--encrypted", url, "--out", str(out))
+    assert (out / "f.txt").read_text() == "from a url\n"
+    assert "receipt verified" in done.stderr
+    # A URL that does not answer is named whole in the error (never read as a path).
+    missing = url.rsplit("/", 1)[0] + "/missing.zip"
+    failed = walk.tdapp("decrypt", "--encrypted", missing, "--out", str(out / "x"),
+                        check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert missing.split("://", 1)[1] in failed.stderr, failed.stderr

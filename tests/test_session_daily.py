@@ -9,6 +9,9 @@ with their reason included, to its readers only.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cas_fixtures import CasServer, MakeUser, SessionDoc, StartCas, User, unique_name
@@ -20,8 +23,11 @@ from test_cas_attestation import (  # noqa: F401 - las is a fixture
     new_nonce,
     platform_of,
 )
+from walk_fixtures import Walk, running_up
 
 from tdapp.client.key_release import EphemeralKey
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +105,44 @@ def test_tags_and_history_follow_runs_and_refusals(
     for command in ("history", "tags"):
         other = bob.tdapp("session", command, doc.name, "--cas", server.address)
         assert other.code == 7 and other.out == "" and "may not read" in other.err
+
+
+@pytest.fixture(scope="module")
+def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
+    with running_up(tmp_path_factory.mktemp("daily")) as started:
+        started.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo",
+                      "-o", str(started.example / "KEYS" / "copy_dapp.yml"))
+        (started.example / "INPUTS" / "f.txt").write_text("named\n")
+        yield started
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
+def test_encryptedpush_names_the_session_as_asked_and_keeps_keys_under_that_name(
+        walk: Walk) -> None:
+    name = unique_name("named")
+    line = walk.tdapp("encryptedpush", "-a", "copy_demo", "-t", "KEYS/copy_dapp.yml",
+                      "--session", name).stdout
+    assert f"--sessionID {name}/application" in line
+    assert (walk.example / "KEYS" / "sessions" / f"{name}.json").is_file()
+    # The same name again: refused before anything is made; the kept keys are untouched.
+    kept = (walk.example / "KEYS" / "sessions" / f"{name}.json").read_bytes()
+    again = walk.tdapp("encryptedpush", "-a", "copy_demo", "-t", "KEYS/copy_dapp.yml",
+                       "--session", name, check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr, again.stderr
+    assert (walk.example / "KEYS" / "sessions" / f"{name}.json").read_bytes() == kept
+    # A template that writes its own name keeps it, and -e fills its variables.
+    template = (walk.example / "KEYS" / "copy_dapp.yml").read_text()
+    literal = unique_name("literal")
+    own = walk.example / "KEYS" / "own.yml"
+    own.write_text(template.replace("$SESSION", f"{literal}-$SUFFIX", 1))
+    line = walk.tdapp("encryptedpush", "-a", "copy_demo", "-t", "KEYS/own.yml",
+                      "-e", "SUFFIX=x").stdout
+    assert f"--sessionID {literal}-x/application" in line
+    command = line.split()
+    url = walk.tdapp("run", "copy_demo", *command, "--push", walk.push).stdout.strip()
+    walk.tdapp("decrypt", "--encrypted", url, "--out", str(walk.example / "OWN"))
+    assert (walk.example / "OWN" / "f.txt").read_text() == "named\n"
+    # A missing variable names the -e that fills it, which encryptedpush takes.
+    missing = walk.tdapp("encryptedpush", "-a", "copy_demo", "-t", "KEYS/own.yml",
+                         check=False)
+    assert missing.returncode == 2 and "-e SUFFIX=VALUE" in missing.stderr

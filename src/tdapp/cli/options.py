@@ -59,3 +59,18 @@ def table_console() -> Any:
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=220)
+
+
+def template_variables_from(assignments: tuple[str, ...]) -> dict[str, str]:
+    """The environment with each ``-e VAR=VALUE`` over it: what fills a template's $VARs."""
+    import os
+
+    from tdapp.errors import UsageError
+
+    variables = dict(os.environ)
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise UsageError(f"-e {assignment!r} must look like VAR=VALUE")
+        variables[name] = value
+    return variables

@@ -9,7 +9,6 @@ works and never asks the CAS to move a tag back.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from urllib.parse import quote, urlencode
 import click
 from rich.table import Table
 
-from tdapp.cli.options import table_console
+from tdapp.cli.options import table_console, template_variables_from
 from tdapp.client.announce import announced
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
@@ -44,16 +43,6 @@ _env_option = click.option("-e", "--env", "assignments", multiple=True, metavar=
                            help="Fill $VAR in the template (also taken from the environment).")
 
 
-def _variables(assignments: tuple[str, ...]) -> dict[str, str]:
-    variables = dict(os.environ)
-    for assignment in assignments:
-        name, sep, value = assignment.partition("=")
-        if not sep or not name:
-            raise UsageError(f"-e {assignment!r} must look like VAR=VALUE")
-        variables[name] = value
-    return variables
-
-
 def _document(path: Path, assignments: tuple[str, ...]) -> tuple[str, Session]:
     """FILE filled in, and the session it is; refused here, with the line, before
     anything is sent, if it is not valid or not enforceable."""
@@ -61,7 +50,7 @@ def _document(path: Path, assignments: tuple[str, ...]) -> tuple[str, Session]:
         template = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read session file {path}: {error}") from None
-    text = fill_template(template, _variables(assignments))
+    text = fill_template(template, template_variables_from(assignments))
     return text, parse_enforceable_session(text, source=str(path))
 
 

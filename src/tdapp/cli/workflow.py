@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 
 import click
 
-from tdapp.cli.options import run_target
+from tdapp.cli.options import run_target, template_variables_from
 from tdapp.client.announce import announced
 from tdapp.core.address import Address
 from tdapp.core.progress import counted
@@ -33,9 +33,15 @@ from tdapp.errors import UsageError
 @click.option("--export-to", "exports", multiple=True, metavar="SESSION[@HASH]",
               help="Export the input volume to this session (read-only there; @HASH pins its "
                    "hash); repeatable (docs/secrets.md).")
+@click.option("--session", "session_name", default=None, metavar="NAME",
+              help="Name the session (fills $SESSION; default: a fresh tdapp-… name). A "
+                   "template that writes its own name: keeps it.")
+@click.option("-e", "--env", "assignments", multiple=True, metavar="VAR=VALUE",
+              help="Fill $VAR in the template (also taken from the environment).")
 def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
                   cas_address: str | None, push: str | None, las_address: str | None,
-                  exports: tuple[str, ...]) -> None:
+                  exports: tuple[str, ...], session_name: str | None,
+                  assignments: tuple[str, ...]) -> None:
     """Encrypt INPUTS, create the session, upload; print the arguments for tdapp run."""
     from tdapp.client.sharing import ExportTo
     from tdapp.client.workflow import encrypted_push
@@ -43,16 +49,31 @@ def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
     result = encrypted_push(
         application=application, template=template, conf=conf, inputs=inputs,
         cas=Address.parse(cas_address or announced("cas")), push=push or announced("push"),
-        variables=dict(os.environ), las=las_address,
-        exports=tuple(ExportTo.parse(text) for text in exports))
+        variables=template_variables_from(assignments), las=las_address,
+        exports=tuple(ExportTo.parse(text) for text in exports), session=session_name)
     click.echo(result.command_line)
+
+
+def _fetched(encrypted: str, work: Path) -> Path:
+    """A local path as it is; a URL (kept whole, never read as a path) downloaded to ``work``."""
+    if not _URL.match(encrypted):
+        return Path(encrypted)
+    from tdapp.transfer import download
+
+    target = work / "encrypted.zip"
+    download(encrypted, target)
+    return target
+
+
+_URL = re.compile(r"^(https?|s3)://", re.IGNORECASE)
 
 
 @click.command()
 @click.option("--conf", type=click.Path(path_type=Path, file_okay=False), default=Path("KEYS"),
               show_default=True)
-@click.option("--encrypted", type=click.Path(path_type=Path), default=Path("ZIP"),
-              show_default=True, help="The output zip, or a folder holding exactly one.")
+@click.option("--encrypted", default="ZIP", show_default=True, metavar="PATH|URL",
+              help="The output zip, a folder holding exactly one, or its URL (http, https, "
+                   "s3: as tdapp run printed it; downloaded first).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("OUTPUTS"),
               show_default=True, help="Where the plaintext files are written.")
 @click.option("--session", "session_name", default=None, metavar="NAME",
@@ -62,15 +83,19 @@ def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
               type=click.Path(path_type=Path, dir_okay=False),
               help="Use only this output key file (KEYS/output-keys/SESSION.json, as "
                    "encryptedpush writes it); KEYS is not read.")
-def decrypt(conf: Path, encrypted: Path, out: Path, session_name: str | None,
+def decrypt(conf: Path, encrypted: str, out: Path, session_name: str | None,
             key_file: Path | None) -> None:
     """Verify the DApp's output against the CAS's current tag and decrypt it into OUTPUTS."""
+    import tempfile
+
     from tdapp.client.workflow import decrypt as run_decrypt
 
     if key_file is not None and session_name is not None:
         raise UsageError("give --key or --session, not both")
-    result = run_decrypt(conf=conf, encrypted=encrypted, out=out, session=session_name,
-                         key_file=key_file)
+    with tempfile.TemporaryDirectory(prefix="tdapp-fetch-") as work:
+        bundle = _fetched(encrypted, Path(work))
+        result = run_decrypt(conf=conf, encrypted=bundle, out=out, session=session_name,
+                             key_file=key_file)
     click.echo(f"decrypted {counted(result.files, 'file')} of session {result.session} "
                f"({result.state_file}) into {out}", err=True)
     if result.receipt is None:

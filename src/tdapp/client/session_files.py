@@ -93,6 +93,16 @@ class KeysFolder:
             raise InputError(f"{self.latest} and {kept} hold different states of session "
                              f"{latest.name}; keep the right one and move the other aside")
 
+    def check_new_name(self, name: str) -> None:
+        """Refuse, before anything is created, a session whose keys this folder cannot keep:
+        a name it cannot hold, or one it holds already (keys are never replaced)."""
+        if not _SESSION_NAME.fullmatch(name):
+            raise InputError(f"session name {name!r} cannot name a state file in {self.root}: "
+                             "use letters, digits, '.', '_' and '-' (no '/')")
+        if os.path.lexists(self._path_for(name)):
+            raise ConflictError(f"{self._path_for(name)} already exists: this folder holds "
+                                f"the keys of a session {name} already; name another session")
+
     def save(self, document: dict[str, Any]) -> Path:
         """Keep a new session's state: its own file first, then the latest copy."""
         name = str(document["session"])

@@ -73,7 +73,8 @@ class DecryptResult:
 
 def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path,
                    cas: Address, push: str, variables: dict[str, str],
-                   las: str | None = None, exports: tuple[ExportTo, ...] = ()) -> PushResult:
+                   las: str | None = None, exports: tuple[ExportTo, ...] = (),
+                   session: str | None = None) -> PushResult:
     from tdapp.transfer import upload
 
     if not inputs.is_dir():
@@ -85,7 +86,7 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
     # CAS learns of the session: a session nobody holds the keys of is lost work.
     keys_folder = KeysFolder(conf)
     keys_folder.prepare_for_push()
-    session_name = f"tdapp-{secrets.token_hex(16)}"
+    session_name = session or f"tdapp-{secrets.token_hex(16)}"
     with tempfile.TemporaryDirectory(prefix="tdapp-push-") as work:
         root = Path(work)
         keys = {INPUT_VOLUME: VolumeKey.generate(), OUTPUT_VOLUME: VolumeKey.generate()}
@@ -107,7 +108,10 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
             for target in exports:
                 with_export(content, "volumes", INPUT_VOLUME, target)
             filled = dump_yaml(content)
-        parse_enforceable_session(filled, source=str(template))
+        # The session is the one the document names: a template may write its own name
+        # instead of $SESSION, and the keys must be kept under the name the CAS stores.
+        session_name = parse_enforceable_session(filled, source=str(template)).name
+        keys_folder.check_new_name(session_name)
         client = CasClient.connect(cas)
         created = client.request("POST", "/v1/sessions", filled.encode())
         bundle = root / "scone-upload.zip"
