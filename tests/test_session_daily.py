@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +148,34 @@ def test_encryptedpush_names_the_session_as_asked_and_keeps_keys_under_that_name
     missing = walk.tdapp("encryptedpush", "-a", "copy_demo", "-t", "KEYS/own.yml",
                          check=False)
     assert missing.returncode == 2 and "-e SUFFIX=VALUE" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
+def test_the_commands_a_script_uses_speak_json(walk: Walk) -> None:
+    built = json.loads(walk.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name",
+                                  "copy_json", "--json").stdout)
+    assert built["name"] == "copy_json" and len(built["measurement"]) == 64
+    me = json.loads(walk.tdapp("self", "show", "--json").stdout)
+    assert len(me["identity"]) == 64 and isinstance(me["cas_certificates"], list)
+    pushed = json.loads(walk.tdapp("encryptedpush", "-a", "copy_demo", "-t",
+                                   "KEYS/copy_dapp.yml", "--json").stdout)
+    assert pushed["url"].startswith("http") and "--sessionID" in pushed["arguments"]
+    ran = json.loads(walk.tdapp("run", "copy_demo", *pushed["arguments"], "--push", walk.push,
+                                "--json").stdout)
+    assert ran["url"].startswith("http") and Path(walk.example / ran["receipt"]).is_file()
+    done = walk.tdapp("decrypt", "--encrypted", ran["url"], "--out",
+                      str(walk.example / "JSON"), "--json")
+    decrypted = json.loads(done.stdout)
+    assert decrypted["files"] == 1 and decrypted["session"] == pushed["session"]
+    assert decrypted["receipt"]["session"] == pushed["session"]
+    volume = walk.example / "vol"
+    created = walk.tdapp("volume", "create", str(volume), "--from",
+                         str(walk.example / "INPUTS"), "--envar-output").stdout
+    env = dict(line.removeprefix("export ").split("=", 1) for line in created.split("\n")
+               if "=" in line)
+    verified = subprocess.run(
+        [sys.executable, "-m", "tdapp", "volume", "verify", str(volume), "--json"],
+        env={**walk.env, **{k: v.strip("'\"") for k, v in env.items()}}, capture_output=True,
+        text=True, check=False, timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["files"] == 1

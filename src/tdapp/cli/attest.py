@@ -37,7 +37,7 @@ def attest() -> None:
 @click.option("--pin-ark", "pin_arks", multiple=True, metavar="SHA256",
               help="SNP: also trust the AMD root whose DER has this SHA-256 (64 hex digits), "
                    "e.g. Turin's, after checking it yourself. Repeatable.")
-@click.option("--at", "at", type=float, default=None, metavar="UNIX_TIME",
+@click.option("--at", "--verify-at", "at", type=float, default=None, metavar="UNIX_TIME",
               help="Verify as of this time (default: now).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify(evidence_file: Path, tee: str, collateral: Path | None, vcek: Path | None,

@@ -97,9 +97,11 @@ def _created(image: Image) -> str:
 @click.option("--las", "las_address", default=None, metavar="HOST:PORT",
               help="The LAS whose platform a sim template accepts (default: the one tdapp "
                    "up announced, else 127.0.0.1:18766).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: str | None,
           heap: int, stack: int, mode: str | None, tee: str | None, vm_file: Path | None,
-          host_paths: tuple[str, ...], template: Path | None, las_address: str | None) -> None:
+          host_paths: tuple[str, ...], template: Path | None, las_address: str | None,
+          as_json: bool) -> None:
     """Build APP_DIR (or the container image --image REF) into the image NAME and print
     its measurement.
 
@@ -145,6 +147,11 @@ def build(app_dir: Path | None, reference: str | None, name: str, entrypoint: st
         if image.mode == "sim" and platform is None:
             _note("no LAS answered: the template accepts the platform of the LAS that "
                   "encryptedpush finds ($LAS_PLATFORM)")
+    if as_json:
+        click.echo(json.dumps({"name": image.name, "measurement": image.measurement,
+                               "mode": image.mode, "files": files, "size": image.size,
+                               "template": None if template is None else str(template)}))
+        return
     click.echo(image.measurement)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,9 +148,17 @@ def self_group() -> None:
 
 
 @self_group.command()
-def show() -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="{\"identity\", \"key\", \"certificate\", \"cas_certificates\"}.")
+def show(as_json: bool) -> None:
     """Print the identity (creating it on first use) and its certificate paths."""
     identity = ClientIdentity.load_or_create()
+    if as_json:
+        click.echo(json.dumps({"identity": identity.identity, "key": str(identity.key_path),
+                               "certificate": str(identity.certificate_path),
+                               "cas_certificates": [str(path) for path in
+                                                    identity.cas_certificates()]}))
+        return
     click.echo(f"identity     {identity.identity}")
     click.echo(f"key          {identity.key_path}")
     click.echo(f"certificate  {identity.certificate_path}")

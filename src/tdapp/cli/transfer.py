@@ -27,7 +27,8 @@ def transfer() -> None:
 @click.option("--s3", "s3_url", metavar="s3://BUCKET/PREFIX", default=None,
               help="Keep uploads in an S3 bucket (endpoint and credentials as boto3 finds "
                    "them, e.g. AWS_ENDPOINT_URL).")
-@click.option("--max-size", default=1 << 30, show_default=True, type=click.IntRange(1),
+@click.option("--max-size", "--max-upload", "max_size", default=1 << 30, show_default=True,
+              type=click.IntRange(1),
               metavar="BYTES", help="Refuse larger uploads (413).")
 @click.option("--public-url", default=None, metavar="URL",
               help="Base of the download URLs handed out (default: http://HOST:PORT).")

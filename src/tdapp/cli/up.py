@@ -54,11 +54,13 @@ class _Bound:
 @click.command()
 @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the services keep their state (default: $TDAPP_HOME).")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address the three services listen on (and announce).")
 @click.option("--cas-port", default=8081, show_default=True)
 @click.option("--las-port", default=18766, show_default=True)
 @click.option("--transfer-port", default=8090, show_default=True)
-@click.option("--max-upload", default=1 << 30, show_default=True, type=click.IntRange(1),
+@click.option("--max-upload", "--max-size", "max_upload", default=1 << 30, show_default=True,
+              type=click.IntRange(1),
               help="Largest bundle the transfer service accepts, in bytes.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 16),
               help="Also start a Redis (redis-server, append-only) and this many sim workers "

@@ -143,12 +143,17 @@ def extract(volume_dir: Path, out_dir: Path, key: VolumeKey, tag: VolumeTag) -> 
 @_volume_dir
 @_key_option
 @_tag_option
-def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def verify(volume_dir: Path, key: VolumeKey, tag: VolumeTag, as_json: bool) -> None:
     """Check every byte of the volume against its key and expected tag."""
     opened = Volume.open(volume_dir, key, tag)
     total = sum(info.size for info in opened.files())
     with byte_progress("verifying", total) as progress:
         report = opened.verify(progress=progress)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "files": report.files, "bytes": report.bytes,
+                               "tag": opened.tag.hex()}))
+        return
     click.echo(f"ok: {counted(report.files, 'file')}, {counted(report.bytes, 'byte')} verified, "
                f"tag {opened.tag.hex()}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -38,10 +39,11 @@ from tdapp.errors import UsageError
                    "template that writes its own name: keeps it.")
 @click.option("-e", "--env", "assignments", multiple=True, metavar="VAR=VALUE",
               help="Fill $VAR in the template (also taken from the environment).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
                   cas_address: str | None, push: str | None, las_address: str | None,
                   exports: tuple[str, ...], session_name: str | None,
-                  assignments: tuple[str, ...]) -> None:
+                  assignments: tuple[str, ...], as_json: bool) -> None:
     """Encrypt INPUTS, create the session, upload; print the arguments for tdapp run."""
     from tdapp.client.sharing import ExportTo
     from tdapp.client.workflow import encrypted_push
@@ -51,6 +53,10 @@ def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
         cas=Address.parse(cas_address or announced("cas")), push=push or announced("push"),
         variables=template_variables_from(assignments), las=las_address,
         exports=tuple(ExportTo.parse(text) for text in exports), session=session_name)
+    if as_json:
+        click.echo(json.dumps({"session": result.session, "cas": result.cas,
+                               "url": result.url, "arguments": result.command_line.split()}))
+        return
     click.echo(result.command_line)
 
 
@@ -79,12 +85,13 @@ _URL = re.compile(r"^(https?|s3)://", re.IGNORECASE)
 @click.option("--session", "session_name", default=None, metavar="NAME",
               help="The session in KEYS whose keys to use (default: the one whose output "
                    "key opens the bundle).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--key", "key_file", default=None, metavar="FILE",
               type=click.Path(path_type=Path, dir_okay=False),
               help="Use only this output key file (KEYS/output-keys/SESSION.json, as "
                    "encryptedpush writes it); KEYS is not read.")
 def decrypt(conf: Path, encrypted: str, out: Path, session_name: str | None,
-            key_file: Path | None) -> None:
+            key_file: Path | None, as_json: bool) -> None:
     """Verify the DApp's output against the CAS's current tag and decrypt it into OUTPUTS."""
     import tempfile
 
@@ -96,6 +103,11 @@ def decrypt(conf: Path, encrypted: str, out: Path, session_name: str | None,
         bundle = _fetched(encrypted, Path(work))
         result = run_decrypt(conf=conf, encrypted=bundle, out=out, session=session_name,
                              key_file=key_file)
+    if as_json:
+        click.echo(json.dumps({"files": result.files, "session": result.session,
+                               "state_file": str(result.state_file), "out": str(out),
+                               "receipt": None if result.receipt is None
+                               else result.receipt.model_dump(mode="json")}))
     click.echo(f"decrypted {counted(result.files, 'file')} of session {result.session} "
                f"({result.state_file}) into {out}", err=True)
     if result.receipt is None:
@@ -127,6 +139,7 @@ def decrypt(conf: Path, encrypted: str, out: Path, session_name: str | None,
 @click.option("--iexec-worker", "iexec_worker", default=None, metavar="ADDRESS",
               help="For an iExec task: the worker address its result seal names (default "
                    "the zero address).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--receipt", "receipt", type=click.Path(path_type=Path, dir_okay=False),
               default=Path("receipt.jws"), show_default=True,
               help="Where to write the run's receipt, the CAS's signed statement of what ran "
@@ -138,7 +151,7 @@ def decrypt(conf: Path, encrypted: str, out: Path, session_name: str | None,
 def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
         push: str | None,
         las_address: str | None, tee: str, shield: str, timeout: float,
-        receipt: Path, iexec_worker: str | None) -> None:
+        receipt: Path, iexec_worker: str | None, as_json: bool) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.iexec_post import worker_address
     from tdapp.runtime.run import RunRequest, run_dapp
@@ -153,4 +166,7 @@ def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
                                  receipt=receipt,
                                  iexec_worker=worker_address(iexec_worker)),
                       log=lambda line: click.echo(f"tdapp run: {line}", err=True))
+    if as_json:
+        click.echo(json.dumps({"url": result, "receipt": str(receipt)}))
+        return
     click.echo(result)
