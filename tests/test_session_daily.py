@@ -179,3 +179,14 @@ def test_the_commands_a_script_uses_speak_json(walk: Walk) -> None:
         text=True, check=False, timeout=60)
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["files"] == 1
+
+
+def test_a_user_who_pinned_one_cas_reaches_it_without_naming_it(
+        two: tuple[CasServer, User, User]) -> None:
+    """A second user has no up.json (another user runs tdapp up), on a non-default port: the
+    one CAS it pinned is the one its commands talk to."""
+    server, _, bob = two
+    assert not server.address.endswith(":8081")
+    listed = bob.tdapp("session", "list", "--json")
+    assert listed.code == 0, listed.err
+    assert all(json.loads(line)["name"].startswith("bob") for line in listed.out.splitlines())

@@ -42,7 +42,28 @@ def announced(service: str) -> str:
     value = recorded.get(service) if recorded is not None else None
     if isinstance(value, str) and value:
         return value
+    if service == "cas":
+        pinned = _only_pinned_cas()
+        if pinned is not None:
+            return pinned
     return DEFAULTS[service]
+
+
+def _only_pinned_cas() -> str | None:
+    """The CAS this user pinned, when it pinned exactly one (a second user of a CAS that
+    another user's tdapp up runs has no up.json, but has pinned that CAS)."""
+    folder = tdapp_home() / "pins"
+    try:
+        names = [path.name for path in folder.glob("*.crt")]
+    except OSError:
+        return None
+    if len(names) != 1:
+        return None
+    host, _, port = names[0].removesuffix(".crt").rpartition("_")
+    # IPv6 pins lose their brackets in the file name: only name-or-IPv4 pins are read back.
+    if not host or ":" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return f"{host}:{port}"
 
 
 def announce(addresses: dict[str, str]) -> Announcement:
