@@ -190,3 +190,22 @@ def test_a_user_who_pinned_one_cas_reaches_it_without_naming_it(
     listed = bob.tdapp("session", "list", "--json")
     assert listed.code == 0, listed.err
     assert all(json.loads(line)["name"].startswith("bob") for line in listed.out.splitlines())
+
+
+def test_cas_audit_finds_the_database_of_up_state_dir_and_names_a_missing_one(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (tmp_path / "up-root").mkdir()
+    with running_up(tmp_path / "up-root", "--state-dir", str(state)) as walk:
+        walk.tdapp("build", str(REPO / "examples" / "copy_dapp"), "--name", "copy_demo",
+                   "-o", str(walk.example / "KEYS" / "copy_dapp.yml"))
+        (walk.example / "INPUTS" / "f.txt").write_text("audited\n")
+        session = json.loads(walk.tdapp("encryptedpush", "-a", "copy_demo", "-t",
+                                        "KEYS/copy_dapp.yml", "--json").stdout)["session"]
+        events = walk.tdapp("cas", "audit", "--session", session, "--json").stdout
+        assert any(json.loads(line)["event"] == "session.create"
+                   for line in events.splitlines())
+        nowhere = tmp_path / "nowhere"
+        missing = walk.tdapp("cas", "audit", "--state-dir", str(nowhere), check=False)
+        assert missing.returncode == 3 and str(nowhere / "cas.db") in missing.stderr
+        assert not (nowhere / "cas.db").exists()  # nothing made where nothing was

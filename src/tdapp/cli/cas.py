@@ -90,8 +90,15 @@ def audit(session_name: str | None, db: str | None, state_dir: Path | None, limi
 
     from tdapp.cas.serve import default_state_dir
     from tdapp.cas.store import Store, database_url
+    from tdapp.client.announce import announced_state
+    from tdapp.errors import InputError
 
-    store = Store(database_url(db, state_dir or default_state_dir()))
+    folder = state_dir or announced_state("cas") or default_state_dir()
+    url = database_url(db, folder)
+    if db is None and not (folder / "cas.db").is_file():
+        raise InputError(f"no CAS database at {folder / 'cas.db'}: give the CAS's --state-dir "
+                         "(tdapp up keeps it in STATE/cas) or its --db")
+    store = Store(url)
     try:
         events = store.audit_events(session_name, limit=limit)
     finally:

@@ -161,7 +161,8 @@ async def _serve(state: Path, bound: _Bound, max_upload: int, workers: int) -> N
         PinStore().pin(cas, materials.certificate)
         PinStore().pin_receipt_key(cas, JWK(**materials.receipt_signer.public_jwk()))
         addresses = {"cas": str(cas), "las": f"{host}:{las_port}",
-                     "push": f"http://{host}:{transfer_port}/upload"}
+                     "push": f"http://{host}:{transfer_port}/upload",
+                     "cas_state": str((state / "cas").absolute())}
         if pool is not None:
             addresses["broker"] = pool.start(workers)
             click.echo(f"tdapp up: pool     {addresses['broker']}  {workers} sim worker(s)",

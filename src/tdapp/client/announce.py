@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from tdapp.core.atomic import write_atomically
 from tdapp.home import tdapp_home
@@ -47,6 +48,13 @@ def announced(service: str) -> str:
         if pinned is not None:
             return pinned
     return DEFAULTS[service]
+
+
+def announced_state(service: str) -> Path | None:
+    """The state folder of ``service`` that this user's ``tdapp up`` announced, if any."""
+    recorded = _read_up_file()
+    value = recorded.get(f"{service}_state") if recorded is not None else None
+    return Path(value) if isinstance(value, str) and value else None
 
 
 def _only_pinned_cas() -> str | None:
