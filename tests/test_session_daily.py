@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cas_fixtures import CasServer, MakeUser, SessionDoc, StartCas, User, unique_name
+from cas_fixtures import CasServer, MakeUser, SessionDoc, StartCas, User, free_port, unique_name
 from test_cas_attestation import (  # noqa: F401 - las is a fixture
     attempt,
     bind,
@@ -209,3 +209,16 @@ def test_cas_audit_finds_the_database_of_up_state_dir_and_names_a_missing_one(
         missing = walk.tdapp("cas", "audit", "--state-dir", str(nowhere), check=False)
         assert missing.returncode == 3 and str(nowhere / "cas.db") in missing.stderr
         assert not (nowhere / "cas.db").exists()  # nothing made where nothing was
+
+
+def test_a_run_with_a_push_nobody_answers_fails_before_anything_runs(walk: Walk) -> None:
+    pushed = json.loads(walk.tdapp("encryptedpush", "-a", "copy_demo", "-t",
+                                   "KEYS/copy_dapp.yml", "--json").stdout)
+    port = free_port()  # nothing listens there
+    done = walk.tdapp("run", "copy_demo", *pushed["arguments"], "--push",
+                      f"http://127.0.0.1:{port}/upload", check=False)
+    assert done.returncode != 0 and done.stdout == ""
+    assert f"nothing answers at http://127.0.0.1:{port}/upload (--push)" in done.stderr
+    events = walk.tdapp("cas", "audit", "--session", pushed["session"], "--json").stdout
+    assert not any(json.loads(line)["event"].startswith("attest")
+                   for line in events.splitlines())  # not even attested

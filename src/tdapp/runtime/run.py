@@ -123,7 +123,7 @@ def run_dapp(request: RunRequest, log: Log) -> str:
 def run_labelled(request: RunRequest, log: Log) -> RunOutcome:
     """Run once, or, for a labelled run (a pool task) whose label committed already,
     report that run instead of running again (exactly one effect per task)."""
-    from tdapp.transfer import download, upload
+    from tdapp.transfer import check_upload_target, download, upload
 
     session, _, service = request.session_id.partition("/")
     if not session or not service:
@@ -131,6 +131,7 @@ def run_labelled(request: RunRequest, log: Log) -> RunOutcome:
     if not (math.isfinite(request.timeout) and request.timeout > 0):
         raise InputError(f"the run's time limit must be a positive number of seconds, got "
                          f"{request.timeout}")
+    check_upload_target(request.push)  # before anything runs, not after
     remove_abandoned()
     with ciphertext_folder() as root:
         # Measured once, from a copy only this run uses: what runs is what the

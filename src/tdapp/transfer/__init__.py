@@ -7,6 +7,13 @@ an S3 bucket (:mod:`tdapp.transfer.store`). Must never expose a partially
 uploaded object, nor leave a partial download at its target.
 """
 
-from tdapp.transfer.client import BACKENDS, Backend, backend_for, download, upload
+from tdapp.transfer.client import (
+    BACKENDS,
+    Backend,
+    backend_for,
+    check_upload_target,
+    download,
+    upload,
+)
 
-__all__ = ["BACKENDS", "Backend", "backend_for", "download", "upload"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "check_upload_target", "download", "upload"]

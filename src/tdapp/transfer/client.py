@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -283,6 +284,26 @@ def backend_for(url: str) -> Backend:
         known = ", ".join(f"{name}://" for name in BACKENDS)
         raise UsageError(f"{url!r}: unsupported URL scheme (expected {known})")
     return backend
+
+
+def check_upload_target(destination: str, what: str = "--push") -> None:
+    """Fail now, not after an hour's run, when ``destination`` cannot take an upload: an
+    http(s) service that does not answer, or a file:// folder that does not exist (an s3://
+    bucket is checked by the upload itself)."""
+    backend = backend_for(destination)
+    if isinstance(backend, HttpBackend):
+        parts = urlsplit(destination)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "", port), timeout=5).close()
+        except OSError as error:
+            raise UnavailableError(f"nothing answers at {destination} ({what}): "
+                                   f"{error.strerror or error}; nothing was run") from None
+    elif isinstance(backend, FileBackend):
+        path = _file_path(destination)
+        folder = path if path.is_dir() or destination.endswith("/") else path.parent
+        if not folder.is_dir():
+            raise InputError(f"{destination} ({what}): no such folder {folder}; nothing was run")
 
 
 def upload(source: Path, destination: str, *,
