@@ -160,8 +160,10 @@ def test_the_commands_a_script_uses_speak_json(walk: Walk) -> None:
     pushed = json.loads(walk.tdapp("encryptedpush", "-a", "copy_demo", "-t",
                                    "KEYS/copy_dapp.yml", "--json").stdout)
     assert pushed["url"].startswith("http") and "--sessionID" in pushed["arguments"]
-    ran = json.loads(walk.tdapp("run", "copy_demo", *pushed["arguments"], "--push", walk.push,
-                                "--json").stdout)
+    running = walk.tdapp("run", "copy_demo", *pushed["arguments"], "--push", walk.push,
+                         "--json")
+    assert "program: ended after " in running.stderr and "(exit 0)" in running.stderr
+    ran = json.loads(running.stdout)
     assert ran["url"].startswith("http") and Path(walk.example / ran["receipt"]).is_file()
     done = walk.tdapp("decrypt", "--encrypted", ran["url"], "--out",
                       str(walk.example / "JSON"), "--json")

@@ -39,6 +39,7 @@ from tdapp.client.session_files import (
 )
 from tdapp.client.sharing import ExportTo, with_export, write_output_key
 from tdapp.core.address import Address
+from tdapp.core.progress import byte_progress
 from tdapp.errors import InputError, RefusedError, TdappError, UnavailableError, WrongKeyError
 from tdapp.policy import fill_template
 from tdapp.policy.emit import dump_yaml
@@ -92,10 +93,13 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
         keys = {INPUT_VOLUME: VolumeKey.generate(), OUTPUT_VOLUME: VolumeKey.generate()}
         empty = root / "empty"
         empty.mkdir()
-        made = {
-            INPUT_VOLUME: Volume.create(root / INPUT_VOLUME, keys[INPUT_VOLUME], source=inputs),
-            OUTPUT_VOLUME: Volume.create(root / OUTPUT_VOLUME, keys[OUTPUT_VOLUME], source=empty),
-        }
+        with byte_progress("encrypting", _folder_bytes(inputs)) as progress:
+            made = {
+                INPUT_VOLUME: Volume.create(root / INPUT_VOLUME, keys[INPUT_VOLUME],
+                                            source=inputs, progress=progress),
+                OUTPUT_VOLUME: Volume.create(root / OUTPUT_VOLUME, keys[OUTPUT_VOLUME],
+                                             source=empty),
+            }
         filled = fill_template(template_text, {
             **variables, "SESSION": session_name,
             "INPUT_FSPF_KEY": keys[INPUT_VOLUME].hex(),
@@ -127,6 +131,15 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
     keys_folder.save(state)
     write_output_key(conf, state)
     return PushResult(session_name, str(cas), url)
+
+
+def _folder_bytes(folder: Path) -> int | None:
+    """The bytes of the regular files below ``folder`` (for a progress bar; None if unknown)."""
+    try:
+        return sum(path.stat().st_size for path in folder.rglob("*")
+                   if path.is_file() and not path.is_symlink())
+    except OSError:
+        return None
 
 
 def _with_las_platform(template_text: str, variables: dict[str, str],
@@ -188,12 +201,14 @@ def decrypt(*, conf: Path, encrypted: Path, out: Path, session: str | None = Non
         except TdappError:
             raise InputError(f"the CAS sent a malformed tag for {state.name}") from None
         opened = Volume.open(folder, state.output_key, tag, name=OUTPUT_VOLUME)
+        plaintext = sum(info.size for info in opened.files())
         # Who produced it: the CAS's signed receipt for exactly this bundle, stating this
         # output at the tag just checked (a receipt for anything else is refused).
         receipt = receipt_of_bundle(client, state.cas, state.name, bundle)
         if receipt is not None:
             check_receipt_states(receipt, OUTPUT_VOLUME, tag.hex())
-        report = opened.extract(out)
+        with byte_progress("decrypting", plaintext) as progress:
+            report = opened.extract(out, progress=progress)
     return DecryptResult(report.files, state.name, state.path, receipt)
 
 

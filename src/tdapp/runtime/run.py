@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,8 @@ def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguratio
                                     writable=volume.writable))
                 if volume.writable:
                     fingerprints[volume.name] = _tree_fingerprint(plain)
+            log("program: running")
+            began = time.monotonic()
             result = run_sandboxed(SandboxSpec(
                 root=image.root, argv=list(config.command), env=dict(config.environment),
                 cwd=config.pwd, mounts=mounts, host_paths=_host_paths(image),
@@ -282,6 +285,9 @@ def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguratio
                 memory_limit=image.heap, stack_limit=image.stack,
                 user=_user(image), timeout=request.timeout,
                 tmp_size=write_allowance(image.heap)))
+            ended = (f"exit {result.exit_code}" if result.signal is None
+                     else f"signal {result.signal}")
+            log(f"program: ended after {time.monotonic() - began:.1f} s ({ended})")
             if config.iexec is not None and _succeeded(result):
                 seal_iexec_result(config.iexec, mounts, request.iexec_worker, log)
             shielded = _finish(shields)
