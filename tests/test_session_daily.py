@@ -42,7 +42,7 @@ def two(cas_server: StartCas, user: MakeUser, las: str) -> tuple[CasServer, User
 
 
 def _create(server: CasServer, who: User, doc: SessionDoc) -> str:
-    path = who.home / f"{doc.name}.yml"
+    path = who.home / f"{doc.name.replace('/', '_')}.yml"
     path.write_text(doc.text())
     done = who.tdapp("session", "create", str(path), "--cas", server.address)
     assert done.code == 0, done.err
@@ -224,3 +224,50 @@ def test_a_run_with_a_push_nobody_answers_fails_before_anything_runs(walk: Walk)
     events = walk.tdapp("cas", "audit", "--session", pushed["session"], "--json").stdout
     assert not any(json.loads(line)["event"].startswith("attest")
                    for line in events.splitlines())  # not even attested
+
+
+def test_delete_needs_the_update_right_and_leaves_no_key_tag_or_instance_behind(
+        two: tuple[CasServer, User, User], las: str) -> None:  # noqa: F811
+    server, alice, bob = two
+    doc = SessionDoc(unique_name("doomed"))
+    _create(server, alice, doc)
+    nonce = new_nonce(server, doc.name)
+    key = EphemeralKey()
+    answer = attempt(server, doc.name, evidence(las, bind(nonce, key, doc.name)), nonce, key)
+    token = key.open(answer.json()["jwe"]).token.get_secret_value()
+    # Another identity may not; asking without --yes in a script is refused.
+    assert bob.tdapp("session", "delete", doc.name, "--yes", "--cas", server.address).code == 7
+    unconfirmed = alice.tdapp("session", "delete", doc.name, "--cas", server.address)
+    assert unconfirmed.code == 2 and "--yes" in unconfirmed.err
+    deleted = alice.tdapp("session", "delete", doc.name, "--yes", "--cas", server.address)
+    assert deleted.code == 0, deleted.err
+    gone = alice.tdapp("session", "read", doc.name, "--cas", server.address)
+    assert gone.code != 0 and "no session named" in gone.err
+    # Made again under the same name: the old session's instance moves none of its tags.
+    _create(server, alice, doc)
+    from test_cas_attestation import runtime
+
+    from tdapp.client.key_release import report_tag
+    from tdapp.errors import TdappError
+
+    with pytest.raises(TdappError):
+        report_tag(runtime(server), token, doc.name, "encrypted-output-files",
+                   doc.tags["encrypted-output-files"], "ab" * 16)
+    tags = json.loads(alice.tdapp("session", "tags", doc.name, "--json", "--cas",
+                                  server.address).out)
+    assert tags == doc.tags
+    history = alice.tdapp("session", "history", doc.name, "--json", "--cas", server.address)
+    assert any(json.loads(line)["event"] == "session.delete" for line in history.out.splitlines())
+
+
+def test_a_namespace_in_use_is_not_deleted(two: tuple[CasServer, User, User]) -> None:
+    server, alice, _ = two
+    namespace = unique_name("ns")
+    path = alice.home / f"{namespace}.yml"
+    path.write_text(f"name: {namespace}\nversion: '0.3'\naccess_policy:\n  read: [CREATOR]\n"
+                    "  update: [CREATOR]\n  create_sessions: [CREATOR]\n")
+    assert alice.tdapp("session", "create", str(path), "--cas", server.address).code == 0
+    _create(server, alice, SessionDoc(f"{namespace}/child"))
+    refused = alice.tdapp("session", "delete", namespace, "--yes", "--cas", server.address)
+    assert refused.code != 0 and "delete them first" in refused.err
+    assert alice.tdapp("session", "read", namespace, "--cas", server.address).code == 0

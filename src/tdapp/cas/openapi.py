@@ -97,6 +97,11 @@ def openapi_document() -> dict[str, Any]:
             "/v1/sessions/{name}": {
                 "get": {"summary": "Read a session (readers only)", "parameters": [_NAME],
                         "responses": read_responses},
+                "delete": {"summary": "Delete a session (access_policy.update): its sealed "
+                                      "document, secrets and tags go, its audit log stays",
+                           "parameters": [_NAME],
+                           "responses": {"200": _json({"type": "object"}, "deleted"),
+                                         **_errors(401, 403, 404, 409, 503)}},
                 "put": {"summary": "Update a session; the document names the current hash as "
                                    "predecessor", "parameters": [_NAME],
                         "requestBody": _YAML_BODY,

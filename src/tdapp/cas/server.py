@@ -136,6 +136,12 @@ async def update_session(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "hash": digest})
 
 
+async def delete_session(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _in_thread(request.app[_AUTHORITY].delete, name, client_identity(request))
+    return web.json_response({"name": name, "deleted": True})
+
+
 async def list_sessions(request: web.Request) -> web.Response:
     listed = await _in_thread(request.app[_AUTHORITY].created_by, client_identity(request))
     return web.json_response({"sessions": listed})
@@ -325,6 +331,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     app.router.add_get("/v1/receipt-key", receipt_key)
     app.router.add_get("/v1/sessions/{name:.+}", read_session)
     app.router.add_put("/v1/sessions/{name:.+}", update_session)
+    app.router.add_delete("/v1/sessions/{name:.+}", delete_session)
     app.router.add_get("/session/{name:.+}", read_session)
     app.router.add_post("/v1/identities", certify_identity)
     app.router.add_get("/v1/health", health)

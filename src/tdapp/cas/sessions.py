@@ -202,6 +202,27 @@ class SessionAuthority:
         except TdappError as error:
             self._refuse(session.name, event, who, error)
 
+    def delete(self, name: str, who: Identity | None) -> None:
+        """Remove a session (``access_policy.update`` decides). Its sealed document, secret
+        values and tag rows go; its audit log stays. Sessions below it (a namespace) must
+        go first; a session importing from it is refused at its next attestation."""
+        actor = self._require_identity(name, "session.delete", who)
+        current = self._store.get_session(name)
+        if current is None:
+            self._refuse(name, "session.delete", who,
+                         NotFoundError(f"no session named {name!r}"))
+        if not self._unseal(current).access_policy.allows("update", actor, current.creator):
+            self._refuse(name, "session.delete", who, RefusedError(
+                f"identity {actor} may not delete session {name!r} (access_policy.update)"))
+        if self._store.has_children(name):
+            self._refuse(name, "session.delete", who, ConflictError(
+                f"session {name!r} is a namespace with sessions in it: delete them first"))
+        if not self._store.delete_session(name, current.hash, (
+                "session.delete", actor, f"deleted at {current.hash}; its keys, secrets and "
+                                         "tags are gone")):
+            self._refuse(name, "session.delete", who, ConflictError(
+                f"session {name!r} changed while it was being deleted; read it and retry"))
+
     def _check_stated_creator(self, session: Session, creator: Identity, event: str,
                               actor: Identity | None = None) -> None:
         """A document's ``creator:`` (as SCONE's read-back shows it) must be the session's

@@ -265,6 +265,30 @@ class Store:
             return False  # a row appeared meanwhile: whoever wrote it changed the session
         return True
 
+    def has_children(self, name: str) -> bool:
+        """Whether a session is named ``name/…`` (the session is a namespace in use)."""
+        prefix = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+        with self._read() as connection:
+            return connection.execute(select(sessions.c.name).where(
+                sessions.c.name.like(prefix, escape="\\")).limit(1)).first() is not None
+
+    def delete_session(self, name: str, expected_hash: str,
+                       audit: tuple[str, str | None, str]) -> bool:
+        """Remove the session (its sealed document and secrets) and its tag rows, if it is
+        still at ``expected_hash``; its audit log stays. False if it changed meanwhile."""
+        now = time.time()
+        with self._write() as connection:
+            result = connection.execute(delete(sessions).where(
+                sessions.c.name == name, sessions.c.hash == expected_hash))
+            if result.rowcount != 1:
+                return False
+            connection.execute(delete(volume_tags).where(volume_tags.c.session == name))
+            # Its instances go too: a session made later under the same name must not take
+            # tag reports from instances of this one.
+            connection.execute(delete(instances).where(instances.c.session == name))
+            _append_audit(connection, now, name, *audit, Outcome.ACCEPTED)
+        return True
+
     # -- volume tags ------------------------------------------------------------
 
     def volume_tag(self, session: str, volume: str) -> StoredTag | None:

@@ -316,6 +316,25 @@ def history(name: str, cas_address: str | None, as_json: bool) -> None:
     table_console().print(table)
 
 
+@session.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_cas_option
+def delete(name: str, yes: bool, cas_address: str | None) -> None:
+    """Delete session NAME (access_policy.update): its keys, secrets and tags are gone for good;
+    its audit log stays. Sessions importing from it are refused at their next attestation."""
+    import sys
+
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"deleting session {name} loses its keys for good: confirm with "
+                             "--yes")
+        click.confirm(f"Delete session {name}? Its volume keys and secrets cannot be "
+                      "recovered", abort=True, err=True)
+    CasClient.connect(_cas(cas_address)).request("DELETE", f"/v1/sessions/{quote(name, safe='/')}")
+    click.echo(f"deleted session {name}", err=True)
+
+
 @session.command(name="hash")
 @click.argument("file_or_name")
 @_env_option
