@@ -186,7 +186,7 @@ def test_unknown_paths_methods_and_names_get_json_errors(target: Target) -> None
         assert "no session named" in reason_of(http.get("/v1/sessions/nobody-here"), 404)
         assert "no session named" in reason_of(http.get("/session/nobody-here"), 404)
         reason_of(http.get("/v1/nothing"), 404)
-        reason_of(http.delete("/v1/sessions/nobody-here"), 405)
+        reason_of(http.patch("/v1/sessions/nobody-here"), 405)
         reason_of(http.get("/v1/identities"), 405)
 
 

@@ -172,7 +172,13 @@ class StallingPushService:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        connection, _ = self._listener.accept()
+        while True:
+            connection, _ = self._listener.accept()
+            first = connection.recv(65536)
+            if first:
+                break
+            connection.close()  # the runtime's check that --push answers: no upload yet
+        self.received += len(first)
         with connection:
             while self.received < self.stall_after:
                 data = connection.recv(65536)

@@ -135,7 +135,7 @@ def test_cas_bodies(cas: tuple[CasServer, User]) -> None:
         assert_error(http.post("/v1/sessions", content=b"name: [unclosed"), 400,
                      ErrorKind.INPUT)
         assert_error(http.get("/v1/nothing"), 404, ErrorKind.NOT_FOUND)
-        assert_error(http.delete(f"/v1/sessions/{taken.name}"), 405, ErrorKind.USAGE)
+        assert_error(http.patch(f"/v1/sessions/{taken.name}"), 405, ErrorKind.USAGE)
     with anonymous_http(server) as http:
         assert "client certificate" in assert_error(
             http.post("/v1/sessions", content=taken.body()), 401,
@@ -177,7 +177,7 @@ def test_the_cas_client_raises_the_class_of_each_kind(
         client.request("POST", "/v1/sessions", b"name: [unclosed")
     assert type(malformed.value) is InputError
     with pytest.raises(UsageError, match=r"refused \(405\)"):
-        client.request("DELETE", f"/v1/sessions/{doc.name}")
+        client.request("PATCH", f"/v1/sessions/{doc.name}")
 
 
 def test_a_cas_with_another_certificate_is_refused_before_anything_is_sent(
