@@ -309,16 +309,7 @@ class Store:
         """Replace the row ``current`` by ``new``; False if ``current`` is no longer the row."""
         now = time.time()
         with self._write() as connection:
-            same_tag = (volume_tags.c.tag.is_(None) if current.tag is None
-                        else volume_tags.c.tag == current.tag)
-            result = connection.execute(
-                update(volume_tags)
-                .where(volume_tags.c.session == current.session,
-                       volume_tags.c.volume == current.volume, same_tag,
-                       volume_tags.c.version == current.version,
-                       volume_tags.c.mac == current.mac)
-                .values(tag=new.tag, version=new.version, mac=new.mac, updated_at=now))
-            if result.rowcount != 1:
+            if not _swap_tag(connection, TagSwap(current, new), now):
                 return False
             _append_audit(connection, now, current.session, *audit, Outcome.ACCEPTED)
         return True
@@ -396,19 +387,8 @@ class Store:
                     token_hash=token_hash, session=session, bundle_sha256=bundle_sha256,
                     receipt=receipt, created_at=now, label=label, url=url))
                 for swap in swaps:
-                    current = swap.current
-                    same_tag = (volume_tags.c.tag.is_(None) if current.tag is None
-                                else volume_tags.c.tag == current.tag)
-                    result = connection.execute(
-                        update(volume_tags)
-                        .where(volume_tags.c.session == current.session,
-                               volume_tags.c.volume == current.volume, same_tag,
-                               volume_tags.c.version == current.version,
-                               volume_tags.c.mac == current.mac)
-                        .values(tag=swap.new.tag, version=swap.new.version, mac=swap.new.mac,
-                                updated_at=now))
-                    if result.rowcount != 1:
-                        raise _Stale(current.volume)
+                    if not _swap_tag(connection, swap, now):
+                        raise _Stale(swap.current.volume)
                 connection.execute(insert(audit_log), [
                     {"at": now, "session": session, "event": audit.event, "actor": None,
                      "outcome": audit.outcome, "reason": audit.reason} for audit in audits])
@@ -461,6 +441,20 @@ class Store:
 
 _TAG_ROWS = select(volume_tags.c.session, volume_tags.c.volume, volume_tags.c.tag,
                   volume_tags.c.version, volume_tags.c.mac)
+
+
+def _swap_tag(connection: Connection, swap: TagSwap, now: float) -> bool:
+    """Compare-and-swap one tag row: replaced only if it is exactly ``swap.current`` still."""
+    current = swap.current
+    same_tag = (volume_tags.c.tag.is_(None) if current.tag is None
+                else volume_tags.c.tag == current.tag)
+    result = connection.execute(
+        update(volume_tags)
+        .where(volume_tags.c.session == current.session, volume_tags.c.volume == current.volume,
+               same_tag, volume_tags.c.version == current.version,
+               volume_tags.c.mac == current.mac)
+        .values(tag=swap.new.tag, version=swap.new.version, mac=swap.new.mac, updated_at=now))
+    return bool(result.rowcount == 1)
 
 
 def _stored_tag(row: Any) -> StoredTag:

@@ -56,7 +56,8 @@ def bundle_digest(path: Path) -> str:
 
 def check_receipt(text: str, *, keys: Mapping[str, jwk.JWK] | None = None,
                   bundle: Path | None = None, session: str | None = None,
-                  output: tuple[str, str] | None = None) -> Receipt:
+                  output: tuple[str, str] | None = None,
+                  bundle_sha256: str | None = None) -> Receipt:
     """The receipt in ``text``, verified; IntegrityError naming the first thing wrong.
 
     ``keys`` default to every pinned receipt key; ``bundle`` must be the file it
@@ -66,7 +67,7 @@ def check_receipt(text: str, *, keys: Mapping[str, jwk.JWK] | None = None,
     if session is not None and receipt.session != session:
         raise IntegrityError(f"the receipt is for session {receipt.session}, not {session}")
     if bundle is not None:
-        actual = bundle_digest(bundle)
+        actual = bundle_sha256 or bundle_digest(bundle)  # hashed once by a caller that has it
         if receipt.bundle_sha256 is None or not hmac.compare_digest(
                 receipt.bundle_sha256.encode(), actual.encode()):
             raise IntegrityError(f"the receipt is for another bundle ({receipt.bundle_sha256}), "
@@ -92,10 +93,11 @@ def receipt_of_bundle(client: CasClient, address: Address, session: str,
     if key is None:
         raise RefusedError(f"no receipt key is pinned for the CAS at {address}: run tdapp "
                            f"cas attest {address}")
-    query = urlencode({"session": session, "bundle": bundle_digest(bundle)})
+    digest = bundle_digest(bundle)
+    query = urlencode({"session": session, "bundle": digest})
     try:
         answer = client.request("GET", f"/v1/receipts?{query}")
     except NotFoundError:
         return None
     return check_receipt(str(answer.get("receipt", "")), keys={thumbprint(key): key},
-                         bundle=bundle, session=session)
+                         bundle=bundle, session=session, bundle_sha256=digest)
