@@ -76,7 +76,11 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch,
+                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A home of its own for whatever a test does in-process without choosing one, so no
+    # test reads or writes the real ~/.tdapp (tests that need a home set their own).
+    monkeypatch.setenv("TDAPP_HOME", str(tmp_path_factory.mktemp("home")))
     # setenv then delenv: the variable is absent during the test, and whatever the
     # test (or ``tdapp --debug``, which sets TDAPP_DEBUG) leaves is undone afterwards.
     for name in ("VOLUME_KEY", "VOLUME_TAG", "TDAPP_DEBUG"):

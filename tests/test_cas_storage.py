@@ -288,7 +288,7 @@ def test_an_unpinned_cas_is_refused_by_session_create(
     doc = secret_doc()
     (tmp_path / "s.yml").write_text(doc.text())
     result = dave.tdapp("session", "create", tmp_path / "s.yml", "--cas", cas.address)
-    assert_error(result, ExitCode.REFUSED, f"the CAS at {cas.address} is not pinned")
+    assert_error(result, ExitCode.REFUSED, f"the CAS at {cas.address} (from --cas) is not pinned")
     assert f"tdapp cas attest {cas.address}" in result.err
     assert result.out == ""
     assert not (dave.home / "pins" / f"127.0.0.1_{cas.port}.crt").exists()

@@ -220,7 +220,7 @@ def test_a_run_with_a_push_nobody_answers_fails_before_anything_runs(walk: Walk)
     done = walk.tdapp("run", "copy_demo", *pushed["arguments"], "--push",
                       f"http://127.0.0.1:{port}/upload", check=False)
     assert done.returncode != 0 and done.stdout == ""
-    assert f"nothing answers at http://127.0.0.1:{port}/upload (--push)" in done.stderr
+    assert f"nothing answers at http://127.0.0.1:{port}/upload (from --push)" in done.stderr
     events = walk.tdapp("cas", "audit", "--session", pushed["session"], "--json").stdout
     assert not any(json.loads(line)["event"].startswith("attest")
                    for line in events.splitlines())  # not even attested

@@ -87,6 +87,14 @@ def start_service(home: Path, *args: str, env: Mapping[str, str] | None = None) 
     return Service(process, home, port, log)
 
 
+@pytest.fixture(autouse=True)
+def _client_home(tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client keeps delete tokens in $TDAPP_HOME/uploads.json: its own one here."""
+    monkeypatch.setenv("TDAPP_HOME", str(tmp_path_factory.mktemp("client-home")))
+    monkeypatch.delenv("TDAPP_TRANSFER_TOKEN_FILE", raising=False)
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     running = start_service(tmp_path_factory.mktemp("transfer-home"), "--max-size", str(LIMIT))
@@ -328,3 +336,26 @@ def test_progress_counts_every_byte(service: Service, tmp_path: Path) -> None:
     url = upload(random_file(tmp_path, "p.bin", 600_000), service.upload_url, progress=recording)
     download(url, tmp_path / "q.bin", progress=recording)
     assert seen == [("upload p.bin", 600_000, 600_000), ("download q.bin", 600_000, 600_000)]
+
+
+def test_the_sweep_spares_a_slow_upload_in_progress(tmp_path: Path) -> None:
+    """Attacks the spool sweep with an upload that trickles in for longer than the body
+    timeout, in pieces too small to reach its spool file (the service buffers them), so
+    the file looks untouched. What must not happen: the sweep deleting it mid-upload."""
+    service = start_service(tmp_path / "home", "--body-timeout", "1", "--keep", "1s")
+    try:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=15) as sock:
+            sock.sendall(b"POST /upload?name=slow.bin HTTP/1.1\r\nHost: x\r\n"
+                         b"Connection: close\r\nContent-Length: 2000\r\n\r\n")
+            for _ in range(7):  # 2.1 s in all, never a pause of a second
+                sock.sendall(b"s" * 100)
+                time.sleep(0.3)
+            sock.sendall(b"s" * 1300)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        url = answer.partition(b"\r\n\r\n")[2].decode().strip()
+        assert httpx.get(url).content == b"s" * 2000
+    finally:
+        service.stop()

@@ -15,7 +15,6 @@ that stopped sending past its timeouts (:class:`tdapp.serving.ServerTimeouts`).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import sys
@@ -29,7 +28,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tdapp.attest.sim import SimPlatform, b64
-from tdapp.core.address import Address
+from tdapp.core.address import Address, is_loopback
+from tdapp.core.origin import origin_of
 from tdapp.core.peer import endpoint, tcp_peer_uid
 from tdapp.errors import (
     ErrorKind,
@@ -138,15 +138,6 @@ def _hex(document: dict[str, Any], name: str, length: int) -> str:
     return value.lower()
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # any other name might resolve beyond this host
-
-
 def serve(*, host: str, port: int, state_dir: Path, allow_remote: bool = False,
           timeouts: ServerTimeouts | None = None) -> None:
     """Run the LAS until SIGINT or SIGTERM; refuse a non-loopback host without ``allow_remote``."""
@@ -198,7 +189,7 @@ class LasClient:
             with httpx.Client(timeout=self.timeout, trust_env=False) as client:
                 response = client.request(method, f"http://{where}{path}", json=body)
         except httpx.HTTPError as error:
-            raise UnavailableError(f"cannot reach the LAS at {where}: "
+            raise UnavailableError(f"cannot reach the LAS at {where}{origin_of(where)}: "
                                    f"{str(error) or type(error).__name__}") from None
         try:
             answer = response.json()

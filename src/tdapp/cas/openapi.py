@@ -157,6 +157,15 @@ def openapi_document() -> dict[str, Any]:
                                                 "tag": {"type": "string", "nullable": True}}},
                                            "the current tag"),
                               **_errors(400, 401, 403, 404, 503)}}},
+            "/v1/volume-tags/replace": {"post": {
+                "summary": "Replace the session's own volumes by new ones its owner made "
+                           "(access_policy.update; compare-and-swap on each old tag, all or "
+                           "none)",
+                "requestBody": _json_body({"session": {"type": "string"},
+                                           "moves": {"type": "array", "items": {
+                                               "type": "object"}}}),
+                "responses": {"200": _json({"type": "object"}, "the tags moved"),
+                              **_errors(400, 401, 403, 404, 408, 409, 413, 429, 503)}}},
             "/v1/runs/commit": {"post": {
                 "summary": "Commit a run: move every output tag at once (the attested instance "
                            "only; compare-and-swap each) and get the run's signed receipt",

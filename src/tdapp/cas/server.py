@@ -237,6 +237,27 @@ async def commit_run(request: web.Request) -> web.Response:
     body = await json_object(request, SMALL_JSON_MAX_BODY)
     session = _string(body, "session")
     bundle = _string(body, "bundle_sha256", optional=True)
+    moves = _moves(body)
+    assert session is not None
+    label, url = _string(body, "label", optional=True), _string(body, "url", optional=True)
+    receipt = await _in_thread(lambda: request.app[_ATTESTATION].tags.commit_run(
+        token, session, moves, bundle, label=label, url=url))
+    return web.json_response({"receipt": receipt})
+
+
+async def replace_volumes(request: web.Request) -> web.Response:
+    """The session's owner moves its own volumes' tags to those of volumes it made."""
+    body = await json_object(request, SMALL_JSON_MAX_BODY)
+    session = _string(body, "session")
+    moves = _moves(body)
+    assert session is not None
+    await _in_thread(request.app[_ATTESTATION].tags.replace_volumes, client_identity(request),
+                     session, moves)
+    return web.json_response({"session": session,
+                              "tags": {move.volume: move.new for move in moves}})
+
+
+def _moves(body: dict[str, Any]) -> list[Move]:
     raw = body.get("moves")
     if not isinstance(raw, list) or len(raw) > 256:
         raise InputError("the request needs a list 'moves' (at most 256)")
@@ -248,11 +269,7 @@ async def commit_run(request: web.Request) -> web.Response:
         old = _string(item, "old", optional=True)
         assert volume is not None and new is not None
         moves.append(Move(volume, old, new))
-    assert session is not None
-    label, url = _string(body, "label", optional=True), _string(body, "url", optional=True)
-    receipt = await _in_thread(lambda: request.app[_ATTESTATION].tags.commit_run(
-        token, session, moves, bundle, label=label, url=url))
-    return web.json_response({"receipt": receipt})
+    return moves
 
 
 async def labelled_run(request: web.Request) -> web.Response:
@@ -322,6 +339,7 @@ def create_app(authority: SessionAuthority, attestation: AttestationAuthority,
     app.router.add_get("/v1/sessions", list_sessions)
     app.router.add_get("/v1/volume-tags", read_volume)
     app.router.add_put("/v1/volume-tags", update_tag)
+    app.router.add_post("/v1/volume-tags/replace", replace_volumes)
     app.router.add_post("/v1/attestation/nonce", issue_nonce)
     app.router.add_post("/v1/attestation", attest)
     app.router.add_get("/v1/audit", read_audit)

@@ -162,15 +162,7 @@ class SessionAuthority:
         return digest
 
     def _update(self, session: Session, who: Identity | None) -> str:
-        actor = self._require_identity(session.name, "session.update", who)
-        current = self._store.get_session(session.name)
-        if current is None:
-            self._refuse(session.name, "session.update", who,
-                         NotFoundError(f"no session named {session.name!r} to update"))
-        stored = self._unseal(current)
-        if not stored.access_policy.allows("update", actor, current.creator):
-            self._refuse(session.name, "session.update", who, RefusedError(
-                f"identity {actor} may not update session {session.name!r} (access_policy.update)"))
+        stored, current, actor = self.changeable(session.name, who, "session.update", "update")
         if session.predecessor != current.hash:
             self._refuse(session.name, "session.update", who, ConflictError(
                 f"stale predecessor {session.predecessor}: session {session.name!r} is now at "
@@ -194,6 +186,20 @@ class SessionAuthority:
                 f"{current.hash} is no longer current"))
         return digest
 
+    def changeable(self, name: str, who: Identity | None, event: str,
+                   verb: str) -> tuple[Session, StoredSession, Identity]:
+        """The stored session ``name`` (opened, and as stored) for an identity its
+        ``access_policy.update`` allows to ``verb`` it; refused and audited otherwise."""
+        actor = self._require_identity(name, event, who)
+        current = self._store.get_session(name)
+        if current is None:
+            self._refuse(name, event, who, NotFoundError(f"no session named {name!r} to {verb}"))
+        stored = self._unseal(current)
+        if not stored.access_policy.allows("update", actor, current.creator):
+            self._refuse(name, event, who, RefusedError(
+                f"identity {actor} may not {verb} session {name!r} (access_policy.update)"))
+        return stored, current, actor
+
     def _make_values(self, session: Session, kept: dict[str, SecretValue], event: str,
                      who: Identity) -> dict[str, SecretValue]:
         """The values of the session's own secrets: given, kept (``migrate``) or made now."""
@@ -206,14 +212,7 @@ class SessionAuthority:
         """Remove a session (``access_policy.update`` decides). Its sealed document, secret
         values and tag rows go; its audit log stays. Sessions below it (a namespace) must
         go first; a session importing from it is refused at its next attestation."""
-        actor = self._require_identity(name, "session.delete", who)
-        current = self._store.get_session(name)
-        if current is None:
-            self._refuse(name, "session.delete", who,
-                         NotFoundError(f"no session named {name!r}"))
-        if not self._unseal(current).access_policy.allows("update", actor, current.creator):
-            self._refuse(name, "session.delete", who, RefusedError(
-                f"identity {actor} may not delete session {name!r} (access_policy.update)"))
+        _, current, actor = self.changeable(name, who, "session.delete", "delete")
         if self._store.has_children(name):
             self._refuse(name, "session.delete", who, ConflictError(
                 f"session {name!r} is a namespace with sessions in it: delete them first"))

@@ -307,12 +307,30 @@ class Store:
     def swap_volume_tag(self, current: StoredTag, new: StoredTag,
                         audit: tuple[str, str | None, str]) -> bool:
         """Replace the row ``current`` by ``new``; False if ``current`` is no longer the row."""
+        event, actor, reason = audit
+        return self.swap_volume_tags(current.session, [TagSwap(current, new)],
+                                     [AuditEntry(event, Outcome.ACCEPTED, reason)],
+                                     actor=actor) is None
+
+    def swap_volume_tags(self, session: str, swaps: Sequence[TagSwap],
+                         audits: Sequence[AuditEntry], *, actor: str | None) -> str | None:
+        """Replace every row of ``swaps`` and write ``audits``, all or nothing; None when
+        done, else the volume whose row is no longer the expected one."""
         now = time.time()
-        with self._write() as connection:
-            if not _swap_tag(connection, TagSwap(current, new), now):
-                return False
-            _append_audit(connection, now, current.session, *audit, Outcome.ACCEPTED)
-        return True
+        try:
+            with self._write() as connection:
+                for swap in swaps:
+                    if swap.current.session != session:
+                        raise ValueError(f"a tag row of {swap.current.session!r} swapped "
+                                         f"with {session!r}")
+                    if not _swap_tag(connection, swap, now):
+                        raise _Stale(swap.current.volume)
+                for audit in audits:
+                    _append_audit(connection, now, session, audit.event, actor, audit.reason,
+                                  audit.outcome)
+        except _Stale as stale:
+            return stale.volume
+        return None
 
     # -- attestation: nonces and instances -------------------------------------------
 

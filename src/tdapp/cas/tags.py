@@ -9,7 +9,12 @@ one transaction (none moves unless all can) and, in the same transaction,
 keeps the run's :class:`~tdapp.attest.receipt.Receipt`, signed by the CAS's
 receipt key: what was released at attestation (recorded, MAC'd, in the
 instance row), the tags old → new, and the digest of the uploaded bundle. An
-instance commits once. Every decision goes to the audit log.
+instance commits once. The one other way a tag moves is
+:meth:`TagAuthority.replace_volumes`: an identity that ``access_policy.update``
+allows replaces the session's own (not imported) volumes with new ones it
+encrypted, again by compare-and-swap from the current tags, all or none, so
+new inputs can be pushed into a session and an older bundle of them is refused
+from then on. Every decision goes to the audit log.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import NoReturn
 from tdapp.attest.receipt import OutputMove, Receipt
 from tdapp.cas.receipts import ReceiptSigner
 from tdapp.cas.sessions import SessionAuthority
-from tdapp.cas.store import AuditEntry, Outcome, Store, StoredInstance, TagSwap
+from tdapp.cas.store import AuditEntry, Outcome, Store, StoredInstance, StoredTag, TagSwap
 from tdapp.errors import (
     ConflictError,
     InputError,
@@ -35,6 +40,7 @@ from tdapp.errors import (
     TdappError,
     UnavailableError,
 )
+from tdapp.policy import Identity
 
 _HEX = frozenset("0123456789abcdef")
 _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -115,6 +121,42 @@ class TagAuthority:
                          _stale(failed, move.old, latest.tag if latest is not None else None))
         return signed
 
+    def replace_volumes(self, who: Identity | None, session_name: str,
+                        moves: Sequence[Move]) -> None:
+        """Move the tags of the session's own volumes to those of volumes its owner made.
+
+        ``who`` must be allowed ``access_policy.update``; each volume must be one the
+        session declares and does not import, each ``old`` its current tag.
+        """
+        event = "volume.replace"
+        session, _, actor = self._sessions.changeable(session_name, who, event,
+                                                      "replace the volumes of")
+        if not moves or len({move.volume for move in moves}) != len(moves):
+            self._refuse(session_name, event, InputError(
+                "name each volume to replace once (at least one)"), actor)
+        swaps = []
+        for move in moves:
+            declared = session.volume(move.volume)
+            if declared is None:
+                self._refuse(session_name, event, NotFoundError(
+                    f"session {session_name!r} has no volume {move.volume!r}"), actor)
+            if declared.import_ is not None:
+                self._refuse(session_name, event, RefusedError(
+                    f"volume {move.volume!r} is imported: only its exporting session's owner "
+                    "replaces it"), actor)
+            current = self._current(session_name, move, event, actor)
+            swaps.append(TagSwap(current, self._records.next_tag(current, move.new)))
+        audits = [AuditEntry(event, Outcome.ACCEPTED, (
+            f"{swap.current.volume}: {swap.current.tag} -> {swap.new.tag} (version "
+            f"{swap.new.version}) replaced by the owner")) for swap in swaps]
+        failed = self._store.swap_volume_tags(session_name, swaps, audits, actor=actor)
+        if failed is not None:
+            move = next(m for m in moves if m.volume == failed)
+            latest = self._store.volume_tag(session_name, failed)
+            self._refuse(session_name, event,
+                         _stale(failed, move.old, latest.tag if latest is not None else None),
+                         actor)
+
     def labelled_run(self, token: str, session_name: str, label: str) -> tuple[str, str | None]:
         """(receipt, url) of a committed run of the session with ``label``, for an instance
         of that session (a redelivered pool task asks before running again)."""
@@ -152,20 +194,27 @@ class TagAuthority:
 
     def _swap(self, instance: StoredInstance, move: Move, event: str) -> TagSwap:
         session_name, volume = instance.session, move.volume
-        if len(move.new) != 32 or not set(move.new) <= _HEX:
-            self._refuse(session_name, event, InputError("the new tag must be 32 hex characters"))
         self._check_mounts(session_name, instance.service, volume, event)
-        current = self._store.volume_tag(session_name, volume)
+        current = self._current(session_name, move, event)
+        return TagSwap(current, self._records.next_tag(current, move.new))
+
+    def _current(self, session_name: str, move: Move, event: str,
+                 actor: str | None = None) -> StoredTag:
+        """The volume's tag row, checked against its MAC, if its tag is ``move.old``."""
+        if len(move.new) != 32 or not set(move.new) <= _HEX:
+            self._refuse(session_name, event,
+                         InputError("the new tag must be 32 hex characters"), actor)
+        current = self._store.volume_tag(session_name, move.volume)
         if current is None:
             self._refuse(session_name, event, NotFoundError(
-                f"session {session_name!r} has no volume {volume!r}"))
+                f"session {session_name!r} has no volume {move.volume!r}"), actor)
         try:
             self._records.check_tag(current)
         except IntegrityError as error:
-            self._refuse(session_name, event, error)
+            self._refuse(session_name, event, error, actor)
         if current.tag != move.old:
-            self._refuse(session_name, event, _stale(volume, move.old, current.tag))
-        return TagSwap(current, self._records.next_tag(current, move.new))
+            self._refuse(session_name, event, _stale(move.volume, move.old, current.tag), actor)
+        return current
 
     def _check_mounts(self, session_name: str, service_name: str, volume: str,
                       event: str) -> None:
@@ -204,8 +253,9 @@ class TagAuthority:
         except (ValueError, KeyError, TypeError):  # MAC'd, so only a CAS bug gets here
             raise IntegrityError("the instance's record cannot be stated in a receipt") from None
 
-    def _refuse(self, session: str | None, event: str, error: TdappError) -> NoReturn:
-        self._store.record(session, event, None, Outcome.REFUSED, error.message)
+    def _refuse(self, session: str | None, event: str, error: TdappError,
+                actor: str | None = None) -> NoReturn:
+        self._store.record(session, event, actor, Outcome.REFUSED, error.message)
         raise error
 
 

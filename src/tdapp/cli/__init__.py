@@ -1,7 +1,7 @@
 """The ``tdapp`` command: argument parsing and the one error convention.
 
 Every failure ends as one line ``tdapp: error: …`` on stderr and the exit code
-of its kind (tdapp.errors.ExitCode); ``tdapp --debug …`` or ``TDAPP_DEBUG=1``
+of its kind (tdapp.errors.ExitCode); ``tdapp --traceback …`` or ``TDAPP_DEBUG=1``
 adds the traceback. Commands print their result on stdout and everything else
 (progress, notes) on stderr. This package must hold no logic of its own beyond
 turning arguments into calls.
@@ -36,10 +36,13 @@ from tdapp.errors import ExitCode, TdappError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tdapp")
-@click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
-def cli(debug: bool) -> None:
+@click.option("--traceback", "traceback", is_flag=True,
+              help="Show a traceback when a command fails (or set TDAPP_DEBUG=1).")
+# The older spelling; hidden because "debug" names a CAS mode (tdapp cas serve --debug).
+@click.option("--debug", "old_traceback", is_flag=True, hidden=True)
+def cli(traceback: bool, old_traceback: bool) -> None:
     """Run trusted DApps: encrypted volumes, attestation, key release."""
-    if debug:
+    if traceback or old_traceback:
         os.environ["TDAPP_DEBUG"] = "1"
 
 
@@ -97,7 +100,8 @@ def run(args: Sequence[str] | None = None) -> int:
         return _fail(f"{error.strerror or error}{where}", ExitCode.INPUT)
     except Exception as error:
         return _fail(
-            f"internal error: {type(error).__name__}: {error} (run 'tdapp --debug …' for details)",
+            f"internal error: {type(error).__name__}: {error} "
+            "(run 'tdapp --traceback …' for details)",
             ExitCode.INTERNAL,
         )
     return result if isinstance(result, int) else ExitCode.OK

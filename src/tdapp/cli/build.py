@@ -26,6 +26,7 @@ from tdapp.builder.container import build_from_container
 from tdapp.builder.manifest import MODES
 from tdapp.builder.store import modified_error
 from tdapp.builder.template import TemplateTee, vm_values
+from tdapp.cli.options import complete_image
 from tdapp.errors import InputError, UsageError
 
 
@@ -168,7 +169,7 @@ def _vm_measurements(path: Path, tee: TemplateTee | None) -> dict[str, str]:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_image)
 def measure(name: str) -> None:
     """Recompute the measurement of image NAME from its files and print it.
 
@@ -217,7 +218,7 @@ def image() -> None:
 
 
 @image.command(name="export")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_image)
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 def export_(name: str, file: Path) -> None:
     """Write image NAME to the tar archive FILE; prints its measurement."""
@@ -239,7 +240,7 @@ def import_(file: Path, name: str | None, force: bool) -> None:
 
 
 @image.command(name="rm")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_image)
 def rm(name: str) -> None:
     """Remove image NAME from the store."""
     remove_image(name)
@@ -253,7 +254,7 @@ def _las_platform(las_address: str | None) -> str | None:
     from tdapp.errors import TdappError
 
     try:
-        platform = LasClient(las_address or announced("las"), timeout=3.0).platform()
+        platform = LasClient(announced("las", las_address, "--las"), timeout=3.0).platform()
     except TdappError:
         return None
     value = platform.get("platform")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from tdapp.cli.options import cas_option
 from tdapp.client.announce import announced
 from tdapp.core.address import Address
 from tdapp.errors import InputError, UsageError
@@ -28,8 +29,7 @@ def dataset() -> None:
                    "repeatable. Add one later with tdapp session export.")
 @click.option("--conf", type=click.Path(path_type=Path, file_okay=False), default=Path("KEYS"),
               show_default=True, help="Where the volume's key is kept (KEYS/datasets/).")
-@click.option("--cas", "-s", "cas_address", default=None, metavar="HOST:PORT",
-              help="The CAS (default: the one tdapp up announced, else 127.0.0.1:8081).")
+@cas_option
 @click.option("--push", default=None, metavar="URL",
               help="Upload URL (default: the transfer service tdapp up announced).")
 def push(inputs: Path, volume_name: str, exports: tuple[str, ...], conf: Path,
@@ -38,8 +38,8 @@ def push(inputs: Path, volume_name: str, exports: tuple[str, ...], conf: Path,
     from tdapp.client.sharing import ExportTo, push_dataset
 
     result = push_dataset(inputs=inputs, volume=volume_name, conf=conf,
-                          cas=Address.parse(cas_address or announced("cas")),
-                          push=push or announced("push"),
+                          cas=Address.parse(announced("cas", cas_address, "--cas")),
+                          push=announced("push", push, "--push"),
                           exports=tuple(ExportTo.parse(text) for text in exports))
     click.echo(f"session {result.session}\nhash {result.hash}\nvolume {result.volume}\n"
                f"url {result.url}")

@@ -56,4 +56,4 @@ def platform(las_address: str | None) -> None:
     from tdapp.attest.las import LasClient
     from tdapp.client.announce import announced
 
-    click.echo(LasClient(las_address or announced("las")).platform()["platform"])
+    click.echo(LasClient(announced("las", las_address, "--las")).platform()["platform"])

@@ -42,11 +42,22 @@ def server_timeouts(*, header_help: str = "Close a connection whose request head
     return decorate
 
 
+CAS_HELP = ("The CAS (default: $TDAPP_CAS, else the one tdapp up announced, else the one "
+            "CAS pinned, else 127.0.0.1:8081).")
+
+
+def cas_option(command: Command) -> Command:
+    """``--cas``/``-s HOST:PORT`` as ``cas_address`` (None: resolved by
+    :func:`tdapp.client.announce.announced`, which notes where it came from)."""
+    return click.option("--cas", "-s", "cas_address", default=None, metavar="HOST:PORT",
+                        help=CAS_HELP)(command)
+
+
 def run_target(command: Command) -> Command:
     """``--sessionID`` and ``--secretManagementService``: what ``tdapp run`` and ``tdapp
     submit`` run, named as the seed's walkthrough names it."""
-    command = click.option("--secretManagementService", "--cas", "cas_address", required=True,
-                           metavar="HOST:PORT")(command)
+    command = click.option("--secretManagementService", "--cas", "-s", "cas_address",
+                           required=True, metavar="HOST:PORT")(command)
     return click.option("--sessionID", "--session-id", "session_id", required=True,
                         metavar="SESSION/SERVICE")(command)
 
@@ -74,3 +85,34 @@ def template_variables_from(assignments: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"-e {assignment!r} must look like VAR=VALUE")
         variables[name] = value
     return variables
+
+
+# -- shell completion (docs/cli.md, "Shell completion") ----------------------------------
+# Completers read only local state, quickly and quietly: a completion never reaches a
+# service and never prints an error into the user's shell.
+
+
+def complete_image(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """The names of the images in this user's store."""
+    try:
+        from tdapp.builder.store import image_store_dir
+
+        names = sorted(entry.name for entry in image_store_dir().iterdir()
+                       if entry.is_dir() and not entry.name.startswith("."))
+    except Exception:
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
+def complete_session(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """The sessions whose keys the KEYS folder holds (``--conf``, default ./KEYS)."""
+    from pathlib import Path
+
+    conf = ctx.params.get("conf") or Path("KEYS")
+    try:
+        names = sorted(path.name.removesuffix(".json")
+                       for path in (Path(conf) / "sessions").glob("*.json")
+                       if not path.name.startswith("."))
+    except Exception:
+        return []
+    return [name for name in names if name.startswith(incomplete)]

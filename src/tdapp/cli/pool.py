@@ -7,7 +7,7 @@ import time
 
 import click
 
-from tdapp.cli.options import run_target, table_console
+from tdapp.cli.options import complete_image, run_target, table_console
 from tdapp.errors import UsageError
 from tdapp.pool.messages import Queue
 
@@ -24,7 +24,7 @@ def _app(broker: str | None, visibility_timeout: float | None = None):  # type: 
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete_image)
 @run_target
 @click.option("--url", "urls", required=True, multiple=True,
               help="Where the worker downloads the encrypted input bundle (repeatable).")
@@ -57,7 +57,7 @@ def submit(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
 
     task = RunTask.from_json({
         "image": image, "session_id": session_id, "cas": cas_address, "urls": list(urls),
-        "push": push or announced("push"), "tee": tee, "shield": shield, "timeout": timeout,
+        "push": announced("push", push, "--push"), "tee": tee, "shield": shield, "timeout": timeout,
         "iexec_worker": iexec_worker, "image_url": image_url})
     chosen = Queue(queue) if queue is not None else _queue_for(task)
     ident = submit_task(_app(broker), task, chosen)
@@ -211,7 +211,7 @@ def worker(broker: str | None, tee: str, queues: tuple[str, ...], concurrency: i
 
     chosen = list(queues) or _queues_for(tee)
     app = _app(broker, visibility_timeout)
-    register(app, las=las_address or announced("las"), tee=None if tee == "auto" else tee)
+    register(app, las=announced("las", las_address, "--las"), tee=None if tee == "auto" else tee)
     arguments = ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
                  "-Q", ",".join(chosen), "-E", "--without-mingle", "--without-gossip"]
     if hostname:

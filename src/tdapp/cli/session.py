@@ -1,4 +1,5 @@
-"""``tdapp session create|update|read|hash|check``: sessions on a CAS.
+"""``tdapp session …``: sessions on a CAS (create, update, read, push new inputs, list, tags,
+history, export, delete, hash, check).
 
 ``read`` prints the session as the next update's draft: its volumes' current
 tags (as the CAS holds them now, not as the document last stated them) and
@@ -18,7 +19,7 @@ from urllib.parse import quote, urlencode
 import click
 from rich.table import Table
 
-from tdapp.cli.options import table_console, template_variables_from
+from tdapp.cli.options import cas_option, complete_session, table_console, template_variables_from
 from tdapp.client.announce import announced
 from tdapp.client.cas_client import CasClient
 from tdapp.client.identity import ClientIdentity
@@ -31,14 +32,9 @@ from tdapp.policy.model import Session
 from tdapp.policy.modes import with_fixed_mode
 from tdapp.policy.security import AttestationMode
 
-_cas_option = click.option(
-    "--cas", "cas_address", default=None, metavar="HOST:PORT",
-    help="The CAS to talk to (default: TDAPP_CAS, then the one tdapp up announced, "
-         "then 127.0.0.1:8081).")
-
 
 def _cas(address: str | None) -> Address:
-    return Address.parse(address or announced("cas"))
+    return Address.parse(announced("cas", address, "--cas"))
 _env_option = click.option("-e", "--env", "assignments", multiple=True, metavar="VAR=VALUE",
                            help="Fill $VAR in the template (also taken from the environment).")
 
@@ -74,7 +70,7 @@ def check(file: Path, assignments: tuple[str, ...]) -> None:
 @session.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_env_option
-@_cas_option
+@cas_option
 def create(file: Path, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Create the session in FILE (a template: $VARS are filled); prints its hash."""
     text, _ = _document(file, assignments)
@@ -86,7 +82,7 @@ def create(file: Path, assignments: tuple[str, ...], cas_address: str | None) ->
 @session.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @_env_option
-@_cas_option
+@cas_option
 def update(file: Path, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Replace a session; FILE must name the current hash as predecessor. Prints the new hash."""
     text, document = _document(file, assignments)
@@ -111,14 +107,14 @@ def _note_made_anew(document: Session) -> None:
 
 
 @session.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_session)
 @click.option("--public", "public", default=None, metavar="SECRET",
               help="Print only the public part of this export_public secret (a certificate, "
                    "a public key) instead of the session.")
 @click.option("--challenge", "challenge", default=None, metavar="SERVICE",
               help="Print only the enclave challenge address of this iExec task's service "
                    "(its results are signed by that address).")
-@_cas_option
+@cas_option
 def read(name: str, public: str | None, challenge: str | None,
          cas_address: str | None) -> None:
     """Print a session as it stands now, ready to edit and update (readers only)."""
@@ -200,13 +196,13 @@ def _change_exports(client: CasClient, name: str,
 
 
 @session.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_session)
 @_item_options[0]
 @_item_options[1]
 @click.option("--to", "target", required=True, metavar="SESSION[@HASH]",
               help="The session that may import it; @HASH pins that session's hash, so a "
                    "changed importer gets nothing.")
-@_cas_option
+@cas_option
 def export(name: str, secret: str | None, volume: str | None, target: str,
            cas_address: str | None) -> None:
     """Export a secret or volume of session NAME to another session (an update of NAME)."""
@@ -220,12 +216,12 @@ def export(name: str, secret: str | None, volume: str | None, target: str,
 
 
 @session.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_session)
 @_item_options[0]
 @_item_options[1]
 @click.option("--to", "target", required=True, metavar="SESSION",
               help="The session whose export is removed: its next attestation gets nothing.")
-@_cas_option
+@cas_option
 def unexport(name: str, secret: str | None, volume: str | None, target: str,
              cas_address: str | None) -> None:
     """Remove an export of session NAME (an update of NAME); prints the new hash."""
@@ -238,7 +234,7 @@ def unexport(name: str, secret: str | None, volume: str | None, target: str,
 
 
 @session.command(name="list")
-@_cas_option
+@cas_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per session.")
 def list_(cas_address: str | None, as_json: bool) -> None:
     """The sessions this identity created: name, namespace, mode, revision, times."""
@@ -268,8 +264,8 @@ def _when(value: object) -> str:
 
 
 @session.command()
-@click.argument("name")
-@_cas_option
+@click.argument("name", shell_complete=complete_session)
+@cas_option
 @click.option("--json", "as_json", is_flag=True, help="{volume: tag} as one JSON object.")
 def tags(name: str, cas_address: str | None, as_json: bool) -> None:
     """The current tag of each of the session's volumes, as the CAS holds it (readers only)."""
@@ -291,8 +287,8 @@ def tags(name: str, cas_address: str | None, as_json: bool) -> None:
 
 
 @session.command()
-@click.argument("name")
-@_cas_option
+@click.argument("name", shell_complete=complete_session)
+@cas_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 def history(name: str, cas_address: str | None, as_json: bool) -> None:
     """Everything the CAS decided about the session, oldest first (readers only): creation,
@@ -317,9 +313,9 @@ def history(name: str, cas_address: str | None, as_json: bool) -> None:
 
 
 @session.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_session)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_cas_option
+@cas_option
 def delete(name: str, yes: bool, cas_address: str | None) -> None:
     """Delete session NAME (access_policy.update): its keys, secrets and tags are gone for good;
     its audit log stays. Sessions importing from it are refused at their next attestation."""
@@ -335,10 +331,39 @@ def delete(name: str, yes: bool, cas_address: str | None) -> None:
     click.echo(f"deleted session {name}", err=True)
 
 
+@session.command()
+@click.argument("name", shell_complete=complete_session)
+@click.option("--inputs", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("INPUTS"), show_default=True, help="The new input files.")
+@click.option("--conf", type=click.Path(path_type=Path, file_okay=False), default=Path("KEYS"),
+              show_default=True, help="The KEYS folder that holds the session's keys.")
+@click.option("--push", default=None, metavar="URL",
+              help="Upload URL (default: the transfer service tdapp up announced).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def push(name: str, inputs: Path, conf: Path, push: str | None, as_json: bool) -> None:
+    """Push new INPUTS into session NAME (made by tdapp encryptedpush with these KEYS) and
+    print the arguments for tdapp run, as encryptedpush does.
+
+    The same keys seal the new input volume and a fresh, empty output volume; the CAS moves
+    both tags from the current ones at once (access_policy.update), so the same DApp runs on
+    the new inputs and a bundle of the older ones is refused from then on. Decrypt the last
+    run's output first: afterwards it is no longer the session's latest output.
+    """
+    from tdapp.client.workflow import push_into_session
+
+    result = push_into_session(conf=conf, session=name, inputs=inputs,
+                               push=announced("push", push, "--push"))
+    if as_json:
+        click.echo(json.dumps({"session": result.session, "cas": result.cas,
+                               "url": result.url, "arguments": result.command_line.split()}))
+        return
+    click.echo(result.command_line)
+
+
 @session.command(name="hash")
 @click.argument("file_or_name")
 @_env_option
-@_cas_option
+@cas_option
 def hash_(file_or_name: str, assignments: tuple[str, ...], cas_address: str | None) -> None:
     """Print a session's hash: of FILE as this user would create it, or of NAME on the CAS.
 

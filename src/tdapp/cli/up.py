@@ -23,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from tdapp.cli.transfer import TransferServiceOptions, transfer_service_options
 from tdapp.errors import ConflictError, UnavailableError, UsageError
 from tdapp.home import tdapp_home
 
@@ -62,12 +63,19 @@ class _Bound:
 @click.option("--max-upload", "--max-size", "max_upload", default=1 << 30, show_default=True,
               type=click.IntRange(1),
               help="Largest bundle the transfer service accepts, in bytes.")
+@transfer_service_options
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 16),
               help="Also start a Redis (redis-server, append-only) and this many sim workers "
                    "of the pool, so tdapp submit works at once (docs/pool.md).")
 def up(state_dir: Path | None, host: str, cas_port: int, las_port: int,
-       transfer_port: int, max_upload: int, workers: int) -> None:
-    """Run CAS (debug mode), LAS and transfer service until Ctrl-C; pin the CAS for this user."""
+       transfer_port: int, max_upload: int, service: TransferServiceOptions,
+       workers: int) -> None:
+    """Run CAS (debug mode), LAS and transfer service until Ctrl-C; pin the CAS for this user.
+
+    The transfer service takes the options of tdapp transfer serve (--s3, --keep, --quota,
+    --upload-token-file); its folder store is STATE_DIR/transfer.
+    """
+    service.check_host(host)
     if workers and shutil.which("redis-server") is None:
         raise UsageError("--workers needs redis-server (Debian: apt-get install redis-server)")
     sockets = _take_ports(host, [_Port("CAS", "--cas-port", cas_port),
@@ -77,7 +85,7 @@ def up(state_dir: Path | None, host: str, cas_port: int, las_port: int,
     try:
         lock = _lock_home()
         try:
-            asyncio.run(_serve(state_dir or tdapp_home(), bound, max_upload, workers))
+            asyncio.run(_serve(state_dir or tdapp_home(), bound, max_upload, service, workers))
         finally:
             os.close(lock)
     finally:
@@ -132,7 +140,8 @@ def _lock_home() -> int:
     return fd
 
 
-async def _serve(state: Path, bound: _Bound, max_upload: int, workers: int) -> None:
+async def _serve(state: Path, bound: _Bound, max_upload: int, service: TransferServiceOptions,
+                 workers: int) -> None:
     from aiohttp import web
     from jwcrypto.jwk import JWK
 
@@ -142,17 +151,22 @@ async def _serve(state: Path, bound: _Bound, max_upload: int, workers: int) -> N
     from tdapp.client.pins import PinStore
     from tdapp.core.address import Address
     from tdapp.serving import serve_until_signalled
-    from tdapp.transfer.server import build_transfer_app
+    from tdapp.transfer.lifecycle import describe_duration
+    from tdapp.transfer.server import build_transfer_app, open_store
 
     host = bound.host
     las_port, transfer_port = bound.port(bound.las), bound.port(bound.transfer)
+    # The bucket is checked first: a --s3 that cannot serve fails before any state is made.
+    transfer_store = open_store(None, service.s3_url, root=state / "transfer")
     las_app = build_las_app(state / "las")
     # The debug CAS trusts this LAS, and only it, for sessions that name no platform.
     cas_app, materials, store = build_app(state_dir=state / "cas", db=None, hosts=(host,),
                                           debug=True,
                                           las_platforms=(platform_of(las_app).platform,))
-    transfer_app = build_transfer_app(state / "transfer", max_size=max_upload,
-                                      public_url=f"http://{host}:{transfer_port}")
+    transfer_app = build_transfer_app(transfer_store, max_size=max_upload,
+                                      public_url=f"http://{host}:{transfer_port}",
+                                      keep=service.keep, quota=service.quota,
+                                      upload_token_file=service.upload_token_file)
     cas = Address(host, bound.port(bound.cas))
     announcements: list[Announcement] = []
     pool = _Pool(state / "pool", host, f"{host}:{las_port}") if workers else None
@@ -171,7 +185,8 @@ async def _serve(state: Path, bound: _Bound, max_upload: int, workers: int) -> N
         click.echo(f"tdapp up: CAS (debug) https://{cas}  fingerprint {materials.fingerprint}\n"
                    f"tdapp up: LAS      http://{host}:{las_port}  platform "
                    f"{platform_of(las_app).platform}\n"
-                   f"tdapp up: transfer http://{host}:{transfer_port}/upload\n"
+                   f"tdapp up: transfer http://{host}:{transfer_port}/upload  "
+                   f"{transfer_store.description}, keep {describe_duration(service.keep)}\n"
                    "tdapp up: the CAS is pinned for this user; Ctrl-C stops all three",
                    err=True)
 

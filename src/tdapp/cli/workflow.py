@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tdapp.cli.options import run_target, template_variables_from
+from tdapp.cli.options import cas_option, complete_image, run_target, template_variables_from
 from tdapp.client.announce import announced
 from tdapp.core.address import Address
 from tdapp.core.progress import counted
@@ -24,8 +24,7 @@ from tdapp.errors import UsageError
               show_default=True, help="Where keys and session state are kept (mode 0600).")
 @click.option("--inputs", type=click.Path(path_type=Path, file_okay=False),
               default=Path("INPUTS"), show_default=True, help="The files to encrypt and push.")
-@click.option("--cas", "-s", "cas_address", default=None, metavar="HOST:PORT",
-              help="The CAS (default: the one tdapp up announced, else 127.0.0.1:8081).")
+@cas_option
 @click.option("--push", default=None, metavar="URL",
               help="Upload URL (default: the transfer service tdapp up announced).")
 @click.option("--las", "las_address", default=None, metavar="HOST:PORT",
@@ -50,7 +49,8 @@ def encryptedpush(application: str, template: Path, conf: Path, inputs: Path,
 
     result = encrypted_push(
         application=application, template=template, conf=conf, inputs=inputs,
-        cas=Address.parse(cas_address or announced("cas")), push=push or announced("push"),
+        cas=Address.parse(announced("cas", cas_address, "--cas")),
+        push=announced("push", push, "--push"),
         variables=template_variables_from(assignments), las=las_address,
         exports=tuple(ExportTo.parse(text) for text in exports), session=session_name)
     if as_json:
@@ -118,7 +118,7 @@ def decrypt(conf: Path, encrypted: str, out: Path, session_name: str | None,
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete_image)
 @run_target
 @click.option("--url", "urls", required=True, multiple=True,
               help="Where to download the encrypted input bundle; repeat it to take volumes "
@@ -160,8 +160,8 @@ def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
     result = run_dapp(RunRequest(image=image, session_id=session_id,
                                  cas=Address.parse(cas_address), url=urls[0],
                                  more_urls=urls[1:],
-                                 push=push or announced("push"),
-                                 las=las_address or announced("las"), tee=tee,
+                                 push=announced("push", push, "--push"),
+                                 las=announced("las", las_address, "--las"), tee=tee,
                                  shield=ShieldKind(shield), timeout=timeout,
                                  receipt=receipt,
                                  iexec_worker=worker_address(iexec_worker)),

@@ -17,7 +17,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from tdapp.core.address import Address
 from tdapp.core.atomic import write_atomically
+from tdapp.core.origin import note_origin
+from tdapp.errors import TdappError
 from tdapp.home import tdapp_home
 
 UP_FILE = "up.json"
@@ -34,20 +37,34 @@ class Announcement:
     owner: str
 
 
-def announced(service: str) -> str:
-    """The address of ``service`` (cas, las, push or broker) for this user."""
-    from_environment = os.environ.get(_ENVIRONMENT[service])
+def announced(service: str, given: str | None = None, flag: str | None = None) -> str:
+    """The address of ``service`` (cas, las, push or broker) for this user: ``given`` (the
+    value of ``flag``) if any, else the environment, ``up.json``, the one pinned CAS, the
+    default. Its origin is noted (:mod:`tdapp.core.origin`) for a "cannot reach" error."""
+    if given:
+        return _noted(given, f"from {flag}" if flag else "given on the command line")
+    variable = _ENVIRONMENT[service]
+    from_environment = os.environ.get(variable)
     if from_environment:
-        return from_environment
+        return _noted(from_environment, f"from ${variable}")
     recorded = _read_up_file()
     value = recorded.get(service) if recorded is not None else None
     if isinstance(value, str) and value:
-        return value
+        return _noted(value, f"announced by tdapp up in {tdapp_home() / UP_FILE}")
     if service == "cas":
         pinned = _only_pinned_cas()
         if pinned is not None:
-            return pinned
-    return DEFAULTS[service]
+            return _noted(pinned, f"the only CAS pinned in {tdapp_home() / 'pins'}")
+    return _noted(DEFAULTS[service], f"the default: no {flag + ', ' if flag else ''}"
+                                     f"${variable} or running tdapp up")
+
+
+def _noted(address: str, origin: str) -> str:
+    note_origin(address, origin)
+    if "://" not in address:  # HOST:PORT: also as the client will print it
+        with contextlib.suppress(TdappError):
+            note_origin(str(Address.parse(address)), origin)
+    return address
 
 
 def announced_state(service: str) -> Path | None:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from tdapp.client.identity import ClientIdentity
 from tdapp.client.pins import PinStore, fetch_presented_certificate
 from tdapp.core.address import Address
+from tdapp.core.origin import origin_of
 from tdapp.errors import (
     ErrorKind,
     RefusedError,
@@ -144,7 +145,8 @@ class CasClient:
                 f"{fingerprint(self.pinned)}; refusing to talk to it. If the CAS was re-keyed "
                 f"on purpose, check the new fingerprint and run: tdapp cas attest "
                 f"{self.address} --accept NEW_FINGERPRINT")
-        return UnavailableError(f"cannot reach the CAS at {self.address}: {error}")
+        return UnavailableError(f"cannot reach the CAS at {self.address}{origin_of(self.address)}: "
+                                f"{error}")
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:

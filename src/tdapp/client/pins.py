@@ -19,6 +19,7 @@ from jwcrypto import jwk
 from tdapp.attest.receipt import public_key_from_json, thumbprint
 from tdapp.core.address import Address
 from tdapp.core.atomic import write_atomically
+from tdapp.core.origin import origin_of
 from tdapp.errors import IntegrityError, RefusedError, UnavailableError
 from tdapp.home import private_dir
 from tdapp.tls import fingerprint, pem
@@ -31,7 +32,8 @@ def fetch_presented_certificate(address: Address) -> x509.Certificate:
     try:
         text = ssl.get_server_certificate((address.host, address.port), timeout=10)
     except OSError as error:
-        raise UnavailableError(f"cannot reach the CAS at {address}: {error}") from None
+        raise UnavailableError(f"cannot reach the CAS at {address}{origin_of(address)}: "
+                               f"{error}") from None
     return x509.load_pem_x509_certificate(text.encode())
 
 
@@ -50,10 +52,17 @@ class PinStore:
             return None
 
     def require(self, address: Address) -> x509.Certificate:
-        pinned = self.get(address)
+        try:
+            pinned = self.get(address)
+        except ValueError:
+            raise IntegrityError(
+                f"the pinned certificate {self._path_for(address)} for the CAS at "
+                f"{address}{origin_of(address)} cannot be read; check the CAS's fingerprint "
+                f"and pin it again: tdapp cas attest {address} --accept FINGERPRINT") from None
         if pinned is None:
             raise RefusedError(
-                f"the CAS at {address} is not pinned; check its fingerprint and run: "
+                f"the CAS at {address}{origin_of(address)} is not pinned; check its "
+                f"fingerprint and run: "
                 f"tdapp cas attest {address} --accept FINGERPRINT")
         return pinned
 

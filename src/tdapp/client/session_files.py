@@ -2,7 +2,8 @@
 
 Each ``encryptedpush`` writes ``sessions/<session>.json`` (mode 0600) once,
 create-only and atomically, so no push ever replaces another session's keys
-and a crash never leaves half a file. ``tdapp-session.json`` next to it is a
+and a crash never leaves half a file; ``tdapp session push`` later replaces
+the file's tags and URL only, with the same keys. ``tdapp-session.json`` next to it is a
 copy of the latest session, kept for tools that read the single file of older
 versions; a push replaces it only once the session it holds is also kept under
 ``sessions/`` (a folder from an older version has it migrated first, and one
@@ -15,6 +16,7 @@ key outside the KEYS folder, readable by others, or over an existing session.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -101,7 +103,8 @@ class KeysFolder:
                              "use letters, digits, '.', '_' and '-' (no '/')")
         if os.path.lexists(self._path_for(name)):
             raise ConflictError(f"{self._path_for(name)} already exists: this folder holds "
-                                f"the keys of a session {name} already; name another session")
+                                f"the keys of a session {name} already; push new inputs into "
+                                f"it with: tdapp session push {name}, or name another session")
 
     def save(self, document: dict[str, Any]) -> Path:
         """Keep a new session's state: its own file first, then the latest copy."""
@@ -120,6 +123,26 @@ class KeysFolder:
         except OSError as error:
             raise InputError(f"session {name} is kept in {path}, but {self.latest} could not "
                              f"be updated: {error.strerror}") from None
+        return path
+
+    def replace(self, document: dict[str, Any]) -> Path:
+        """Keep a later state of a session kept here (new tags and URL after
+        ``tdapp session push``); refused unless every volume key is the one kept."""
+        name = str(document["session"])
+        kept = self.named(name).document.get("volumes", {})
+        given = document.get("volumes", {})
+        if set(kept) != set(given) or any(
+                not hmac.compare_digest(str(kept[v].get("key", "")).encode(),
+                                        str(given[v].get("key", "")).encode()) for v in kept):
+            raise ConflictError(f"the new state of session {name} holds other keys than "
+                                f"{self._path_for(name)}; a session's keys are never replaced")
+        data = json.dumps(document, indent=2).encode()
+        path = self._path_for(name)
+        for target in (path, self.latest):
+            try:
+                write_atomically(target, data, mode=WriteMode.REPLACE, permissions=0o600)
+            except OSError as error:
+                raise InputError(f"cannot write {target}: {error.strerror}") from None
         return path
 
     # -- reading (decrypt) ------------------------------------------------------------

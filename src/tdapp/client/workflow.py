@@ -3,8 +3,9 @@
 ``encryptedpush`` makes fresh volume keys, seals the inputs and an empty
 output volume, creates the session on the CAS and uploads the volumes;
 ``decrypt`` verifies the output volume against the tag the CAS holds now and
-writes the plaintext. Where each session's keys are kept is
-:mod:`tdapp.client.session_files`.
+writes the plaintext. ``push_into_session`` (``tdapp session push``) gives an
+existing session new inputs and a fresh output volume under the same keys.
+Where each session's keys are kept is :mod:`tdapp.client.session_files`.
 
 ``decrypt`` uses the session whose output key opens the bundle (or the one
 named), and talks only to the CAS whose certificate fingerprint was recorded
@@ -78,9 +79,7 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
                    session: str | None = None) -> PushResult:
     from tdapp.transfer import upload
 
-    if not inputs.is_dir():
-        raise InputError(f"inputs folder {inputs} "
-                         f"{'is not a folder' if inputs.exists() else 'does not exist'}")
+    _require_folder(inputs, "inputs folder")
     template_text = _read_template(template)
     variables = _with_las_platform(template_text, variables, las)
     # Everything that could stop the keys from being kept is checked before the
@@ -91,15 +90,7 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
     with tempfile.TemporaryDirectory(prefix="tdapp-push-") as work:
         root = Path(work)
         keys = {INPUT_VOLUME: VolumeKey.generate(), OUTPUT_VOLUME: VolumeKey.generate()}
-        empty = root / "empty"
-        empty.mkdir()
-        with byte_progress("encrypting", _folder_bytes(inputs)) as progress:
-            made = {
-                INPUT_VOLUME: Volume.create(root / INPUT_VOLUME, keys[INPUT_VOLUME],
-                                            source=inputs, progress=progress),
-                OUTPUT_VOLUME: Volume.create(root / OUTPUT_VOLUME, keys[OUTPUT_VOLUME],
-                                             source=empty),
-            }
+        made = _seal_volumes(root, keys, inputs)
         filled = fill_template(template_text, {
             **variables, "SESSION": session_name,
             "INPUT_FSPF_KEY": keys[INPUT_VOLUME].hex(),
@@ -133,6 +124,74 @@ def encrypted_push(*, application: str, template: Path, conf: Path, inputs: Path
     return PushResult(session_name, str(cas), url)
 
 
+def push_into_session(*, conf: Path, session: str, inputs: Path,
+                      push: str) -> PushResult:
+    """Replace the inputs of a session kept in ``conf`` and give it a fresh output volume.
+
+    The same keys seal the new volumes (each write has a fresh salt, so no nonce
+    repeats); the bundle is uploaded first, then the CAS moves both tags from the
+    current ones in one compare-and-swap (:meth:`TagAuthority.replace_volumes`),
+    so a failed upload changes nothing and a bundle of the older inputs is refused
+    from then on. Only the CAS the session was pushed to is asked.
+    """
+    from tdapp.transfer import upload
+
+    _require_folder(inputs, "inputs folder")
+    keys_folder = KeysFolder(conf)
+    state = keys_folder.named(session)
+    document = state.document
+    try:
+        keys = {name: VolumeKey.from_hex(str(document["volumes"][name]["key"]))
+                for name in (INPUT_VOLUME, OUTPUT_VOLUME)}
+    except (KeyError, TypeError, TdappError):
+        raise InputError(f"{state.path} holds no keys of the volumes {INPUT_VOLUME} and "
+                         f"{OUTPUT_VOLUME}; only a session made by tdapp encryptedpush can "
+                         "take new inputs") from None
+    client = _client_for_recorded_cas(state)
+    current = {name: _current_tag(client, state.name, name) for name in keys}
+    with tempfile.TemporaryDirectory(prefix="tdapp-push-") as work:
+        root = Path(work)
+        made = _seal_volumes(root, keys, inputs)
+        bundle = root / "scone-upload.zip"
+        pack({name: root / name for name in made}, bundle)
+        url = upload(bundle, push)
+    client.request_json("POST", "/v1/volume-tags/replace", {
+        "session": state.name,
+        "moves": [{"volume": name, "old": current[name], "new": made[name].tag.hex()}
+                  for name in made]})
+    document = {**document, "url": url, "pushes": int(document.get("pushes", 1)) + 1,
+                "volumes": {name: {**document["volumes"][name], "tag": made[name].tag.hex()}
+                            for name in document["volumes"]}}
+    keys_folder.replace(document)
+    return PushResult(state.name, str(state.cas), url)
+
+
+def _current_tag(client: CasClient, session: str, volume: str) -> str | None:
+    answer = client.request(
+        "GET", f"/v1/volume-tags?session={quote(session)}&volume={quote(volume)}")
+    tag = answer.get("tag")
+    return tag if isinstance(tag, str) else None
+
+
+def _seal_volumes(root: Path, keys: dict[str, VolumeKey], inputs: Path) -> dict[str, Volume]:
+    """The input volume of ``inputs`` and an empty output volume, under ``root``."""
+    empty = root / "empty"
+    empty.mkdir()
+    with byte_progress("encrypting", _folder_bytes(inputs)) as progress:
+        return {
+            INPUT_VOLUME: Volume.create(root / INPUT_VOLUME, keys[INPUT_VOLUME],
+                                        source=inputs, progress=progress),
+            OUTPUT_VOLUME: Volume.create(root / OUTPUT_VOLUME, keys[OUTPUT_VOLUME],
+                                         source=empty),
+        }
+
+
+def _require_folder(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise InputError(f"{what} {path} "
+                         f"{'is not a folder' if path.exists() else 'does not exist'}")
+
+
 def _folder_bytes(folder: Path) -> int | None:
     """The bytes of the regular files below ``folder`` (for a progress bar; None if unknown)."""
     try:
@@ -152,7 +211,7 @@ def _with_las_platform(template_text: str, variables: dict[str, str],
     if (LAS_PLATFORM_VARIABLE not in template_variables(template_text)
             or LAS_PLATFORM_VARIABLE in variables):
         return variables
-    address = las or announced("las")
+    address = announced("las", las, "--las")
     platform = LasClient(address).platform().get("platform")
     if not isinstance(platform, str):
         raise UnavailableError(f"the LAS at {address} did not say its platform id")

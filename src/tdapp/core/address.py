@@ -7,6 +7,7 @@ address means the same everywhere (IPv6 in brackets, a default port, a clear
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from tdapp.errors import UsageError
@@ -46,3 +47,14 @@ class Address:
     @property
     def url(self) -> str:
         return f"https://{self}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this host
+    only: ``localhost`` or a loopback address (any other name might resolve beyond it)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

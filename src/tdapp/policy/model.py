@@ -22,6 +22,7 @@ from tdapp.policy.security import Security
 from tdapp.policy.services import Service
 from tdapp.policy.values import (
     AbsolutePath,
+    FileMode,
     FspfKey,
     FspfTag,
     Hash,
@@ -97,7 +98,7 @@ class InjectionFile(Frozen):
 
     path: AbsolutePath
     content: str | None = Field(default=None, repr=False)  # may hold credentials
-    permission: Annotated[Int, int_range(0, 0o7777)] | None = None
+    permission: Annotated[FileMode, int_range(0, 0o7777)] | None = None
 
 
 def _path_only(value: object) -> object:

@@ -99,6 +99,18 @@ def _no_nul(value: str) -> str:
 
 Text = Annotated[str, BeforeValidator(as_text), Strict(), AfterValidator(_no_nul)]
 Int = Annotated[int, BeforeValidator(_as_int), Strict()]
+
+
+def _as_file_mode(value: object) -> object:
+    # YAML 1.2 reads `0400` as the decimal 400 (mode 0620): never what a permission means.
+    if (isinstance(value, Plain) and value.kind == "int" and len(value.text) > 1
+            and value.text.lstrip("+-").startswith("0") and value.text.lstrip("+-")[1:2].isdigit()):
+        fail(f"{value.text} is read as a decimal number here; write the mode as "
+             f"0o{value.text.lstrip('+-0') or '0'} (octal) or as a decimal")
+    return _as_int(value)
+
+
+FileMode = Annotated[int, BeforeValidator(_as_file_mode), Strict()]
 Flag = Annotated[bool, BeforeValidator(_as_flag), Strict()]
 
 

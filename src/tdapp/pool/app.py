@@ -26,7 +26,7 @@ def broker_url(value: str | None) -> str:
     else a Redis on this host."""
     from tdapp.client.announce import announced
 
-    return value or announced("broker") or DEFAULT_BROKER
+    return announced("broker", value, "--broker") or DEFAULT_BROKER
 
 
 def make_app(broker: str, *, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT) -> Celery:

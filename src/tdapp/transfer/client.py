@@ -1,163 +1,41 @@
-"""Upload a file to, and download one from, a URL: http(s)://, s3:// or file://.
+"""Upload a file to, download one from, and delete one at a URL: http(s)://, s3:// or file://.
 
-:func:`upload` and :func:`download` dispatch on the URL's scheme to a
-:class:`Backend` (like httpx's transports). A download is written to a
-temporary sibling of its target and renamed only on success, so a failed
-download leaves nothing. Failures are one-line UnavailableError (cannot reach,
-server failed) or InputError (missing file, refused, 404); a transfer service's
-answer ``{"kind", "reason"}`` raises the class of its kind
+:func:`upload`, :func:`download` and :func:`delete` dispatch on the URL's
+scheme to a :class:`Backend` (like httpx's transports; http(s) is
+:mod:`tdapp.transfer.http_backend`). A download is written to a temporary
+sibling of its target and renamed only on success, so a failed download leaves
+nothing. Failures are one-line UnavailableError (cannot reach, server failed)
+or InputError (missing file, refused, 404); a transfer service's answer
+``{"kind", "reason"}`` raises the class of its kind
 (:func:`tdapp.errors.error_for`).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
+import secrets
 import socket
-from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
-import httpx
-
 from tdapp.core.atomic import atomic_path
-from tdapp.errors import InputError, TdappError, UnavailableError, UsageError, error_for
+from tdapp.core.origin import origin_of
+from tdapp.errors import InputError, NotFoundError, UnavailableError, UsageError
+from tdapp.transfer.backends import (
+    CHUNK,
+    Advance,
+    Backend,
+    ProgressFactory,
+    default_progress,
+    one_line,
+    source_size,
+)
+from tdapp.transfer.http_backend import HttpBackend
 
-CHUNK = 256 * 1024
-Advance = Callable[[int], None]
-# (description, total bytes or None) -> a context manager yielding a callback taking bytes done
-ProgressFactory = Callable[[str, int | None], AbstractContextManager[Advance]]
-
-
-class Backend(Protocol):
-    """Moves bytes for one URL scheme."""
-
-    def upload(self, source: Path, destination: str, progress: ProgressFactory) -> str:
-        """Send ``source`` to ``destination``; return the URL it can be downloaded from."""
-        ...
-
-    def download(self, url: str, target: Path, progress: ProgressFactory) -> None:
-        """Write the object at ``url`` to ``target`` (a temporary file the caller renames)."""
-        ...
-
-
-def _default_progress(description: str, total: int | None) -> AbstractContextManager[Advance]:
-    from tdapp.core.progress import byte_progress  # imported here: rich loads only when used
-
-    return byte_progress(description, total)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]
-
-
-def _source_size(source: Path) -> int:
-    try:
-        info = source.stat()
-    except OSError as error:
-        raise InputError(f"cannot read {source}: {error.strerror or error}") from None
-    if not source.is_file():
-        raise InputError(f"{source} is not a file")
-    return info.st_size
-
-
-# -- http(s) -----------------------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class HttpBackend:
-    """POST the raw file to an upload URL (the service answers the download URL); GET it back."""
-
-    def __init__(self, timeout: float = 60.0) -> None:
-        self.timeout = timeout
-
-    def _client(self, url: str) -> httpx.Client:
-        # No proxy from the environment for a service on this host.
-        host = urlsplit(url).hostname or ""
-        return httpx.Client(timeout=self.timeout, trust_env=not _is_loopback(host),
-                            follow_redirects=True)
-
-    def upload(self, source: Path, destination: str, progress: ProgressFactory) -> str:
-        size = _source_size(source)
-        with progress(f"upload {source.name}", size) as advance, \
-                source.open("rb") as handle:
-            def body() -> Iterator[bytes]:
-                while chunk := handle.read(CHUNK):
-                    advance(len(chunk))
-                    yield chunk
-
-            headers = {"Content-Length": str(size), "X-File-Name": source.name,
-                       "Content-Type": "application/octet-stream"}
-            try:
-                with self._client(destination) as client:
-                    response = client.post(destination, content=body(), headers=headers)
-            except httpx.HTTPError as error:
-                raise UnavailableError(f"cannot reach {destination}: "
-                                       f"{_one_line(str(error)) or type(error).__name__}"
-                                       ) from None
-        if response.status_code != 200:
-            _fail(f"upload of {source.name} to {destination} failed", response)
-        lines = response.text.strip().splitlines()
-        url = lines[0].strip() if lines else ""
-        if not url.startswith(("http://", "https://")):
-            raise UnavailableError(f"{destination} answered without a download URL")
-        return url
-
-    def download(self, url: str, target: Path, progress: ProgressFactory) -> None:
-        try:
-            with self._client(url) as client, client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    response.read()
-                    _fail(f"download of {url} failed", response)
-                total = response.headers.get("Content-Length")
-                expected = int(total) if total and total.isdigit() else None
-                received = 0
-                with progress(f"download {target.name}", expected) as advance, \
-                        target.open("wb") as handle:
-                    for chunk in response.iter_bytes(CHUNK):
-                        handle.write(chunk)
-                        received += len(chunk)
-                        advance(len(chunk))
-        except httpx.HTTPError as error:
-            raise UnavailableError(f"download of {url} failed: "
-                                   f"{_one_line(str(error)) or type(error).__name__}") from None
-        if expected is not None and received != expected:
-            raise UnavailableError(f"download of {url} failed: {received} of {expected} "
-                                   "bytes received")
-
-
-def _fail(what: str, response: httpx.Response) -> None:
-    status = response.status_code
-    kind, reason = _error_body(response)
-    message = f"{what}: {status} {_one_line(reason) or response.reason_phrase}"
-    error: type[TdappError]
-    if kind is not None:
-        error = error_for(kind)
-    else:
-        # Not a transfer service's answer (a proxy, another upload service): its status.
-        error = UnavailableError if status >= 500 else InputError
-    raise error(message)
-
-
-def _error_body(response: httpx.Response) -> tuple[str | None, str]:
-    """``(kind, reason)`` of a ``{"kind", "reason"}`` answer, else ``(None, its text)``."""
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = None
-    if isinstance(answer, dict) and isinstance(answer.get("kind"), str):
-        return answer["kind"], str(answer.get("reason", ""))
-    return None, response.text
+__all__ = ["BACKENDS", "Backend", "FileBackend", "HttpBackend", "ProgressFactory", "S3Backend",
+           "backend_for", "check_upload_target", "delete", "download", "upload"]
 
 
 # -- s3 ------------------------------------------------------------------------------------
@@ -177,30 +55,33 @@ def _s3_error(what: str, error: Exception) -> Exception:
         response: dict[str, Any] = dict(error.response)
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         detail = response.get("Error", {})
-        reason = _one_line(f"{status or ''} {detail.get('Code', '')} {detail.get('Message', '')}")
+        reason = one_line(f"{status or ''} {detail.get('Code', '')} {detail.get('Message', '')}")
+        if status is not None and int(status) == 404:
+            return NotFoundError(f"{what} failed: {reason}")
         if status is not None and int(status) < 500:
             return InputError(f"{what} failed: {reason}")
         return UnavailableError(f"{what} failed: {reason}")
     if isinstance(error, NoCredentialsError):
         return UnavailableError(f"{what} failed: no AWS credentials found")
-    return UnavailableError(f"cannot reach S3 for {what}: {_one_line(str(error))}")
+    return UnavailableError(f"cannot reach S3 for {what}: {one_line(str(error))}")
 
 
 class S3Backend:
     """``s3://bucket/key`` through boto3 (endpoint, credentials and region as boto3 finds them)."""
 
     def _client(self) -> Any:
-        from tdapp.transfer.store import s3_client
+        from tdapp.transfer.s3store import s3_client
 
         return s3_client()
 
     def upload(self, source: Path, destination: str, progress: ProgressFactory) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        size = _source_size(source)
+        size = source_size(source)
         bucket, key = _s3_parts(destination)
         if not key or key.endswith("/"):
-            key = f"{key}{source.name}"
+            # A prefix: each upload under a fresh folder, so no upload replaces another.
+            key = f"{key}{secrets.token_urlsafe(16)}/{source.name}"
         url = f"s3://{bucket}/{key}"
         try:
             with progress(f"upload {source.name}", size) as advance:
@@ -214,9 +95,7 @@ class S3Backend:
     def download(self, url: str, target: Path, progress: ProgressFactory) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, key = _s3_parts(url)
-        if not key:
-            raise UsageError(f"{url!r} names no object (expected s3://bucket/key)")
+        bucket, key = self._object(url)
         client = self._client()
         try:
             size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
@@ -224,6 +103,24 @@ class S3Backend:
                 client.download_file(bucket, key, str(target), Callback=advance)
         except (BotoCoreError, ClientError) as error:
             raise _s3_error(f"download of {url}", error) from None
+
+    def delete(self, url: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._object(url)
+        client = self._client()
+        try:
+            client.head_object(Bucket=bucket, Key=key)  # S3 deletes a missing key silently
+            client.delete_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError) as error:
+            raise _s3_error(f"delete of {url}", error) from None
+
+    @staticmethod
+    def _object(url: str) -> tuple[str, str]:
+        bucket, key = _s3_parts(url)
+        if not key or key.endswith("/"):
+            raise UsageError(f"{url!r} names no object (expected s3://bucket/key)")
+        return bucket, key
 
 
 # -- file ----------------------------------------------------------------------------------
@@ -246,10 +143,13 @@ class FileBackend:
     """``file:///path``: upload copies into a folder (or to a path); download copies back."""
 
     def upload(self, source: Path, destination: str, progress: ProgressFactory) -> str:
-        size = _source_size(source)
+        size = source_size(source)
         path = _file_path(destination)
         if path.is_dir() or destination.endswith("/"):
-            path = path / source.name
+            # A folder: each upload in a fresh subfolder, so no upload replaces another.
+            path = path / secrets.token_urlsafe(16) / source.name
+            if path.parent.parent.is_dir():
+                path.parent.mkdir(mode=0o700)
         if not path.parent.is_dir():
             raise InputError(f"upload of {source.name} to {destination} failed: "
                              f"no such folder {path.parent}")
@@ -263,11 +163,24 @@ class FileBackend:
         path = _file_path(url)
         try:
             reader = path.open("rb")
+        except FileNotFoundError as error:
+            raise NotFoundError(f"download of {url} failed: {error.strerror}") from None
         except OSError as error:
             raise InputError(f"download of {url} failed: {error.strerror or error}") from None
         with reader, progress(f"download {target.name}", os.fstat(reader.fileno()).st_size
                               ) as advance, target.open("wb") as writer:
             _copy(reader, writer, advance)
+
+    def delete(self, url: str) -> None:
+        path = _file_path(url)
+        if path.is_dir():
+            raise InputError(f"delete of {url} failed: it is a folder")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFoundError(f"delete of {url} failed: no such file") from None
+        except OSError as error:
+            raise InputError(f"delete of {url} failed: {error.strerror or error}") from None
 
 
 # -- dispatch ------------------------------------------------------------------------------
@@ -297,7 +210,8 @@ def check_upload_target(destination: str, what: str = "--push") -> None:
         try:
             socket.create_connection((parts.hostname or "", port), timeout=5).close()
         except OSError as error:
-            raise UnavailableError(f"nothing answers at {destination} ({what}): "
+            origin = origin_of(destination) or f" ({what})"
+            raise UnavailableError(f"nothing answers at {destination}{origin}: "
                                    f"{error.strerror or error}; nothing was run") from None
     elif isinstance(backend, FileBackend):
         path = _file_path(destination)
@@ -307,12 +221,15 @@ def check_upload_target(destination: str, what: str = "--push") -> None:
 
 
 def upload(source: Path, destination: str, *,
-           progress: ProgressFactory = _default_progress) -> str:
-    """Upload ``source`` to ``destination`` (an upload URL, s3:// or file://); its download URL."""
+           progress: ProgressFactory = default_progress) -> str:
+    """Upload ``source`` to ``destination`` (an upload URL, s3:// or file://); its download URL.
+
+    An http(s) upload's delete token is kept in ``$TDAPP_HOME/uploads.json`` for :func:`delete`.
+    """
     return backend_for(destination).upload(Path(source), destination, progress)
 
 
-def download(url: str, target: Path, *, progress: ProgressFactory = _default_progress) -> None:
+def download(url: str, target: Path, *, progress: ProgressFactory = default_progress) -> None:
     """Download ``url`` to ``target``; on failure ``target`` is left as it was."""
     target = Path(target)
     backend = backend_for(url)
@@ -324,3 +241,9 @@ def download(url: str, target: Path, *, progress: ProgressFactory = _default_pro
 
     with atomic_path(target) as temporary:
         backend.download(url, temporary, shown)
+
+
+def delete(url: str) -> None:
+    """Delete the object at ``url``: an http(s) download URL with the delete token this user's
+    upload kept, or an s3:// or file:// object directly."""
+    backend_for(url).delete(url)

@@ -1,9 +1,12 @@
-"""Where the transfer service keeps uploads: a local folder or an S3 bucket.
+"""Where the transfer service keeps uploads: the store protocol and the local folder store.
 
 An upload is always written first to a private spool file; only a complete
 upload is *published* under its key (``<token>/<name>``): by a rename in the
-folder store, by one ``upload_file`` in the S3 store. Must never make a
-partial upload visible under a key.
+folder store, by one ``upload_file`` in the S3 store
+(:mod:`tdapp.transfer.s3store`). Beside each object the store keeps the
+SHA-256 of its delete token (never the token) and its time of publication,
+which the service's expiry and DELETE read. Must never make a partial upload
+visible under a key, nor keep a delete token itself.
 """
 
 from __future__ import annotations
@@ -13,23 +16,25 @@ import contextlib
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
+from typing import Protocol
 
 from aiohttp import web
 
-from tdapp.errors import UnavailableError, UsageError
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+from tdapp.core.atomic import fsync_directory
+from tdapp.errors import UsageError
 
 CHUNK = 256 * 1024
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{22,64}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 DEFAULT_NAME = "file"
+# Beside the object in its token folder, a name no object can have (names start with a
+# letter or digit): a symbolic link whose target is the digest, never followed. Written
+# in one step, and not a file: the store's regular files are exactly its objects.
+DELETE_SIDECAR = ".delete-sha256"
 
 
 def new_token() -> str:
@@ -48,6 +53,22 @@ def valid_key(token: str, name: str) -> bool:
     return bool(TOKEN_RE.fullmatch(token) and NAME_RE.fullmatch(name))
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """A published object: its key, size, when it was published (seconds since the epoch)
+    and the hex SHA-256 of its delete token (None for objects stored without one)."""
+
+    token: str
+    name: str
+    size: int
+    created: float
+    delete_digest: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.token}/{self.name}"
+
+
 class ObjectStore(Protocol):
     """The service's storage: spool files for uploads, published objects for downloads."""
 
@@ -57,19 +78,46 @@ class ObjectStore(Protocol):
         """A private folder for uploads in progress (never served)."""
         ...
 
-    async def publish(self, spooled: Path, token: str, name: str) -> None:
+    async def publish(self, spooled: Path, token: str, name: str, *,
+                      delete_digest: str) -> None:
         """Make the complete file ``spooled`` the object ``token/name``; ``spooled`` is consumed."""
         ...
 
-    async def respond(self, token: str, name: str,
-                      request: web.Request) -> web.StreamResponse | None:
-        """The download answer for ``token/name``, or None when there is no such object."""
+    async def respond(self, token: str, name: str, request: web.Request, *,
+                      oldest: float | None) -> web.StreamResponse | None:
+        """The download answer for ``token/name``, or None when there is no such object or
+        it was published before ``oldest`` (expired)."""
+        ...
+
+    async def info(self, token: str, name: str) -> StoredObject | None:
+        """The object ``token/name`` with its delete digest, or None."""
+        ...
+
+    async def remove(self, token: str, name: str) -> bool:
+        """Remove the object ``token/name`` (and what is kept beside it); False if absent."""
+        ...
+
+    async def inventory(self) -> list[StoredObject]:
+        """Every published object (their delete digests are not read)."""
+        ...
+
+    async def tidy(self, older_than: float) -> list[str]:
+        """Remove what a killed server left besides spool files, last changed before
+        ``older_than``; describe each removal."""
         ...
 
 
 def remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def download_headers(name: str, size: int) -> dict[str, str]:
@@ -80,7 +128,9 @@ def download_headers(name: str, size: int) -> dict[str, str]:
 
 @dataclass
 class FolderStore:
-    """Objects at ``ROOT/objects/<token>/<name>``; uploads in progress in ``ROOT/spool``."""
+    """Objects at ``ROOT/objects/<token>/<name>`` (published at their mtime, the delete
+    digest as the target of the link ``.delete-sha256`` beside them); uploads in progress
+    in ``ROOT/spool``."""
 
     root: Path
 
@@ -96,112 +146,91 @@ class FolderStore:
     def spool_dir(self) -> Path:
         return self.root / "spool"
 
-    async def publish(self, spooled: Path, token: str, name: str) -> None:
-        folder = self.root / "objects" / token
+    def _folder(self, token: str) -> Path:
+        return self.root / "objects" / token
+
+    async def publish(self, spooled: Path, token: str, name: str, *,
+                      delete_digest: str) -> None:
+        folder = self._folder(token)
         try:
+            # On disk before its URL is answered: an answered upload survives a crash.
+            await asyncio.to_thread(_fsync, spooled)
             folder.mkdir(mode=0o700)
+            # The sidecar first: the object appears, by the rename, with its digest there.
+            os.symlink(delete_digest, folder / DELETE_SIDECAR)
+            now = time.time()
+            os.utime(spooled, (now, now))  # its age counts from publication
             os.replace(spooled, folder / name)
+            fsync_directory(folder)
+            fsync_directory(folder.parent)
         except BaseException:
             remove_quietly(spooled)
+            remove_quietly(folder / DELETE_SIDECAR)
             with contextlib.suppress(OSError):
                 folder.rmdir()
             raise
 
-    async def respond(self, token: str, name: str,
-                      request: web.Request) -> web.StreamResponse | None:
-        path = self.root / "objects" / token / name
+    async def respond(self, token: str, name: str, request: web.Request, *,
+                      oldest: float | None) -> web.StreamResponse | None:
+        path = self._folder(token) / name
         try:
-            size = path.stat().st_size
+            info = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return web.FileResponse(path, chunk_size=CHUNK, headers=download_headers(name, size))
+        if oldest is not None and info.st_mtime < oldest:
+            return None
+        return web.FileResponse(path, chunk_size=CHUNK,
+                                headers=download_headers(name, info.st_size))
 
-
-def s3_client() -> S3Client:
-    """A boto3 S3 client configured as boto3 does (AWS_ENDPOINT_URL, profiles, …)."""
-    import boto3  # imported here: boto3 is slow to import
-
-    client: S3Client = boto3.client("s3")
-    return client
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/key`` → ``(bucket, key)``; the key may be empty."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise UsageError(f"{url!r} is not an S3 URL (expected s3://bucket/prefix)")
-    return parts.netloc, parts.path.lstrip("/")
-
-
-class S3Store:
-    """Objects at ``s3://BUCKET/PREFIX<token>/<name>``, uploaded only once complete."""
-
-    def __init__(self, url: str, spool: Path) -> None:
-        self.bucket, prefix = parse_s3_url(url)
-        self.prefix = prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
-        self.client = s3_client()
-        self.spool = spool
-        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.description = f"s3://{self.bucket}/{self.prefix}"
-
-    def check(self) -> None:
-        """Fail now, with a reason, when the bucket cannot be reached."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    async def info(self, token: str, name: str) -> StoredObject | None:
+        folder = self._folder(token)
         try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as error:
-            raise UnavailableError(f"cannot reach the bucket {self.bucket!r}: "
-                                   f"{_s3_reason(error)}") from None
-
-    def spool_dir(self) -> Path:
-        return self.spool
-
-    def _key(self, token: str, name: str) -> str:
-        return f"{self.prefix}{token}/{name}"
-
-    async def publish(self, spooled: Path, token: str, name: str) -> None:
+            info = (folder / name).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         try:
-            await asyncio.to_thread(self.client.upload_file, str(spooled), self.bucket,
-                                    self._key(token, name))
-        finally:
-            remove_quietly(spooled)
+            digest: str | None = os.readlink(folder / DELETE_SIDECAR)
+        except OSError:
+            digest = None  # stored before delete tokens existed: nobody can delete it
+        return StoredObject(token, name, info.st_size, info.st_mtime, digest)
 
-    async def respond(self, token: str, name: str,
-                      request: web.Request) -> web.StreamResponse | None:
-        from botocore.exceptions import ClientError
-
+    async def remove(self, token: str, name: str) -> bool:
+        folder = self._folder(token)
         try:
-            answer = await asyncio.to_thread(self.client.get_object, Bucket=self.bucket,
-                                             Key=self._key(token, name))
-        except ClientError as error:
-            if _s3_status(error) == 404:
-                return None
-            raise
-        body: Any = answer["Body"]
-        try:
-            response = web.StreamResponse(
-                headers=download_headers(name, int(answer["ContentLength"])))
-            await response.prepare(request)
-            while chunk := await asyncio.to_thread(body.read, CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-        finally:
-            body.close()
+            # The object first: from here on it is not served, whatever else remains.
+            (folder / name).unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        remove_quietly(folder / DELETE_SIDECAR)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        return True
 
+    async def inventory(self) -> list[StoredObject]:
+        found = []
+        for folder in (self.root / "objects").iterdir():
+            if not TOKEN_RE.fullmatch(folder.name) or not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if NAME_RE.fullmatch(path.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        info = path.stat()
+                        found.append(StoredObject(folder.name, path.name, info.st_size,
+                                                  info.st_mtime))
+        return found
 
-def _s3_status(error: Any) -> int | None:
-    meta = getattr(error, "response", {}).get("ResponseMetadata", {})
-    status = meta.get("HTTPStatusCode")
-    return int(status) if status is not None else None
-
-
-def _s3_reason(error: Exception) -> str:
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):
-        detail = response.get("Error", {})
-        code = detail.get("Code", "")
-        message = detail.get("Message", "")
-        return " ".join(f"{code} {message}".split()) or str(error)
-    return " ".join(str(error).split())
+    async def tidy(self, older_than: float) -> list[str]:
+        """Token folders holding no object (a server killed while publishing)."""
+        removed = []
+        for folder in (self.root / "objects").iterdir():
+            try:
+                if folder.stat().st_mtime >= older_than or not folder.is_dir():
+                    continue
+                if any(NAME_RE.fullmatch(path.name) for path in folder.iterdir()):
+                    continue
+                remove_quietly(folder / DELETE_SIDECAR)
+                folder.rmdir()
+            except OSError:
+                continue  # published to, or removed, meanwhile: left for the next sweep
+            removed.append(f"the unfinished object folder {folder.name}")
+        return removed
