@@ -48,8 +48,11 @@ lint: install
 	$(BIN)/mypy --strict src
 	$(BIN)/lint-imports
 
+# Two workers, each taking whole test files (their module fixtures stay on one worker).
+PYTEST_WORKERS ?= 2
+
 test: install sysdeps lint
-	$(BIN)/python -m pytest -q -m "not large"
+	$(BIN)/python -m pytest -q -m "not large" -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not large"

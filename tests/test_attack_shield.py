@@ -1,9 +1,12 @@
-"""Attacks on the FUSE shield's key: another local user reading every process's command
-line and environment while a volume is mounted, and crafted ``--key-fd`` input."""
+"""Attacks on the FUSE shield: another local user reading every process's command line and
+environment while a volume is mounted, crafted ``--key-fd`` input, and the store rewriting
+chunks under a mount after some were read (and cached)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tdapp.runtime.shield import ShieldMount, fuse_usable, key_message
+from tdapp.runtime.mounts import ShieldMount, fuse_usable, key_message
 from tdapp.volume import Volume, VolumeKey, VolumeTag
 
 pytestmark = pytest.mark.skipif(
@@ -105,3 +108,46 @@ def test_a_key_descriptor_and_a_key_option_together_are_refused(
     assert done.returncode == 2
     assert "not both" in done.stderr and key.hex() not in done.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+CHUNK, SEALED = 65536, 65536 + 16
+
+
+def test_the_store_changing_chunks_under_a_mount_never_reaches_the_program(
+        tmp_path: Path) -> None:
+    """The store is hostile and may rewrite a sealed object while it is mounted. A chunk
+    read (and authenticated) before the change may be served again from memory, as it
+    was; one first read after the change is EIO and fails the mount, named."""
+    source = tmp_path / "src"
+    source.mkdir()
+    content = random.Random(3).randbytes(40 * CHUNK)  # well past one read-ahead
+    (source / "big.bin").write_bytes(content)
+    key = VolumeKey.generate()
+    folder = tmp_path / "vol"
+    tag = Volume.create(folder, key, source=source).tag
+    (stored,) = (folder / "objects").iterdir()
+    mount = ShieldMount("data", folder, tmp_path / "mnt" / "data", key.hex(), tag.hex())
+    try:
+        fd = os.open(mount.mountpoint / "big.bin", os.O_RDONLY)
+        try:
+            assert os.pread(fd, CHUNK, 0) == content[:CHUNK]
+            with open(stored, "r+b") as store:  # in place: the mount has the object open
+                for index in (0, 30):
+                    store.seek(index * SEALED + 5)
+                    store.write(bytes([content[index * CHUNK + 5] ^ 0xFF]))
+            try:
+                again = os.pread(fd, CHUNK, 0)
+            except OSError as error:
+                assert error.errno == errno.EIO
+            else:
+                assert again == content[:CHUNK]  # the authenticated bytes, kept
+            with pytest.raises(OSError) as refused:
+                os.pread(fd, CHUNK, 30 * CHUNK)
+            assert refused.value.errno == errno.EIO  # never the store's bytes
+        finally:
+            os.close(fd)
+        report = mount.finish()
+    finally:
+        mount.abort()
+    assert report.tag == tag
+    assert "chunk 30 of big.bin failed authentication" in report.failures

@@ -31,7 +31,7 @@ import pytest
 from conftest import CliResult, Made, MakeVolume, assert_error, snapshot, write_tree
 
 from tdapp.errors import InputError
-from tdapp.runtime.shield import fuse_usable
+from tdapp.runtime.mounts import fuse_usable
 from tdapp.volume import RegionKind, Volume, VolumeKey, VolumeTag
 from tdapp.volume.chunks import FileSealer
 from tdapp.volume.fspf import Manifest, open_fspf, seal_manifest_bytes

@@ -18,7 +18,7 @@ import pytest
 from oci_images import Entry, write_docker_archive, write_oci_archive, write_oci_layout
 from walk_fixtures import Walk, push, running_up
 
-from tdapp.runtime.shield import fuse_usable
+from tdapp.runtime.mounts import fuse_usable
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = "image-of-the-dapp\n"

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from walk_fixtures import PYTHON_HOST, Walk, output_tag, push, running_up, transfer_objects
 
-from tdapp.runtime.shield import fuse_usable
+from tdapp.runtime.mounts import fuse_usable
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
 

@@ -187,7 +187,8 @@ def mount(volume_dir: Path, mountpoint: Path, key: VolumeKey | None, tag: Volume
     """
     from tdapp.core.atomic import write_atomically
     from tdapp.errors import IntegrityError
-    from tdapp.runtime.shield import end_with_parent, read_key_message, serve_volume
+    from tdapp.runtime.mounts import read_key_message
+    from tdapp.runtime.shield import end_with_parent, serve_volume
 
     if key_fd is not None:
         if key is not None or tag is not None:

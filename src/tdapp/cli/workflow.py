@@ -154,8 +154,8 @@ def run(image: str, session_id: str, cas_address: str, urls: tuple[str, ...],
         receipt: Path, iexec_worker: str | None, as_json: bool) -> None:
     """Run IMAGE as a trusted DApp; prints only the URL of its encrypted outputs."""
     from tdapp.runtime.iexec_post import worker_address
+    from tdapp.runtime.mounts import ShieldKind
     from tdapp.runtime.run import RunRequest, run_dapp
-    from tdapp.runtime.shield import ShieldKind
 
     result = run_dapp(RunRequest(image=image, session_id=session_id,
                                  cas=Address.parse(cas_address), url=urls[0],

@@ -64,8 +64,8 @@ def register(app: Celery, *, las: str, tee: str | None) -> None:
     """Register the run task on ``app`` for a worker using LAS ``las`` (and, if given, only
     the attester ``tee``, whatever a message asks)."""
     from tdapp.runtime.iexec_post import worker_address
+    from tdapp.runtime.mounts import ShieldKind
     from tdapp.runtime.run import RunRequest, run_labelled
-    from tdapp.runtime.shield import ShieldKind
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
     def run(self: Task, message: Any) -> dict[str, Any]:

@@ -51,6 +51,13 @@ from tdapp.errors import (
 )
 from tdapp.policy.security import AttestationMode
 from tdapp.runtime.iexec_post import ZERO_WORKER, seal_iexec_result
+from tdapp.runtime.mounts import (
+    AUTO_THRESHOLD,
+    ShieldKind,
+    ShieldMount,
+    fuse_usable,
+    sealed_size,
+)
 from tdapp.runtime.sandbox import (
     Mount,
     SandboxResult,
@@ -58,13 +65,6 @@ from tdapp.runtime.sandbox import (
     default_host_paths_for,
     require_success,
     run_sandboxed,
-)
-from tdapp.runtime.shield import (
-    AUTO_THRESHOLD,
-    ShieldKind,
-    ShieldMount,
-    fuse_usable,
-    sealed_size,
 )
 from tdapp.runtime.workspace import (
     ciphertext_folder,

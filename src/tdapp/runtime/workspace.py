@@ -43,7 +43,7 @@ from enum import Enum
 from pathlib import Path
 
 from tdapp.errors import UnavailableError
-from tdapp.runtime.shield import unmount_abandoned
+from tdapp.runtime.mounts import unmount_abandoned
 
 SHM = Path("/dev/shm")  # noqa: S108 - memory, so plaintext never reaches a disk
 MOUNTINFO = Path("/proc/self/mountinfo")

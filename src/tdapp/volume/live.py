@@ -12,7 +12,11 @@ setuid, setgid or sticky bit (a DApp's ``chmod 06755`` gives 0755); no name is
 made that the FSPF may not hold (a control or bidi character: EINVAL). Volumes with
 not-protected regions are not served (their plaintext files live outside the
 FSPF). Errors about the file tree are :class:`OSError` with an errno; a chunk
-that fails authentication is :class:`~tdapp.errors.IntegrityError`.
+that fails authentication is :class:`~tdapp.errors.IntegrityError`. The last
+CACHED_CHUNKS verified chunks (at least one read's worth) are served again without
+reading the store: a chunk the store changes after it was verified is not seen until it
+is read from the store again, and then fails (docs/runtime.md, "What the shield keeps
+in memory").
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class LiveVolume:
         self._changed = False
         self._readers: dict[str, tuple[int, FileSealer]] = {}
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._stored = bytearray()  # sealed bytes of one read, reused from read to read
 
     @property
     def folder_root(self) -> Path:
@@ -113,22 +118,58 @@ class LiveVolume:
     # -- reading ------------------------------------------------------------------------
 
     def read(self, path: str, offset: int, size: int) -> bytes:
+        buffer = bytearray(size)
+        return bytes(memoryview(buffer)[:self.read_into(path, offset, memoryview(buffer))])
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        """Fill ``out`` with the file's bytes from ``offset``; how many there were.
+
+        Each chunk is copied into ``out`` once, after it authenticated (the shield's FUSE
+        read hands its reply buffer straight in: no joined copy of the whole range).
+        """
         relative = self._relative(path)
         version = self._pending.get(relative)
         entry = self._files.get(relative)
         if version is None and entry is None:
             raise _fail(errno.EISDIR if self.is_dir(relative) else errno.ENOENT, path)
         total = version.size if version is not None else entry.size  # type: ignore[union-attr]
-        end = min(offset + size, total)
+        end = min(offset + len(out), total)
         if offset >= end:
-            return b""
-        pieces = []
-        for index in range(offset // self._cs, (end - 1) // self._cs + 1):
+            return 0
+        cs = self._cs
+        first_index, last_index = offset // cs, (end - 1) // cs
+        if version is None:
+            self._load(relative, entry, first_index, last_index)  # type: ignore[arg-type]
+        for index in range(first_index, last_index + 1):
             plaintext = (version.chunk(index) if version is not None
                          else self._committed_chunk(relative, entry, index))  # type: ignore[arg-type]
-            start = index * self._cs
-            pieces.append(plaintext[max(offset - start, 0):end - start])
-        return b"".join(pieces)
+            start = index * cs
+            first, last = max(offset, start), min(end, start + cs)
+            out[first - offset:last - offset] = memoryview(plaintext)[first - start:last - start]
+        return end - offset
+
+    def _load(self, path: str, entry: FileEntry, first: int, last: int) -> None:
+        """Authenticate chunks ``first``..``last`` not yet cached, read with one ``preadv``
+        into a buffer kept for it: a read of 1 MiB is one system call, not sixteen."""
+        missing = [index for index in range(first, last + 1)
+                   if (entry.object_name, index) not in self._cache]
+        if len(missing) < 2:
+            return  # _committed_chunk reads a single chunk itself
+        begin, stop = missing[0], missing[-1]
+        stride = self._cs + TAG_SIZE
+        length = min((stop + 1) * self._cs, entry.size) - begin * self._cs \
+            + (stop - begin + 1) * TAG_SIZE
+        if len(self._stored) < length:
+            self._stored = bytearray(length)
+        fd, sealer = self._reader(path, entry)
+        view = memoryview(self._stored)
+        got = os.preadv(fd, [view[:length]], begin * stride)
+        for index in range(begin, stop + 1):
+            at = (index - begin) * stride
+            # A short read (the object shrank under us) leaves the tail unauthenticatable.
+            stored = view[at:min(at + stride, got)]
+            self._remember((entry.object_name, index), sealer.open(index, stored),
+                           keep=stop - begin + 1)
 
     def _committed_chunk(self, path: str, entry: FileEntry, index: int) -> bytes:
         key = (entry.object_name, index)
@@ -140,10 +181,15 @@ class LiveVolume:
         length = min(self._cs, entry.size - index * self._cs) + TAG_SIZE
         stored = os.pread(fd, length, index * (self._cs + TAG_SIZE))
         plaintext = sealer.open(index, stored)
-        self._cache[key] = plaintext
-        if len(self._cache) > CACHED_CHUNKS:
-            self._cache.popitem(last=False)
+        self._remember(key, plaintext)
         return plaintext
+
+    def _remember(self, key: tuple[str, int], plaintext: bytes, keep: int = 0) -> None:
+        """Keep a verified chunk: at least ``keep`` (one request's worth) and CACHED_CHUNKS."""
+        self._cache[key] = plaintext
+        self._cache.move_to_end(key)
+        while len(self._cache) > max(CACHED_CHUNKS, keep):
+            self._cache.popitem(last=False)
 
     def _reader(self, path: str, entry: FileEntry) -> tuple[int, FileSealer]:
         opened = self._readers.get(entry.object_name)
