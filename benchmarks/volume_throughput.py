@@ -37,9 +37,10 @@ How to read it
     files/s (small files), "x plain" = MB/s / plain write (encrypt, write) or plain
     read (decrypt, read) on the same file system and workload -- 1.00 is the I/O
     ceiling -- and "tdapp x" = how many times tdapp's MB/s that row is. Then the
-    targets (tdapp >= 0.70 x plain I/O; >= 5 x gocryptfs on the large file;
-    >= 5,000 files/s on tmpfs) and, as the last stdout line, one JSON object with
-    every figure. Progress goes to stderr.
+    targets, each "met" or "NOT MET" with its ratio from this same run (tdapp >= 0.90 x
+    plain I/O on the large file and >= 0.70 x on the small files, both directions;
+    >= 5 x gocryptfs on the large file; >= 5,000 files/s on tmpfs) and, as the last
+    stdout line, one JSON object with every figure and target. Progress goes to stderr.
 
     .venv/bin/python benchmarks/volume_throughput.py [--quick] [--only tmpfs|disk]
     (a full run takes about 3 minutes on 2 cores; --quick a few seconds)
@@ -101,7 +102,8 @@ AES_CHUNK_SIZE = 64 * KiB
 AES_AAD = bytes(40)  # about the size of tdapp's per-chunk associated data
 AES_TOOL = "AES-256-GCM"
 
-TARGET_VS_PLAIN = 0.70
+TARGET_LARGE_VS_PLAIN = 0.90  # one large file: overlapped I/O should reach the disk's pace
+TARGET_VS_PLAIN = 0.70  # many small files: per-file costs (a key, an object) dominate
 TARGET_VS_GOCRYPTFS = 5.0
 TARGET_SMALL_FILES_PER_S = 5_000.0
 
@@ -224,10 +226,13 @@ def measure_aes(settings: Settings, results: Results) -> None:
 
 
 def target_checks(results: Results, measured: list[str]) -> list[Check]:
-    """tdapp >= 0.70 x plain I/O; >= 5 x gocryptfs on the large file; >= 5,000 files/s."""
+    """tdapp >= 0.90 x plain I/O on the large file and >= 0.70 x on the small files (both
+    directions, each file system); >= 5 x gocryptfs on the large file; >= 5,000 files/s."""
     checks = []
     for fs in measured:
-        checks += ratio_checks(results, LAYOUT, fs, WORKLOADS, "plain", TARGET_VS_PLAIN,
+        checks += ratio_checks(results, LAYOUT, fs, ("large",), "plain", TARGET_LARGE_VS_PLAIN,
+                               "ge_0.90")
+        checks += ratio_checks(results, LAYOUT, fs, ("small",), "plain", TARGET_VS_PLAIN,
                                "ge_0.70")
         checks += ratio_checks(results, LAYOUT, fs, ("large",), "gocryptfs",
                                TARGET_VS_GOCRYPTFS, "ge_5x")

@@ -1,4 +1,9 @@
-"""A 1 GiB file goes through ``create`` and ``extract`` in bounded memory (streamed by chunk)."""
+"""A 1 GiB file goes through ``create`` and ``extract`` in bounded memory (streamed by chunk).
+
+Large files go through a read-ahead / write-behind pipeline (volume/pipeline.py) that holds
+a few batches at once; with big chunks a batch is one chunk, so the second test checks that
+the pipeline holds no more than a few chunks above what the program needs anyway.
+"""
 
 from __future__ import annotations
 
@@ -100,3 +105,26 @@ def test_one_gib_file_in_bounded_memory(big_dir: Path) -> None:
     print(f"peak RSS: create {create_peak} KiB, extract {extract_peak} KiB")
     assert 0 < create_peak < LIMIT_KIB, f"create peaked at {create_peak} KiB"
     assert 0 < extract_peak < LIMIT_KIB, f"extract peaked at {extract_peak} KiB"
+
+
+BIG_CHUNK = 16 * 1024 * 1024
+MOST_CHUNKS_IN_FLIGHT = 6  # the pipeline's bound is 5 (see chunks.pipeline_depths)
+
+
+def test_big_chunks_keep_only_a_few_chunks_in_memory(big_dir: Path) -> None:
+    source = big_dir / "src"
+    source.mkdir()
+    block = os.urandom(BLOCK)
+    with (source / "big.bin").open("wb") as handle:
+        for index in range(256):
+            handle.write(index.to_bytes(4, "big") + block[4:])
+    _, baseline = measured("volume", "--help")
+    out, create_peak = measured("volume", "create", big_dir / "vol", "--from", source,
+                                "--chunk-size", str(BIG_CHUNK), "--envar-output")
+    env = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    _, extract_peak = measured("volume", "extract", big_dir / "vol", big_dir / "out", env=env)
+    assert sha256_of(big_dir / "out" / "big.bin") == sha256_of(source / "big.bin")
+    limit = baseline + MOST_CHUNKS_IN_FLIGHT * BIG_CHUNK // 1024
+    print(f"peak RSS: baseline {baseline}, create {create_peak}, extract {extract_peak} KiB")
+    assert create_peak < limit, f"create peaked at {create_peak} KiB (limit {limit})"
+    assert extract_peak < limit, f"extract peaked at {extract_peak} KiB (limit {limit})"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +31,6 @@ from typing import Any, NoReturn, assert_never
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
-from jwcrypto import jwe, jwk
 from pydantic import SecretBytes, SecretStr
 
 from tdapp.attest import (
@@ -53,9 +51,10 @@ from tdapp.attest.release import (
 from tdapp.cas.judging import CheckFailed, checks_for, public_reason
 from tdapp.cas.nonces import NonceMinter
 from tdapp.cas.receipts import ReceiptSigner
+from tdapp.cas.release_jwe import encrypt_to
 from tdapp.cas.sessions import OpenedSession, SessionAuthority
 from tdapp.cas.sharing import Grants, ImportRefused, Sharing
-from tdapp.cas.store import AuditEntry, NewInstance, Outcome, SpentNonce, Store
+from tdapp.cas.store import AuditEntry, NewInstance, Outcome, SpentNonce, Store, StoredTag
 from tdapp.cas.tags import TagAuthority
 from tdapp.core.canonical import canonical_json
 from tdapp.errors import (
@@ -125,6 +124,19 @@ class AttestationAuthority:
         if session is None or session.service(service_name) is None:
             # Maybe created or extended on another replica since: ask the database.
             session, _ = self._service(session_name, service_name, "attest.nonce")
+        return self._nonce_for(session, session_name, service_name)
+
+    def issue_nonce_from_memory(self, session_name: str,
+                                service_name: str) -> tuple[str, float, str] | None:
+        """:meth:`issue_nonce` for a session and service this CAS verified lately, without
+        touching the database (so cheap enough for the event loop); None otherwise."""
+        session = self._sessions.recently_verified(session_name)
+        if session is None or session.service(service_name) is None:
+            return None
+        return self._nonce_for(session, session_name, service_name)
+
+    def _nonce_for(self, session: Session, session_name: str,
+                   service_name: str) -> tuple[str, float, str]:
         nonce, expires_at = self._nonces.issue(session_name, service_name)
         try:
             mode = str(self.mode_of(session))
@@ -143,7 +155,7 @@ class AttestationAuthority:
         audit log.
         """
         event = "attest"
-        opened, service = self._opened(request.session, request.service, event)
+        opened, service, tags = self._opened(request.session, request.service, event)
         session = opened.session
         nonce = self._spendable(request, event)
         steps: list[AuditEntry] = []  # what passed, for the audit log
@@ -155,7 +167,7 @@ class AttestationAuthority:
             public_key = self._public_key(request)
             mode = self.mode_of(session)
             judged = self._judge(request, session, service, mode, public_key, steps)
-            volumes = self._volumes(opened, service, grants)
+            volumes = self._volumes(opened, service, grants, tags)
             fill, fill_file = self._sharing.fillers(opened, grants)
             configuration = ReleasedConfiguration(
                 session=session.name, service=service.name, mode=mode,
@@ -195,11 +207,13 @@ class AttestationAuthority:
                                self._records.instance_mac(token_hash, session.name, service.name,
                                                           judged.measurement, expires_at,
                                                           details), details)
-        if not self._store.spend_nonce(nonce, [*steps, *grants.steps, accepted], instance):
+        exporters = [(exporter, AuditEntry(entry.event, entry.outcome,
+                                           f"{entry.reason} (instance {token_hash[:16]})"))
+                     for exporter, entry in grants.exporter_audits]
+        # One transaction: the nonce spent, the instance, this log and the exporters'.
+        if not self._store.spend_nonce(nonce, [*steps, *grants.steps, accepted], instance,
+                                       exporters):
             self._refuse(request.session, event, RefusedError("nonce already used (replay)"))
-        for exporter, entry in grants.exporter_audits:
-            self._store.record(exporter, entry.event, None, entry.outcome,
-                               f"{entry.reason} (instance {token_hash[:16]})")
         return _encrypt_to(public_key, configuration), token_hash
 
     def _judge(self, request: AttestationRequest, session: Session, service: Service,
@@ -253,15 +267,15 @@ class AttestationAuthority:
     # -- helpers ----------------------------------------------------------------------
 
     def _opened(self, session_name: str, service_name: str,
-                event: str) -> tuple[OpenedSession, Service]:
-        opened = self._sessions.opened(session_name)
+                event: str) -> tuple[OpenedSession, Service, dict[str, StoredTag]]:
+        opened, tags = self._sessions.opened_with_tags(session_name)
         if opened is None:
             self._refuse(session_name, event, NotFoundError(f"no session named {session_name!r}"))
         service = opened.session.service(service_name)
         if service is None:
             self._refuse(session_name, event, NotFoundError(
                 f"session {session_name!r} has no service {service_name!r}"))
-        return opened, service
+        return opened, service, tags
 
     def _service(self, session_name: str, service_name: str,
                  event: str) -> tuple[Session, Service]:
@@ -299,11 +313,11 @@ class AttestationAuthority:
         at = self._verify_at if self._verify_at is not None else time.time()
         return verifier_for(request.evidence, self._verifiers).verify(request.evidence, at=at)
 
-    def _volumes(self, opened: OpenedSession, service: Service,
-                 grants: Grants) -> list[VolumeGrant]:
+    def _volumes(self, opened: OpenedSession, service: Service, grants: Grants,
+                 tags: dict[str, StoredTag]) -> list[VolumeGrant]:
+        """What the service's image mounts; ``tags`` are the session's rows, read with it."""
         session = opened.session
         image = session.image(service.image_name) if service.image_name else None
-        tags = self._store.volume_tags(session.name)
         result = []
         for mount in image.volumes if image is not None else ():
             volume = session.volume(mount.name)
@@ -390,8 +404,4 @@ def _der(key: ec.EllipticCurvePublicKey) -> bytes:
 
 def _encrypt_to(key: ec.EllipticCurvePublicKey, configuration: ReleasedConfiguration) -> str:
     """JWE (ECDH-ES + A256GCM) to the runtime's ephemeral key; only it can read the answer."""
-    token = jwe.JWE(configuration.to_json(),
-                    protected=json.dumps({"alg": "ECDH-ES", "enc": "A256GCM",
-                                          "cty": MEDIA_TYPE}))
-    token.add_recipient(jwk.JWK.from_pyca(key))
-    return str(token.serialize(compact=True))
+    return encrypt_to(key, configuration.to_json(), MEDIA_TYPE)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from tdapp.cas.ratelimit import RateLimit, WorkSlots
 from tdapp.cas.server import create_app
 from tdapp.cas.sessions import SessionAuthority, SessionDefaults
 from tdapp.cas.store import Store, database_url
-from tdapp.errors import InputError, UsageError
+from tdapp.cas.workers import reuseport_sockets, run_workers
+from tdapp.errors import InputError, TdappError, UsageError
 from tdapp.home import tdapp_home
 from tdapp.policy.security import AttestationMode
 from tdapp.serving import ServerTimeouts, serve_until_signalled
@@ -106,30 +110,77 @@ def serve(*, host: str, port: int, db: str | None, state_dir: Path, debug: bool,
           las_platforms: tuple[str, ...] = (),
           master_key_file: Path | None = None, rate_limit: float = 0,
           hardware: HardwareOptions | None = None,
-          timeouts: ServerTimeouts | None = None) -> None:
+          timeouts: ServerTimeouts | None = None, workers: int = 1) -> None:
+    """Run the CAS until SIGTERM/SIGINT: in this process, or in ``workers`` processes
+    sharing the port (:mod:`tdapp.cas.workers`)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app, materials, store = build_app(state_dir=state_dir, db=db, hosts=(host,),
-                                      master_key_file=master_key_file, debug=debug,
-                                      las_platforms=las_platforms,
-                                      rate_limit=rate_limit, hardware=hardware)
-
     app_defaults = session_defaults(debug=debug, las_platforms=las_platforms)
 
-    def started(_: list[web.AppRunner]) -> None:
-        print(f"tdapp CAS on https://{host}:{port} "
-              f"({'debug' if debug else 'production'} mode)\n"
+    def build() -> tuple[web.Application, CasMaterials, Store]:
+        return build_app(state_dir=state_dir, db=db, hosts=(host,),
+                         master_key_file=master_key_file, debug=debug,
+                         las_platforms=las_platforms, rate_limit=rate_limit, hardware=hardware)
+
+    def banner(materials: CasMaterials, store_url: str, bound: int) -> None:
+        print(f"tdapp CAS on https://{host}:{bound} "
+              f"({'debug' if debug else 'production'} mode"
+              f"{f', {workers} worker processes' if workers > 1 else ''})\n"
               f"  certificate {materials.certificate_path}\n"
               f"  fingerprint {materials.fingerprint}\n"
-              f"  database    {store.url.split('@')[-1]}\n"
+              f"  database    {store_url.split('@')[-1]}\n"
               f"  new sessions without a mode: {_describe_defaults(app_defaults)}",
               file=sys.stderr, flush=True)
 
+    if workers == 1:
+        app, materials, store = build()
+        try:
+            asyncio.run(_serve_app(app, host, port, materials,
+                                   lambda: banner(materials, store.url, port), timeouts))
+        finally:
+            store.close()
+        return
+    # Keys, certificate and schema are made once, here, before any worker exists.
+    materials = CasMaterials.load_or_create(state_dir, hosts=(host,),
+                                            master_key_file=master_key_file)
+    store = Store(database_url(db, state_dir))
     try:
-        asyncio.run(serve_until_signalled(
-            [(app, host, port, materials.server_context())], started, timeouts))
+        store.migrate()
     finally:
         store.close()
+    sockets = reuseport_sockets(host, port, workers)
+    bound = int(sockets[0].getsockname()[1])
+
+    def worker(sock: socket.socket, _index: int, ready: Callable[[], None]) -> None:
+        try:
+            app, worker_materials, worker_store = build()
+            try:
+                asyncio.run(_serve_app(app, host, sock, worker_materials, ready, timeouts))
+            finally:
+                worker_store.close()
+        except TdappError as error:
+            print(f"tdapp: error: {error.message}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    try:
+        run_workers(sockets, worker, lambda: banner(materials, store.url, bound))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+EXECUTOR_THREADS = 32
+"""Threads for store work and judging: enough that requests waiting for a group commit
+(tdapp.cas.batching) do not keep others from being judged meanwhile."""
+
+
+async def _serve_app(app: web.Application, host: str, port: int | socket.socket,
+                     materials: CasMaterials, started: Callable[[], None],
+                     timeouts: ServerTimeouts | None) -> None:
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="tdapp-cas"))
+    await serve_until_signalled([(app, host, port, materials.server_context())],
+                                lambda _: started(), timeouts)
 
 
 def _describe_defaults(defaults: SessionDefaults) -> str:

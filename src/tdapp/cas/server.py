@@ -63,7 +63,19 @@ def client_identity(request: web.Request) -> Identity | None:
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    return certificate_key_hash(x509.load_der_x509_certificate(der))
+    # A function of the certificate's bytes (which TLS verified): parsed once per
+    # certificate, not once per request.
+    known = _IDENTITIES.get(der)
+    if known is None:
+        known = certificate_key_hash(x509.load_der_x509_certificate(der))
+        if len(_IDENTITIES) >= _IDENTITIES_KEPT:
+            _IDENTITIES.clear()
+        _IDENTITIES[der] = known
+    return known
+
+
+_IDENTITIES: dict[bytes, Identity] = {}
+_IDENTITIES_KEPT = 4096
 
 
 async def _in_thread(function: Callable[..., T], *args: Any) -> T:
@@ -206,8 +218,12 @@ async def issue_nonce(request: web.Request) -> web.Response:
     body = await json_object(request, SMALL_JSON_MAX_BODY)
     session, service = _string(body, "session"), _string(body, "service")
     assert session is not None and service is not None
-    nonce, expires_at, mode = await _in_thread(request.app[_ATTESTATION].issue_nonce, session,
-                                               service)
+    authority = request.app[_ATTESTATION]
+    # A session verified lately needs no database read: issued here, without a thread.
+    issued = authority.issue_nonce_from_memory(session, service)
+    if issued is None:
+        issued = await _in_thread(authority.issue_nonce, session, service)
+    nonce, expires_at, mode = issued
     return web.json_response({"nonce": nonce, "expires_at": expires_at, "mode": mode},
                              status=201)
 

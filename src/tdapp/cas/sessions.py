@@ -112,6 +112,7 @@ class SessionAuthority:
         # sealed record is unique (random salt), so a hit is the same verified bytes.
         self._opened: dict[tuple[str, str, str, bytes], Session] = {}
         self._last_opened: dict[str, Session] = {}
+        self._values: dict[tuple[str, str, str, bytes | None], dict[str, SecretValue]] = {}
 
     # -- changes ------------------------------------------------------------------
 
@@ -216,6 +217,7 @@ class SessionAuthority:
         if self._store.has_children(name):
             self._refuse(name, "session.delete", who, ConflictError(
                 f"session {name!r} is a namespace with sessions in it: delete them first"))
+        self._last_opened.pop(name, None)  # nonces are no longer issued from memory for it
         if not self._store.delete_session(name, current.hash, (
                 "session.delete", actor, f"deleted at {current.hash}; its keys, secrets and "
                                          "tags are gone")):
@@ -350,11 +352,32 @@ class SessionAuthority:
         """The stored session with its secret values (no reader check: never return it or
         its values to a client; they go only into a configuration for an attested instance)."""
         current = self._store.get_session(name)
-        if current is None:
-            return None
+        return None if current is None else self._opened_from(current)
+
+    def opened_with_tags(self, name: str) -> tuple[OpenedSession | None, dict[str, StoredTag]]:
+        """:meth:`opened`, with the session's tag rows as stored with it (unchecked: check
+        each with :attr:`records` before use), in one read."""
+        current, tags = self._store.session_and_tags(name)
+        return (None if current is None else self._opened_from(current)), tags
+
+    def _opened_from(self, current: StoredSession) -> OpenedSession:
         session = self._unseal(current)
-        values = self._sealer.unseal(current.sealed_secrets, name, current.creator, current.hash)
-        return OpenedSession(session, current.hash, current.creator, values)
+        # Keyed by the exact sealed bytes (a random salt makes each sealing unique), so
+        # a hit is what unsealing these bytes gave before; a changed session is a miss.
+        record = (current.name, current.creator, current.hash, current.sealed_secrets)
+        values = self._values.get(record)
+        if values is None:
+            values = self._sealer.unseal(current.sealed_secrets, current.name,
+                                         current.creator, current.hash)
+            if len(self._values) >= _OPENED_CACHE:
+                self._values.clear()
+            self._values[record] = values
+        return OpenedSession(session, current.hash, current.creator, dict(values))
+
+    def recently_verified(self, name: str) -> Session | None:
+        """The version of the session this CAS unsealed and verified last, if any; no
+        database read (it may be older than what is stored now: see recently_stored)."""
+        return self._last_opened.get(name)
 
     def recently_stored(self, name: str) -> Session | None:
         """A version of the session this CAS verified lately, else the stored one.

@@ -58,12 +58,16 @@ def cas() -> None:
 @click.option("--verify-at", type=float, default=None, metavar="UNIX_TIME",
               help="Verify hardware evidence as of this time instead of now (to replay "
                    "recorded evidence; never in production).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="CAS processes sharing the port (SO_REUSEPORT); each has its own rate "
+                   "limits and metrics (docs/operations.md, 'Several CAS processes').")
 @server_timeouts(header_help="Close a connection whose TLS handshake or request headers "
                              "take longer.")
 def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: bool,
           las_platforms: tuple[str, ...], master_key_file: Path | None, rate_limit: float,
           collateral: Path | None, pccs: str | None, snp_ark: Path | None,
-          snp_ask: Path | None, verify_at: float | None, timeouts: ServerTimeouts) -> None:
+          snp_ask: Path | None, verify_at: float | None, workers: int,
+          timeouts: ServerTimeouts) -> None:
     """Run the CAS over HTTPS (its key and certificate are made on first start and kept)."""
     # Imported here: the server stack (aiohttp, SQLAlchemy, Alembic) would slow every command.
     from tdapp.cas.serve import HardwareOptions, default_state_dir
@@ -72,7 +76,7 @@ def serve(host: str, port: int, db: str | None, state_dir: Path | None, debug: b
     run(host=host, port=port, db=db, state_dir=state_dir or default_state_dir(), debug=debug,
         las_platforms=las_platforms, master_key_file=master_key_file, rate_limit=rate_limit,
         hardware=HardwareOptions(collateral, pccs, snp_ark, snp_ask, verify_at),
-        timeouts=timeouts)
+        timeouts=timeouts, workers=workers)
 
 
 @cas.command()
