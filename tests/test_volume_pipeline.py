@@ -22,7 +22,6 @@ from tdapp.volume.chunks import (
     FileSealer,
     batch_chunks,
     new_object_id_and_key,
-    open_batches,
     open_stream,
     pipelined,
     seal_stream,
@@ -174,21 +173,6 @@ def test_read_yields_every_good_chunk_and_never_the_bad_one(make_volume: MakeVol
     with pytest.raises(IntegrityError, match=f"chunk {BAD} of {BIG} failed authentication"):
         chunks.extend(opened.read(BIG))
     assert b"".join(chunks) == CONTENT[: BAD * C]
-
-
-def test_open_batches_withholds_the_whole_batch_of_a_bad_chunk(make_volume: MakeVolume) -> None:
-    path, opened = _tampered(make_volume)
-    entry = next(info for info in opened.files() if info.path == BIG)
-    assert entry.size == SIZE
-    sealer = FileSealer(BIG, opened._manifest.files[BIG], C)
-    fd = os.open(path, os.O_RDONLY)
-    batches: list[list[bytes]] = []
-    try:
-        with pytest.raises(IntegrityError, match=f"chunk {BAD} "):
-            batches.extend(open_batches(fd, sealer, SIZE))
-    finally:
-        os.close(fd)
-    assert b"".join(b"".join(batch) for batch in batches) == CONTENT[: 3 * BATCH]
 
 
 def test_stream_of_a_bad_object_stops_its_reader(make_volume: MakeVolume) -> None:

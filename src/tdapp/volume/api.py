@@ -24,7 +24,6 @@ from tdapp.errors import ConflictError, InputError, IntegrityError, TdappError, 
 from tdapp.volume.chunks import (
     FileSealer,
     new_object_id_and_key,
-    open_batches,
     open_stream,
     seal_stream,
 )
@@ -218,15 +217,10 @@ class Volume:
                 f"opened at {self._tag.hex()})"
             )
 
-    def _open_chunks(self, path: str, entry: FileEntry) -> Iterator[bytes]:
+    def _open_chunks(self, path: str, entry: FileEntry) -> Generator[bytes, None, None]:
         """Verified plaintext of one file, each chunk as soon as it authenticated."""
         with self._open_object(path, entry) as (fd, sealer):
             yield from open_stream(fd, sealer, entry.size)
-
-    def _open_batches(self, path: str, entry: FileEntry) -> Generator[list[bytes], None, None]:
-        """Verified plaintext of one file, a batch of chunks at a time."""
-        with self._open_object(path, entry) as (fd, sealer):
-            yield from open_batches(fd, sealer, entry.size)
 
     @contextlib.contextmanager
     def _open_object(self, path: str, entry: FileEntry) -> Iterator[tuple[int, FileSealer]]:
@@ -298,12 +292,12 @@ class Volume:
         return total
 
     def _extract_file(self, path: str, entry: FileEntry, fd: int, progress: Progress) -> int:
-        """Write one file's verified plaintext to ``fd``, a batch of chunks per write (in
-        this thread: a writing thread measured slower); the bytes written."""
-        with contextlib.closing(self._open_batches(path, entry)) as batches:
-            for batch in batches:
-                write_pieces(fd, batch)
-                progress(sum(map(len, batch)))
+        """Write one file's verified plaintext to ``fd``, each chunk once it authenticated (in
+        this thread: a writing thread, and writes of whole batches, measured slower)."""
+        with contextlib.closing(self._open_chunks(path, entry)) as chunks:
+            for chunk in chunks:
+                write_pieces(fd, [chunk])
+                progress(len(chunk))
         return entry.size
 
     def _copy_plain(self, found: PlainEntry, staging: Staging) -> None:

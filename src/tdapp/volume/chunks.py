@@ -142,15 +142,6 @@ def open_stream(source: int, sealer: FileSealer, size: int) -> Iterator[bytes]:
             yield sealer.open(index, view[start:stop])
 
 
-def open_batches(source: int, sealer: FileSealer, size: int) -> Iterator[list[bytes]]:
-    """Like :func:`open_stream`, but a list of consecutive chunks at a time, yielded
-    only once every chunk in it verified (fewer, larger writes for an extraction)."""
-    batches = _Batches(sealer, size, TAG_SIZE)
-    for batch, view in _stored_batches(source, sealer, size, batches):
-        yield [sealer.open(index, view[start:stop])
-               for index, start, stop in batches.chunks(batch)]
-
-
 _NOTHING = memoryview(b"")
 
 
