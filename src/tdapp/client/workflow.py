@@ -250,10 +250,8 @@ def decrypt(*, conf: Path, encrypted: Path, out: Path, session: str | None = Non
         fspf = VolumeFolder(folder).read_fspf()
         state = _session_for(fspf, bundle, named, keys_folder)
         client = _client_for_recorded_cas(state)
-        answer = client.request(
-            "GET", f"/v1/volume-tags?session={quote(state.name)}&volume={OUTPUT_VOLUME}")
-        current = answer.get("tag")
-        if not isinstance(current, str):
+        current = _current_tag(client, state.name, OUTPUT_VOLUME)
+        if current is None:
             raise InputError(f"the CAS holds no tag for {OUTPUT_VOLUME} of {state.name}")
         try:
             tag = VolumeTag.from_hex(current)

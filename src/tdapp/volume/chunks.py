@@ -134,7 +134,7 @@ def open_stream(source: int, sealer: FileSealer, size: int) -> Iterator[bytes]:
     each as soon as it verified (a chunk that fails ends the stream with IntegrityError).
 
     The object's length is checked first, so truncation and extension are named
-    as such before any chunk is read. Large objects are read ahead in a thread.
+    as such before any chunk is read; the stored bytes are read a batch at a time.
     """
     batches = _Batches(sealer, size, TAG_SIZE)
     for batch, view in _stored_batches(source, sealer, size, batches):
@@ -175,7 +175,7 @@ _BIG_BATCH_BYTES = 8 * 1024 * 1024
 def pipeline_depths(chunk_size: int) -> tuple[int, int]:
     """(read-ahead buffers, write-behind queue depth) for a volume's chunk size.
 
-    In flight at once: the read buffers, the batch being sealed or opened, the
+    In flight at once while sealing: the read buffers, the batch being sealed, the
     queued batches and the one being written -- 8 batches of about 1 MiB at the
     default chunk size, 5 chunks where one chunk is 8 MiB or more.
     """
