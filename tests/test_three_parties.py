@@ -35,6 +35,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from walk_fixtures import PYTHON_HOST, running_up
 
+from tdapp.runtime.mounts import fuse_usable
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "three_parties"
 IMAGE = "three_parties"
@@ -406,9 +408,15 @@ def test_removing_the_export_refuses_the_next_run(world: World) -> None:
     assert "not granted" in refused.stderr
     assert "tag mismatch" not in refused.stderr
     assert _refused_export(world, world.ds, rs2)
-    # The export alone made the difference: given back, the same run goes through.
+    # The export alone made the difference: given back, the same run goes through; on the
+    # FUSE shield where it can, which mounts the imported volume read-only.
     world.d.tdapp(*export)
-    assert world.r.tdapp(*run).stdout.startswith("http://127.0.0.1:")
+    shield = ("--shield", "fuse") if fuse_usable() else ()
+    done = world.r.tdapp(*run, *shield)
+    assert done.stdout.startswith("http://127.0.0.1:")
+    if shield:
+        assert "volume dataset: mounted by the FUSE shield" in done.stderr
+        assert "volume dataset: unchanged" in done.stderr
 
 
 def test_encryptedpush_can_export_its_input_volume(world: World) -> None:

@@ -23,6 +23,9 @@ CHUNK = 4096  # the smallest chunk size: many chunks with little data
 operation = st.one_of(
     st.tuples(st.just("write"), st.integers(0, 6 * CHUNK),
               st.binary(min_size=1, max_size=2 * CHUNK + 7)),
+    # chunk-aligned writes of whole chunks: sealed straight from the request
+    st.tuples(st.just("write"), st.integers(0, 6).map(lambda index: index * CHUNK),
+              st.binary(min_size=CHUNK, max_size=3 * CHUNK + 1)),
     st.tuples(st.just("truncate"), st.integers(0, 7 * CHUNK), st.just(b"")),
     st.tuples(st.just("release"), st.just(0), st.just(b"")),
 )
@@ -41,7 +44,7 @@ def sealed_indices(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[bytes
     yield seen
 
 
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(start=st.binary(max_size=3 * CHUNK), operations=st.lists(operation, max_size=25))
 def test_random_workloads(tmp_path_factory: pytest.TempPathFactory,

@@ -134,6 +134,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    if request.content.is_eof():
+        # All of it arrived with the headers (a small request): the read cannot stall,
+        # so it needs no deadline (whose timer costs more than the read).
+        return await _read_at_most(request, limit)
     return await within_body_deadline(request, _read_at_most(request, limit))
 
 

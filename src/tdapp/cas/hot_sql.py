@@ -47,7 +47,11 @@ class HotStatements:
     def session_and_tags(self, connection: Connection,
                          name: str) -> tuple[StoredSession | None, dict[str, StoredTag]]:
         """The session's row and its tag rows, in one read transaction (one snapshot)."""
-        raw: Any = connection.connection.driver_connection
+        return self.session_and_tags_on(connection.connection.driver_connection, name)
+
+    def session_and_tags_on(self, raw: Any,
+                            name: str) -> tuple[StoredSession | None, dict[str, StoredTag]]:
+        """:meth:`session_and_tags` on a driver connection itself."""
         cursor = raw.cursor()
         try:
             if self._sqlite:

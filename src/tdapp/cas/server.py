@@ -17,7 +17,6 @@ callers cannot keep the CAS from issuing nonces.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -35,6 +34,7 @@ from tdapp.cas.openapi import openapi_document
 from tdapp.cas.ratelimit import Caller, RateLimit, WorkSlots
 from tdapp.cas.sessions import SessionAuthority
 from tdapp.cas.tags import Move
+from tdapp.cas.thread_hop import ThreadHop
 from tdapp.errors import AuthenticationRequired, InputError
 from tdapp.policy import Identity
 from tdapp.policy.reader import MAX_CHARS as MAX_DOCUMENT_BYTES
@@ -78,10 +78,12 @@ _IDENTITIES: dict[bytes, Identity] = {}
 _IDENTITIES_KEPT = 4096
 
 
+_HOP = ThreadHop()
+
+
 async def _in_thread(function: Callable[..., T], *args: Any) -> T:
     """Run blocking store work off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(function, *args))
+    return await _HOP.run(functools.partial(function, *args))
 
 
 def _text(body: bytes) -> str:

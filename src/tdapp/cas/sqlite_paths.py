@@ -2,14 +2,16 @@
 
 :func:`use_transactions` begins every transaction itself (writes ``BEGIN
 IMMEDIATE``) and sets WAL with ``synchronous=FULL``; :class:`WriterLock` lets
-several CAS processes on one file take turns without SQLite's polling.
-This module decides nothing.
+several CAS processes on one file take turns without SQLite's polling;
+:class:`ThreadReaders` gives each thread its own connection for the reads of
+every attestation. This module decides nothing.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,38 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+class ThreadReaders:
+    """One sqlite3 connection per thread, kept, for the reads every attestation makes:
+    checking one out of SQLAlchemy's pool and back costs more than the read. Each read
+    runs in its own transaction (``BEGIN`` ... ``ROLLBACK``), so a kept connection never
+    holds an old snapshot. A file database only: ``:memory:`` is one per connection."""
+
+    def __init__(self, database: str) -> None:
+        self._database = database
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._closed = False
+
+    def connection(self) -> sqlite3.Connection:
+        found: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if found is None:
+            found = sqlite3.connect(self._database, timeout=30, isolation_level=None,
+                                    check_same_thread=False)
+            _sqlite_pragmas(found, None)
+            with self._guard:
+                if self._closed:
+                    found.close()
+                    raise UnavailableError("the CAS store is closed")
+                self._all.append(found)
+            self._local.connection = found
+        return found
+
+    def close(self) -> None:
+        with self._guard:
+            self._closed = True
+            connections, self._all = self._all, []
+        for connection in connections:
+            connection.close()

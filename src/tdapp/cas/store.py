@@ -122,6 +122,7 @@ class Store:
         self.engine: Engine = create_engine(url, **options)
         self._write_engine = self.engine
         self._writer_lock: sqlite_paths.WriterLock | None = None
+        self._readers: sqlite_paths.ThreadReaders | None = None
         if self._sqlite:
             # Writes begin IMMEDIATE: a deferred transaction that reads before it writes
             # fails at once (no busy wait) when another process committed in between,
@@ -132,6 +133,7 @@ class Store:
             database = self._write_engine.url.database
             if database and database != ":memory:":
                 self._writer_lock = sqlite_paths.WriterLock(Path(database + ".writer"))
+                self._readers = sqlite_paths.ThreadReaders(database)
         # Every write of this process goes through one writer thread, which commits
         # the writes that arrive together in one transaction (tdapp.cas.batching).
         self._writes = GroupCommit(self._transaction)
@@ -145,6 +147,8 @@ class Store:
 
     def close(self) -> None:
         self._writes.close()
+        if self._readers is not None:
+            self._readers.close()
         self.engine.dispose()
         self._write_engine.dispose()
         if self._writer_lock is not None:
@@ -179,6 +183,9 @@ class Store:
 
     def session_and_tags(self, name: str) -> tuple[StoredSession | None, dict[str, StoredTag]]:
         """The session's row and its volumes' tag rows, read together (one snapshot)."""
+        if self._readers is not None:
+            with _translated():
+                return self._hot.session_and_tags_on(self._readers.connection(), name)
         with self._read() as connection:
             if self._sqlite:
                 return self._hot.session_and_tags(connection, name)

@@ -55,11 +55,14 @@ class Section(Frozen):
 
     @model_serializer(mode="wrap")
     def _placeholder_or_mapping(self, handler: SerializerFunctionWrapHandler) -> Any:
-        if self._delegate is not None:
-            return self._delegate
-        return handler(self)
+        delegate = self.delegate
+        return delegate if delegate is not None else handler(self)
 
     @property
     def delegate(self) -> str | None:
         """The ``$$SCONE::name$$`` placeholder this section was given as, if any."""
-        return self._delegate
+        # Read from pydantic's private store directly: ``self._delegate`` goes through
+        # BaseModel.__getattr__ (about 30 times slower), and every attestation asks.
+        private = self.__pydantic_private__
+        found: str | None = private.get("_delegate") if private else None
+        return found

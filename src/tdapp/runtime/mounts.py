@@ -88,7 +88,8 @@ def sealed_size(folder: Path) -> int:
 class ShieldMount:
     """A volume mounted by a child ``tdapp volume mount`` until :meth:`finish`."""
 
-    def __init__(self, name: str, folder: Path, mountpoint: Path, key: str, tag: str) -> None:
+    def __init__(self, name: str, folder: Path, mountpoint: Path, key: str, tag: str, *,
+                 read_only: bool = False) -> None:
         self.name, self.folder, self.mountpoint, self.tag = name, folder, mountpoint, tag
         self._finished = False
         self._report = mountpoint.with_name(f"{mountpoint.name}.report.json")
@@ -109,7 +110,8 @@ class ShieldMount:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "tdapp", "volume", "mount", str(folder),
                      str(mountpoint), "--key-fd", str(key_read), "--allow-other",
-                     "--die-with-parent", "--report", str(self._report)],
+                     "--die-with-parent", "--report", str(self._report),
+                     *(["--read-only"] if read_only else [])],
                     env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=log, start_new_session=True, pass_fds=[key_read])
         finally:

@@ -264,7 +264,8 @@ def _run_program(request: RunRequest, image: Image, config: ReleasedConfiguratio
             for volume in staged:
                 if volume.fuse:
                     mount = ShieldMount(volume.name, volume.sealed, root / "mnt" / volume.name,
-                                        volume.key.hex(), volume.tag)
+                                        volume.key.hex(), volume.tag,
+                                        read_only=not volume.writable)
                     shields.append(mount)
                     mounts.append(Mount(source=mount.mountpoint, target=volume.target,
                                         writable=volume.writable))

@@ -148,6 +148,23 @@ class LiveVolume:
             out[first - offset:last - offset] = memoryview(plaintext)[first - start:last - start]
         return end - offset
 
+    def partly_read_chunks(self, path: str, offset: int, size: int) -> list[tuple[int, bytes]]:
+        """The chunks a read of ``size`` bytes at ``offset`` covered only in part, as (start,
+        verified plaintext), for a file not changed since the mount; taken from the cache of
+        authenticated chunks, so only what authenticated (nothing if it is gone)."""
+        entry = self._files.get(self._relative(path))
+        if entry is None or self._relative(path) in self._pending or size <= 0:
+            return []
+        cs, end = self._cs, min(offset + size, entry.size)
+        partial = []
+        for index in sorted({offset // cs, (end - 1) // cs}):
+            start = index * cs
+            if offset > start or end < min(start + cs, entry.size):
+                cached = self._cache.get((entry.object_name, index))
+                if cached is not None:
+                    partial.append((start, cached))
+        return partial
+
     def _load(self, path: str, entry: FileEntry, first: int, last: int) -> None:
         """Authenticate chunks ``first``..``last`` not yet cached, read with one ``preadv``
         into a buffer kept for it: a read of 1 MiB is one system call, not sixteen."""
@@ -257,7 +274,8 @@ class LiveVolume:
             raise _fail(errno.EISDIR if self.is_dir(relative) else errno.ENOENT, path)
         return self._begin(relative, entry.mode, base=entry)
 
-    def write(self, path: str, offset: int, data: bytes) -> int:
+    def write(self, path: str, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset``; nothing keeps a reference to ``data`` afterwards."""
         self._writable(path).write(offset, data)
         return len(data)
 

@@ -11,6 +11,7 @@ caller's ``base_chunk``. Must never seal a chunk index twice under one key.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -66,19 +67,40 @@ class NewVersion:
             data = b""
         return data + bytes(length - len(data))
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         position, view = offset, memoryview(data)
         self.size = max(self.size, offset + len(data))
+        run_start, run = 0, list[bytes]()  # whole chunks sealed from ``data``, to write at once
         while view:
             index, within = divmod(position, self._cs)
             count = min(self._cs - within, len(view))
-            buffer = self._editable(index)
-            if len(buffer) < within:
-                buffer.extend(bytes(within - len(buffer)))
-            buffer[within:within + count] = view[:count]
+            if within == 0 and count == self._cs and index not in self._sealed \
+                    and (index + 1) * self._cs < self.size:
+                # A whole chunk, not yet sealed under this key, and the file goes on past
+                # it: nothing else can be in it, so it is sealed from the request itself.
+                self._dirty.pop(index, None)
+                if not run:
+                    run_start = index
+                run.append(self._sealer.seal(index, view[:count], last=False))
+                self._sealed.add(index)
+            else:
+                self._write_run(run_start, run)
+                buffer = self._editable(index)
+                if len(buffer) < within:
+                    buffer.extend(bytes(within - len(buffer)))
+                buffer[within:within + count] = view[:count]
             position, view = position + count, view[count:]
+        self._write_run(run_start, run)
         self.mtime_ns = time.time_ns()
         self._seal_full_chunks()
+
+    def _write_run(self, first: int, run: list[bytes]) -> None:
+        """Write sealed whole chunks ``first``, ``first + 1``, ... with one system call."""
+        if run:
+            written = os.pwritev(self._fd, run, self._offset(first))
+            if written != len(run) * (self._cs + TAG_SIZE):
+                raise OSError(errno.EIO, "short write of a sealed chunk", self.path)
+            run.clear()
 
     def truncate(self, length: int) -> None:
         if length < self.size:
